@@ -1,0 +1,12 @@
+"""Triton kernels and their launchers. Imports torch and triton only, nothing of fastflat.
+
+Every kernel is the same 1-D shape: program `pid` owns `offsets = pid * BLOCK + arange(BLOCK)`,
+masked by `offsets < n`; math is done in fp32 whatever the storage dtype. `fastflat.ops` holds the
+pure-torch twin of each launcher and decides which one runs.
+"""
+
+from fastflat.kernels.clip import clip_scale_
+from fastflat.kernels.norm import sqnorm
+from fastflat.kernels.sam import sam_perturb_
+
+__all__ = ["clip_scale_", "sam_perturb_", "sqnorm"]

@@ -1,0 +1,143 @@
+"""Fused ops on flat vectors: each is a pure-torch twin (CPU path, test oracle) routed to a Triton kernel.
+
+Routing: Triton when the tensor is on CUDA and triton imports, the torch twin otherwise.
+`FASTFLAT_BACKEND=torch|triton` forces one; tests force `triton` on CPU under `TRITON_INTERPRET=1`.
+Every op takes lists of (N,) vectors, one per (device, dtype) group of a FlatParams, and reduces
+across the list on the device (no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def backend() -> str:
+    choice = os.environ.get("FASTFLAT_BACKEND", "auto").lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"FASTFLAT_BACKEND={choice!r}: use one of {', '.join(BACKENDS)}")
+    return choice
+
+
+def use_triton(t: Tensor) -> bool:
+    """Whether the op on `t` runs the Triton kernel (else the torch twin)."""
+    choice = backend()
+    if choice == "torch":
+        return False
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError("FASTFLAT_BACKEND=triton but triton does not import")
+        if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("FASTFLAT_BACKEND=triton on a CPU tensor needs TRITON_INTERPRET=1")
+        return True
+    return t.is_cuda and triton_available()
+
+
+def _kernels():
+    from fastflat import kernels  # imported late: triton is optional off Linux and slow to import
+
+    return kernels
+
+
+# -- squared norm ------------------------------------------------------------------------------------
+def sqnorm_torch(x: Tensor, scale: Tensor | None = None) -> Tensor:
+    """sum((|scale| * x)^2) in fp32, shape (1,)."""
+    x = x.float()
+    if scale is not None:
+        x = x * scale.float().abs()
+    return torch.dot(x, x).reshape(1)
+
+
+def sqnorm(x: Tensor, scale: Tensor | None = None) -> Tensor:
+    if use_triton(x):
+        return _kernels().sqnorm(x, scale)
+    return sqnorm_torch(x, scale)
+
+
+def total_sqnorm(xs: list[Tensor], scales: list[Tensor] | None = None) -> Tensor:
+    """Squared L2 norm over several vectors, (1,) fp32 on the first vector's device."""
+    scales = scales if scales is not None else [None] * len(xs)
+    parts = [sqnorm(x, s).to(xs[0].device) for x, s in zip(xs, scales)]
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+
+
+# -- SAM perturb and restore -------------------------------------------------------------------------
+SAM_NORMS = ("l2", "linf")
+
+
+def sam_perturb_torch_(
+    w: Tensor, g: Tensor, backup: Tensor, sqnorm: Tensor | None, rho: float, norm: str,
+    adaptive: bool, eps: float = 1e-12,
+) -> None:
+    """Twin of kernels.sam_perturb_: backup <- w; w <- w + e (see kernels/sam.py for e)."""
+    backup.copy_(w)
+    w32, g32 = w.float(), g.float()
+    if norm == "l2":
+        e = g32 * (rho / (sqnorm.sqrt() + eps))
+        if adaptive:
+            e = e * w32 * w32
+    else:
+        e = rho * torch.sign(g32)
+        if adaptive:
+            e = e * w32.abs()
+    w.copy_(w32 + e)
+
+
+def sam_perturb_(
+    ws: list[Tensor], gs: list[Tensor], backups: list[Tensor], rho: float, norm: str = "l2",
+    adaptive: bool = False,
+) -> None:
+    """SAM's ascent step over flat vectors: save each w into its backup, then move to w + e.
+
+    For L2 the norm is global over all vectors (one reduction each, summed on the device).
+    """
+    if norm not in SAM_NORMS:
+        raise ValueError(f"unknown SAM norm {norm!r}: use one of {', '.join(SAM_NORMS)}")
+    total = None
+    if norm == "l2":
+        total = total_sqnorm(gs, ws if adaptive else None)
+    for w, g, b in zip(ws, gs, backups):
+        if use_triton(w):
+            _kernels().sam_perturb_(w, g, b, total.to(w.device) if total is not None else None,
+                                    rho, norm, adaptive)
+        else:
+            sam_perturb_torch_(w, g, b, total.to(w.device) if total is not None else None,
+                               rho, norm, adaptive)
+
+
+def restore_(ws: list[Tensor], backups: list[Tensor]) -> None:
+    """Undo sam_perturb_ exactly: a copy of the saved bits (a copy is already one pass at copy speed)."""
+    for w, b in zip(ws, backups):
+        w.copy_(b)
+
+
+# -- global-norm clipping ----------------------------------------------------------------------------
+def clip_scale_torch_(g: Tensor, total_norm: Tensor, max_norm: float) -> None:
+    """Twin of kernels.clip_scale_: g *= min(1, max_norm / (total_norm + 1e-6)), torch's formula."""
+    coef = (max_norm / (total_norm.float() + 1e-6)).clamp(max=1.0)
+    g.copy_(g.float() * coef)
+
+
+def clip_grad_norm_flat_(gs: list[Tensor], max_norm: float) -> Tensor:
+    """Clip flat gradient vectors to a global L2 norm; returns the norm before clipping, () fp32."""
+    total_norm = total_sqnorm(gs).sqrt()
+    for g in gs:
+        if use_triton(g):
+            _kernels().clip_scale_(g, total_norm.to(g.device), max_norm)
+        else:
+            clip_scale_torch_(g, total_norm.to(g.device), max_norm)
+    return total_norm.reshape(())

@@ -1,0 +1,146 @@
+"""Drop-ins with the signatures users already know, on the one-launch path when params are flat.
+
+    opt = fastflat.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    loss_fn().backward(); opt.first_step(zero_grad=True); loss_fn().backward(); opt.second_step()
+    fastflat.clip_grad_norm_(model.parameters(), max_norm=1.0)
+
+`SAM` follows the widely used PyTorch SAM optimizer (davda54/sam): same constructor, `first_step`,
+`second_step`, `step(closure)`, per-group `rho` / `adaptive`. Two deliberate differences: the restore
+copies the saved weights back in place (never `p.data = old`, which would detach a flat buffer), and
+`zero_grad` zeroes flat gradient buffers in place instead of setting them to None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from fastflat import ops
+from fastflat.flat import paired_covers
+
+
+def _with_grads(params: Iterable[Tensor]) -> list[Tensor]:
+    return [p for p in params if p.grad is not None]
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: Tensor | Iterable[Tensor], max_norm: float, norm_type: float = 2.0,
+    error_if_nonfinite: bool = False, foreach: bool | None = None,
+) -> Tensor:
+    """Like torch.nn.utils.clip_grad_norm_ (same arguments, same return: the norm before clipping).
+
+    Flat L2 case: one reduction and one scale launch per buffer, no host synchronisation. Other
+    norms, or grads that are not views of a flat buffer, go to torch's own (foreach) implementation.
+    """
+    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    params = _with_grads(params)
+    grads = [p.grad for p in params]
+    covers = paired_covers(grads, grads) if grads and float(norm_type) == 2.0 else None
+    if covers is None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
+    total_norm = ops.clip_grad_norm_flat_([g for g, _ in covers], float(max_norm))
+    if error_if_nonfinite and not torch.isfinite(total_norm):
+        raise RuntimeError(f"the total norm of order {norm_type} for gradients is non-finite")
+    return total_norm.to(grads[0].dtype)
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-Aware Minimization around any base optimizer (Foret et al. 2021; ASAM: Kwon et al.).
+
+    `norm="linf"` takes the ascent step inside an L-inf ball (e = rho * sign(g)) instead of L2.
+    """
+
+    def __init__(self, params, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05,
+                 adaptive: bool = False, norm: str = "l2", **kwargs):
+        if rho < 0.0:
+            raise ValueError(f"Invalid rho, should be non-negative: {rho}")
+        if norm not in ops.SAM_NORMS:
+            raise ValueError(f"Invalid norm {norm!r}: use one of {', '.join(ops.SAM_NORMS)}")
+        super().__init__(params, dict(rho=rho, adaptive=adaptive, norm=norm, **kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self._flat_backups: list[tuple[Tensor, Tensor]] = []  # (param cover, saved copy)
+
+    # -- the one-launch path ---------------------------------------------------------------------
+    def _flat_covers(self) -> list[tuple[Tensor, Tensor]] | None:
+        settings = {(g["rho"], g["adaptive"], g["norm"]) for g in self.param_groups}
+        if len(settings) != 1:
+            return None  # per-group rho: the foreach path scales each group on its own
+        params = _with_grads(p for g in self.param_groups for p in g["params"])
+        return paired_covers(params, [p.grad for p in params]) if params else None
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        covers = self._flat_covers()
+        if covers is not None:
+            group = self.param_groups[0]
+            ws, gs = [w for w, _ in covers], [g for _, g in covers]
+            backups = [torch.empty_like(w) for w in ws]
+            ops.sam_perturb_(ws, gs, backups, group["rho"], group["norm"], group["adaptive"])
+            self._flat_backups = list(zip(ws, backups))
+        else:
+            self._foreach_perturb()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        if self._flat_backups:
+            ops.restore_([w for w, _ in self._flat_backups], [b for _, b in self._flat_backups])
+            self._flat_backups = []
+        else:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if "old_p" in self.state[p]:
+                        p.copy_(self.state[p].pop("old_p"))
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> None:
+        if closure is None:
+            raise ValueError("SAM requires a closure that re-evaluates the loss and calls backward()")
+        closure = torch.enable_grad()(closure)
+        self.first_step(zero_grad=True)
+        closure()
+        self.second_step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if params and paired_covers(params, [p.grad for p in params]) is not None:
+            for p in params:  # views of a flat buffer: keep them, zero in place
+                p.grad.zero_()
+        else:
+            super().zero_grad(set_to_none=set_to_none)
+
+    # -- the per-tensor path (foreach) -----------------------------------------------------------
+    def _foreach_perturb(self) -> None:
+        def scaled(group, grads):
+            params = _with_grads(group["params"])
+            return torch._foreach_mul(grads, torch._foreach_abs(params)) if group["adaptive"] else grads
+
+        groups = [(g, [p.grad for p in _with_grads(g["params"])]) for g in self.param_groups]
+        norms = [n for g, grads in groups if grads for n in torch._foreach_norm(scaled(g, grads))]
+        if not norms:
+            return
+        grad_norm = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+        for group, grads in groups:
+            params = _with_grads(group["params"])
+            if not params:
+                continue
+            for p in params:
+                self.state[p]["old_p"] = p.detach().clone()
+            if group["norm"] == "l2":
+                steps = torch._foreach_mul(grads, group["rho"] / (grad_norm + 1e-12))
+                if group["adaptive"]:
+                    steps = torch._foreach_mul(steps, torch._foreach_mul(params, params))
+            else:
+                steps = torch._foreach_mul(torch._foreach_sign(grads), group["rho"])
+                if group["adaptive"]:
+                    steps = torch._foreach_mul(steps, torch._foreach_abs(params))
+            torch._foreach_add_(params, steps)
