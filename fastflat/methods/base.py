@@ -1,0 +1,75 @@
+"""The Method protocol every training method implements, and the shared base-optimizer update.
+
+The trainer owns batches, schedule, evaluation and checkpoints; a method owns how one batch moves
+the weights. Weights and gradients arrive as a FlatParams, so a method's math is over (N,) vectors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from fastflat import ops
+from fastflat.config import TrainConfig
+from fastflat.flat import FlatParams
+
+
+class Closure(Protocol):
+    """Loss on the current batch at the current weights; the trainer builds one per batch.
+
+    backward=True zeroes the flat gradient in place, then fills it. `part` restricts the pass to a
+    slice of the batch (m-sharpness). update_bn=False keeps BatchNorm running statistics unchanged
+    (SAM's perturbed pass). Returns the mean loss as a detached 0-dim tensor (no host sync).
+    """
+
+    batch_size: int
+
+    def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True) -> Tensor: ...
+
+
+class Method:
+    """Base class: a plain gradient step with torch.optim.SGD on the flat vectors, plus clipping.
+
+    The optimizer sees one tensor per (device, dtype) group, so its step is a handful of launches
+    whatever the model, and its state (momentum) is one vector too.
+    """
+
+    name = "base"
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def init(self, flat: FlatParams) -> None:
+        self.optimizer = torch.optim.SGD(
+            flat.params, lr=self.cfg.lr, momentum=self.cfg.momentum, nesterov=self.cfg.nesterov,
+            weight_decay=self.cfg.weight_decay,
+        )
+
+    def step(self, flat: FlatParams, closure: Closure, lr: float) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def base_update(self, flat: FlatParams, lr: float) -> dict[str, Any]:
+        """Clip (if asked) the gradient in flat.grads, then take the optimizer step at `lr`."""
+        metrics: dict[str, Any] = {}
+        if self.cfg.clip_grad is not None:
+            metrics["grad_norm"] = ops.clip_grad_norm_flat_(flat.grads, self.cfg.clip_grad)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return metrics
+
+    def end_epoch(self, flat: FlatParams, epoch: int) -> None:
+        """Called after each epoch's last step (collect snapshots, update averages)."""
+
+    def weights(self, flat: FlatParams) -> list[list[Tensor]]:
+        """What to evaluate: a list of members, each a list of vectors shaped like flat.params."""
+        return [flat.params]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,62 @@
+"""SAM: descend with the gradient taken at the worst nearby point w + e (Foret et al. 2021).
+
+    1) g = grad L(w)                         closure, BatchNorm statistics updated here only
+    2) backup <- w;  w <- w + e(g)           one fused launch (ops.sam_perturb_), e per --sam-norm
+    3) g' = grad L(w + e)                    closure with BatchNorm statistics frozen
+    4) w <- backup;  base step with g'       exact restore, then SGD
+
+m-sharpness (--sam-m M): the batch is cut into chunks of M examples, each chunk takes its own
+ascent step from its own gradient, and the descent uses the mean of the chunks' g'.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastflat import ops
+from fastflat.flat import FlatParams
+from fastflat.methods.base import Closure, Method
+
+
+class SAM(Method):
+    name = "sam"
+
+    def init(self, flat: FlatParams) -> None:
+        super().init(flat)
+        self.backups = [torch.empty_like(w) for w in flat.params]  # (N,) per group: w before ascent
+        self.grad_sums: list[Tensor] | None = None  # (N,) per group, allocated if m-sharpness is on
+
+    def _ascend_and_grad(self, flat: FlatParams, closure: Closure, part: slice | None) -> Tensor:
+        """Steps 1-3 on one part of the batch; leaves g' in flat.grads and w restored."""
+        sam = self.cfg.sam
+        loss = closure(backward=True, part=part)
+        ops.sam_perturb_(flat.params, flat.grads, self.backups, sam.rho, sam.norm, sam.adaptive)
+        closure(backward=True, part=part, update_bn=False)
+        ops.restore_(flat.params, self.backups)
+        return loss
+
+    def step(self, flat: FlatParams, closure: Closure, lr: float) -> dict[str, Any]:
+        m, batch = self.cfg.sam.m, closure.batch_size
+        if m == 0 or m >= batch:
+            loss = self._ascend_and_grad(flat, closure, None)
+        else:
+            loss = self._m_sharpness_grad(flat, closure, m, batch)
+        return {"loss": loss, **self.base_update(flat, lr)}
+
+    def _m_sharpness_grad(self, flat: FlatParams, closure: Closure, m: int, batch: int) -> Tensor:
+        if self.grad_sums is None:
+            self.grad_sums = [torch.empty_like(g) for g in flat.grads]
+        for s in self.grad_sums:
+            s.zero_()
+        loss = torch.zeros((), device=flat.params[0].device)
+        for start in range(0, batch, m):
+            part = slice(start, min(start + m, batch))
+            weight = (part.stop - part.start) / batch  # chunks may be uneven: weight by size
+            loss = loss + weight * self._ascend_and_grad(flat, closure, part)
+            torch._foreach_add_(self.grad_sums, flat.grads, alpha=weight)
+        for g, s in zip(flat.grads, self.grad_sums):
+            g.copy_(s)
+        return loss

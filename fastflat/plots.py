@@ -1,0 +1,30 @@
+"""PNG figures of a run, drawn with matplotlib's file-only backend (no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Loss and accuracy per epoch, train against test, side by side."""
+    if not history:
+        return
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((ax_loss, "loss", "cross-entropy"), (ax_acc, "acc", "accuracy (%)")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train")
+        ax.plot(epochs, [r[f"test_{key}"] for r in history], "s-", label="test")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,85 @@
+"""Rich display of a training run: a live progress bar with loss, accuracy, lr and samples/s, a line
+per epoch, and a summary table. Implements train.Hooks; the library itself never prints.
+
+When output is not a terminal (a log file, nohup, CI) a live bar shows nothing until the end, so a
+plain line is printed every tenth of an epoch instead.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fastflat.train import Hooks
+
+
+class RichHooks(Hooks):
+    def __init__(self, console: Console, refreshes_per_epoch: int = 50):
+        self.console = console
+        self.refreshes_per_epoch = refreshes_per_epoch
+        self.progress: Progress | None = None
+        self.run_dir: str | None = None
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.run_dir = info["run_dir"]
+        refreshes = self.refreshes_per_epoch if self.console.is_terminal else 10
+        self.every = max(1, info["steps_per_epoch"] // refreshes)  # .item() syncs: not every step
+        self.total = info["total_steps"]
+        noisy = f", {info['noisy_labels']} noisy labels" if info["noisy_labels"] else ""
+        self.console.print(f"[bold]run[/bold] {self.run_dir}  [dim]({info['params']:,} params on "
+                           f"{info['device']}, {info['train_size']:,} training examples{noisy})[/dim]")
+        self.progress = Progress(
+            TextColumn("[bold blue]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+            console=self.console, transient=False,
+        )
+        if self.console.is_terminal:
+            self.progress.start()
+        self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["step"],
+                                           epoch=1 + info["step"] // info["steps_per_epoch"], stats="")
+        self.tick = time.perf_counter()
+        self.tick_seen = 0
+
+    def on_step(self, step: int, metrics: dict[str, Any]) -> None:
+        if step % self.every:
+            return
+        seen = metrics["seen"]
+        now = time.perf_counter()
+        rate = (seen - self.tick_seen) / max(now - self.tick, 1e-9) if seen > self.tick_seen else 0.0
+        self.tick, self.tick_seen = now, seen
+        loss = metrics["loss_sum"].item() / max(seen, 1)
+        acc = 100.0 * metrics["correct"].item() / max(seen, 1)
+        stats = f"loss {loss:.4f}  acc {acc:5.2f}%  lr {metrics['lr']:.4g}  {rate:,.0f} samples/s"
+        self.progress.update(self.task, completed=step, epoch=metrics["epoch"] + 1, stats=stats)
+        if not self.console.is_terminal:
+            self.console.print(f"epoch {metrics['epoch'] + 1} step {step}/{self.total}  {stats}", highlight=False)
+
+    def on_epoch(self, record: dict[str, Any]) -> None:
+        self.progress.update(self.task, completed=record["step"])
+        self.progress.console.print(
+            f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f} acc {record['train_acc']:5.2f}%  "
+            f"[bold]test loss {record['test_loss']:.4f} acc {record['test_acc']:5.2f}%[/bold]  "
+            f"{record['samples_per_s']:,.0f} samples/s")
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        self.stop()
+
+    def print_summary(self, summary: dict[str, Any]) -> None:
+        table = Table(title=f"{summary['method']} / {summary['model']} / {summary['dataset']}", show_header=False)
+        table.add_column(style="dim")
+        table.add_column(justify="right")
+        rows = [("test accuracy", f"{summary['test_acc']:.2f}%"), ("test loss", f"{summary['test_loss']:.4f}"),
+                ("train loss", f"{summary['train_loss']:.4f}"), ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
+                ("training time", f"{summary['train_seconds']:.1f} s"), ("device", summary["provenance"]["device"]),
+                ("run directory", summary["run_dir"])]
+        for key, value in rows:
+            table.add_row(key, value)
+        self.console.print(table)

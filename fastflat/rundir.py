@@ -1,0 +1,162 @@
+"""A run directory: config.yaml, metrics.jsonl, checkpoint.pt (atomic), summary.json, figures.
+
+Every file a run writes is written whole or not at all (temp file, fsync, os.replace), so a crash
+never leaves a half checkpoint, and a new run never reuses a directory that already holds one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from fastflat.errors import UserError
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "fastflat-checkpoint/1"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def git_sha() -> str | None:
+    """The commit of the fastflat source tree (with '-dirty' if it has local changes), if it is a repo."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)"
+
+
+def provenance(device: torch.device) -> dict[str, Any]:
+    """What a result needs to be trusted later: code version, library versions, hardware, time."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    import torchvision
+
+    from fastflat import __version__
+
+    return {
+        "git_sha": git_sha(),
+        "fastflat": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "triton": triton_version,
+        "device": device_name(device),
+        "host": platform.node(),
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+class RunDir:
+    """The folder of one run. `create` makes a new one; `open` an existing one (resume, eval)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, parent: str | Path, name: str) -> RunDir:
+        parent = Path(parent)
+        path = parent / name
+        suffix = 1
+        while path.exists():  # never write into an existing run: nothing saved gets overwritten
+            suffix += 1
+            path = parent / f"{name}-{suffix}"
+        try:
+            path.mkdir(parents=True)
+        except OSError as e:
+            raise UserError(f"cannot create run directory {path}: {e.strerror}") from None
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        path = Path(path)
+        if not (path / CHECKPOINT).is_file():
+            raise UserError(f"{path} is not a run directory with a {CHECKPOINT}; pass the folder a run wrote")
+        return cls(path)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, keep_until_step: int) -> None:
+        """On resume: drop records written after the checkpoint, so the log matches the state."""
+        kept = [r for r in self.read_metrics() if r.get("step", 0) <= keep_until_step]
+        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
+        atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file (or a run directory's), or raise UserError saying what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); it may be truncated or not a fastflat checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file")
+    return state
