@@ -6,7 +6,7 @@
 """
 
 from fastflat.flat import FlatParams, flatten
-from fastflat.optim import SAM, clip_grad_norm_
+from fastflat.optim import SAM, AveragedModel, clip_grad_norm_
 
 __version__ = "0.1.0"
-__all__ = ["SAM", "FlatParams", "clip_grad_norm_", "flatten"]
+__all__ = ["SAM", "AveragedModel", "FlatParams", "clip_grad_norm_", "flatten"]

@@ -18,7 +18,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from fastflat.config import AMP_MODES, METHODS, SCHEDULES, SAMConfig, TrainConfig, load_config
+from fastflat.config import (AMP_MODES, INNER_METHODS, METHODS, SCHEDULES, FGEConfig, SAMConfig, SSEConfig,
+                             SWAConfig, TrainConfig, load_config)
 from fastflat.errors import UserError
 
 try:  # typer >= 0.29 vendors click; older typer depends on it
@@ -28,13 +29,13 @@ except ImportError:
 
 app = typer.Typer(
     name="fastflat", no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
-    help="Train toward flat minima (SGD, SAM) with fused Triton kernels.",
+    help="Train toward flat minima (SGD, SAM, SWA) and build cheap ensembles (snapshots, FGE) with fused Triton kernels.",
 )
 console = Console()
 err_console = Console(stderr=True)
 
 D = TrainConfig()  # defaults shown in --help come from the config itself
-S = SAMConfig()
+S, W, E, F = SAMConfig(), SWAConfig(), SSEConfig(), FGEConfig()
 
 
 def _opt(help: str, panel: str, default: Any = None, **kw) -> Any:
@@ -43,11 +44,25 @@ def _opt(help: str, panel: str, default: Any = None, **kw) -> Any:
 
 
 METHOD, SAM_P, OPTIM, DATA, RUN = "Method", "SAM", "Optimisation", "Data and model", "Run"
+AVG = "SWA, snapshot ensembles, FGE"
 
 
 @app.command()
 def train(
     method: Annotated[str | None, _opt(f"Training method: {' | '.join(METHODS)}.", METHOD, D.method)] = None,
+    inner: Annotated[str | None, _opt(f"Method that swa/sse/fge wrap: {' | '.join(INNER_METHODS)}.", METHOD, D.inner)] = None,
+    init: Annotated[str | None, _opt("Start from this run directory's checkpoint (e.g. FGE from a trained model).", METHOD)] = None,
+    swa: Annotated[bool | None, _opt("Add SWA on top of --method (e.g. SWA over SAM).", AVG, W.enabled)] = None,
+    swa_start: Annotated[float | None, _opt("SWA starts: fraction of the budget (< 1) or epoch.", AVG, W.start)] = None,
+    swa_lr: Annotated[float | None, _opt("SWA learning rate (cycle maximum alpha1).", AVG, W.lr)] = None,
+    swa_lr_min: Annotated[float | None, _opt("Cyclic SWA: cycle minimum alpha2 (unset = constant LR).", AVG)] = None,
+    swa_cycle: Annotated[int | None, _opt("SWA cycle c in iterations; average at each cycle end (0 = an epoch).", AVG, W.cycle)] = None,
+    sse_cycles: Annotated[int | None, _opt("Snapshot ensembles: cosine cycles M (one snapshot each).", AVG, E.cycles)] = None,
+    sse_keep: Annotated[int | None, _opt("Snapshot ensembles: ensemble the last k (0 = all).", AVG, E.keep)] = None,
+    fge_pretrain: Annotated[float | None, _opt("FGE: share of the budget spent pretraining (ignored with --init).", AVG, F.pretrain)] = None,
+    fge_cycle_epochs: Annotated[int | None, _opt("FGE: cycle length c in epochs (even).", AVG, F.cycle_epochs)] = None,
+    fge_lr_max: Annotated[float | None, _opt("FGE: alpha1.", AVG, F.lr_max)] = None,
+    fge_lr_min: Annotated[float | None, _opt("FGE: alpha2, the LR where models are collected.", AVG, F.lr_min)] = None,
     rho: Annotated[float | None, _opt("SAM radius (>= 0).", SAM_P, S.rho)] = None,
     sam_norm: Annotated[str | None, _opt("SAM ball: l2 | linf.", SAM_P, S.norm)] = None,
     sam_adaptive: Annotated[bool | None, _opt("ASAM: scale the ball by |w|.", SAM_P, S.adaptive)] = None,
@@ -79,8 +94,12 @@ def train(
     from fastflat.progress import RichHooks
 
     overrides = {k: v for k, v in locals().items() if k not in ("config", "resume", "training", "RichHooks")}
-    sam_keys = {"rho": "sam.rho", "sam_norm": "sam.norm", "sam_adaptive": "sam.adaptive", "sam_m": "sam.m"}
-    overrides = {sam_keys.get(k, k): v for k, v in overrides.items()}
+    section_keys = {"rho": "sam.rho", "sam_norm": "sam.norm", "sam_adaptive": "sam.adaptive", "sam_m": "sam.m",
+                    "swa": "swa.enabled", "swa_start": "swa.start", "swa_lr": "swa.lr", "swa_lr_min": "swa.lr_min",
+                    "swa_cycle": "swa.cycle", "sse_cycles": "sse.cycles", "sse_keep": "sse.keep",
+                    "fge_pretrain": "fge.pretrain", "fge_cycle_epochs": "fge.cycle_epochs",
+                    "fge_lr_max": "fge.lr_max", "fge_lr_min": "fge.lr_min"}
+    overrides = {section_keys.get(k, k): v for k, v in overrides.items()}
     hooks = RichHooks(console)
     try:
         if resume is not None:
@@ -135,6 +154,67 @@ def evaluate_checkpoint(
     table.add_column("test loss", justify="right")
     table.add_row(f"{result['test_acc']:.2f}%", f"{result['test_loss']:.4f}")
     console.print(table)
+
+
+@app.command("ensemble")
+def ensemble_command(
+    fge: Annotated[Path | None, typer.Option("--fge", help="An FGE run: ensemble its collected models.")] = None,
+    sse: Annotated[Path | None, typer.Option("--sse", help="A snapshot-ensemble run: ensemble its snapshots.")] = None,
+    swa: Annotated[Path | None, typer.Option("--swa", help="An SWA run: compare its final and SWA weights.")] = None,
+    runs: Annotated[list[Path] | None, typer.Option("--from", help="Independently trained runs (repeat): the Ind ensemble.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset files.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the JSON report here (default: ensemble-<kind>.json in the run).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of a table.")] = False,
+) -> None:
+    """Evaluate an ensemble: accuracy, NLL, ECE of the ensemble and each member, disagreement, and a plot."""
+    from fastflat import data as datasets
+    from fastflat.ensemble import evaluate_members, run_members
+    from fastflat.models import build_model
+    from fastflat.plots import plot_ensemble_curve
+    from fastflat.train import resolve_device
+
+    chosen = [(k, v) for k, v in (("fge", fge), ("sse", sse), ("swa", swa)) if v is not None] + (
+        [("final", r) for r in runs] if runs else [])
+    kinds = {k for k, _ in chosen}
+    if not chosen or len(kinds) > 1 or (kinds != {"final"} and len(chosen) > 1):
+        raise UserError("give exactly one of --fge RUN, --sse RUN, --swa RUN, or --from RUN (repeatable)")
+    kind = chosen[0][0]
+    configs, paths = zip(*(run_members(run, kind) for _, run in chosen))
+    cfg = configs[0]
+    if any((c["model"], c["dataset"]) != (cfg["model"], cfg["dataset"]) for c in configs):
+        raise UserError("--from runs must share one model and dataset")
+    dev = resolve_device(device)
+    data = datasets.load_dataset(cfg["dataset"], data_dir or cfg["data_dir"], dev, 0.0, cfg["seed"])
+    model = build_model(cfg["model"], data.in_channels, data.num_classes, data.image_size).to(dev)
+    members = [p for group in paths for p in group]
+    report = {"kind": kind, "runs": [str(r) for _, r in chosen], **evaluate_members(model, members, data.test, data)}
+    target = out or Path(chosen[0][1]) / f"ensemble-{kind}.json"
+    target.write_text(json.dumps(report, indent=2) + "\n")
+    plot_ensemble_curve(report, target.with_suffix(".png"))
+    if as_json:
+        print(json.dumps(report))
+        return
+    _print_ensemble(report, target)
+
+
+def _print_ensemble(report: dict[str, Any], target: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{report['kind']} ensemble of {len(report['members'])} models")
+    for column in ("model", "accuracy", "NLL", "ECE", "ensemble acc. (first k)"):
+        table.add_column(column, justify="right" if column != "model" else "left")
+    for m, curve in zip(report["members"], report["accuracy_by_size"]):
+        table.add_row(Path(m["member"]).parent.name + "/" + Path(m["member"]).name, f"{m['acc']:.2f}%",
+                      f"{m['nll']:.4f}", f"{m['ece']:.2f}%", f"{curve:.2f}%")
+    e = report["ensemble"]
+    if report["kind"] != "swa":
+        table.add_row("[bold]ensemble", f"[bold]{e['acc']:.2f}%", f"{e['nll']:.4f}", f"{e['ece']:.2f}%", "")
+    console.print(table)
+    console.print(f"mean pairwise disagreement {report['disagreement']:.2f}%  -  report: {target} and {target.with_suffix('.png')}")
+
+
+
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,8 @@ import yaml
 
 from fastflat.errors import UserError
 
-METHODS = ("sgd", "sam")
+METHODS = ("sgd", "sam", "swa", "sse", "fge")  # swa/sse/fge wrap an inner method (--inner)
+INNER_METHODS = ("sgd", "sam")
 SCHEDULES = ("constant", "step", "cosine")
 AMP_MODES = ("none", "bf16")
 
@@ -33,8 +34,33 @@ class SAMConfig:
 
 
 @dataclass(frozen=True)
+class SWAConfig:
+    enabled: bool = False  # --swa: average on top of any method (--method swa implies it)
+    start: float = 0.75  # averaging starts here: a fraction of the budget if < 1, else an epoch
+    lr: float = 0.01  # alpha1: the SWA learning rate (cycle maximum when lr_min is set)
+    lr_min: float | None = None  # alpha2: cycle minimum; None = constant lr
+    cycle: int = 0  # c: iterations per cycle, average at each cycle's end; 0 = one epoch
+
+
+@dataclass(frozen=True)
+class SSEConfig:
+    cycles: int = 2  # M: cosine restarts over the budget, one snapshot at the end of each
+    keep: int = 0  # ensemble the last k snapshots; 0 = all
+
+
+@dataclass(frozen=True)
+class FGEConfig:
+    pretrain: float = 0.5  # share of the budget spent training before the cycles (0 with --init)
+    cycle_epochs: int = 2  # c, even: one model collected in the middle of each cycle
+    lr_max: float = 0.05  # alpha1
+    lr_min: float = 0.0005  # alpha2: the LR at collection
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     method: str = "sgd"  # one of METHODS
+    inner: str = "sgd"  # the method swa/sse/fge wrap: sgd | sam
+    init: str | None = None  # start from this run directory's checkpoint (FGE from a trained model)
     model: str = "cnn"  # see fastflat.models.MODELS
     dataset: str = "fashion-mnist"  # see fastflat.data.DATASETS
     data_dir: str | None = None  # where the dataset files are; None = the usual places
@@ -55,6 +81,9 @@ class TrainConfig:
     name: str | None = None  # run directory name; None = method-dataset-model-seed-time
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch; 0 = epoch ends only
     sam: SAMConfig = field(default_factory=SAMConfig)
+    swa: SWAConfig = field(default_factory=SWAConfig)
+    sse: SSEConfig = field(default_factory=SSEConfig)
+    fge: FGEConfig = field(default_factory=FGEConfig)
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -82,6 +111,17 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.sam.rho >= 0, "sam.rho", cfg.sam.rho, "must be >= 0")
     need(cfg.sam.norm in ("l2", "linf"), "sam.norm", cfg.sam.norm, "use l2 or linf")
     need(cfg.sam.m >= 0, "sam.m", cfg.sam.m, "must be >= 0 (0 = whole batch)")
+    need(cfg.inner in INNER_METHODS, "inner", cfg.inner, f"use one of {', '.join(INNER_METHODS)}")
+    need(cfg.swa.start > 0, "swa.start", cfg.swa.start, "a fraction in (0, 1) or an epoch >= 1")
+    need(cfg.swa.start < 1 or cfg.swa.start <= cfg.epochs, "swa.start", cfg.swa.start, f"must be <= epochs ({cfg.epochs})")
+    need(cfg.swa.lr > 0, "swa.lr", cfg.swa.lr, "must be > 0")
+    need(cfg.swa.lr_min is None or 0 < cfg.swa.lr_min <= cfg.swa.lr, "swa.lr_min", cfg.swa.lr_min, "must be in (0, swa.lr]")
+    need(cfg.swa.cycle >= 0, "swa.cycle", cfg.swa.cycle, "must be >= 0 (0 = one epoch)")
+    need(cfg.sse.cycles >= 1, "sse.cycles", cfg.sse.cycles, "must be at least 1")
+    need(cfg.sse.keep >= 0, "sse.keep", cfg.sse.keep, "must be >= 0 (0 = all)")
+    need(0 <= cfg.fge.pretrain < 1, "fge.pretrain", cfg.fge.pretrain, "must be in [0, 1)")
+    need(cfg.fge.cycle_epochs >= 2 and cfg.fge.cycle_epochs % 2 == 0, "fge.cycle_epochs", cfg.fge.cycle_epochs, "must be even and >= 2")
+    need(0 < cfg.fge.lr_min <= cfg.fge.lr_max, "fge.lr_min", cfg.fge.lr_min, "must be in (0, fge.lr_max]")
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -141,3 +141,28 @@ def clip_grad_norm_flat_(gs: list[Tensor], max_norm: float) -> Tensor:
         else:
             clip_scale_torch_(g, total_norm.to(g.device), max_norm)
     return total_norm.reshape(())
+
+
+# -- weight averaging (SWA running mean, EMA) --------------------------------------------------------
+def average_torch_(avg: Tensor, w: Tensor, count: Tensor, decay: float | None) -> None:
+    """Twin of kernels.average_: avg <- lerp(avg, w, weight) in fp32; the first update copies w.
+
+    weight = 1 / (count + 1) (running mean) or 1 - decay (EMA); count is () or (1,) int64, on device.
+    """
+    count = count.reshape(())
+    weight = 1.0 - decay if decay is not None else 1.0 / (count.float() + 1.0)
+    w32 = w.float()
+    avg.copy_(torch.where(count == 0, w32, torch.lerp(avg.float(), w32, weight)))
+
+
+def average_(avgs: list[Tensor], ws: list[Tensor], count: Tensor, decay: float | None = None) -> None:
+    """Fold each w into its average, in place: running mean (decay None) or EMA.
+
+    `count` is the number of models averaged so far, a device tensor read without a host sync; the
+    caller adds 1 to it after every vector of the update is done.
+    """
+    for avg, w in zip(avgs, ws):
+        if use_triton(avg):
+            _kernels().average_(avg, w, count.to(avg.device), decay)
+        else:
+            average_torch_(avg, w, count.to(avg.device), decay)

@@ -3,6 +3,7 @@
     opt = fastflat.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
     loss_fn().backward(); opt.first_step(zero_grad=True); loss_fn().backward(); opt.second_step()
     fastflat.clip_grad_norm_(model.parameters(), max_norm=1.0)
+    swa = fastflat.AveragedModel(model); swa.update_parameters(model)    # or decay=0.999 for an EMA
 
 `SAM` follows the widely used PyTorch SAM optimizer (davda54/sam): same constructor, `first_step`,
 `second_step`, `step(closure)`, per-group `rho` / `adaptive`. Two deliberate differences: the restore
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fastflat import ops
-from fastflat.flat import paired_covers
+from fastflat.flat import flatten, paired_covers
 
 
 def _with_grads(params: Iterable[Tensor]) -> list[Tensor]:
@@ -144,3 +145,76 @@ class SAM(torch.optim.Optimizer):
                 if group["adaptive"]:
                     steps = torch._foreach_mul(steps, torch._foreach_abs(params))
             torch._foreach_add_(params, steps)
+
+
+class AveragedModel(torch.optim.swa_utils.AveragedModel):
+    """torch.optim.swa_utils.AveragedModel, with one fused launch per flat buffer per update.
+
+    Same constructor and `update_parameters` / `n_averaged`, plus `decay`: EMA with that decay (what
+    `multi_avg_fn=get_ema_multi_avg_fn(decay)` computes), running mean (SWA) when None. Without a custom
+    avg_fn / multi_avg_fn the averaged copy is flattened, and an update from a model whose params tile
+    flat buffers in the same order reads the count on the device: no host sync. Any other model (plain,
+    `.to()`-moved, frozen params) goes through torch's own update_parameters.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: int | torch.device | None = None,
+                 avg_fn: Callable | None = None, multi_avg_fn: Callable | None = None,
+                 use_buffers: bool = False, *, decay: float | None = None):
+        if decay is not None and (avg_fn is not None or multi_avg_fn is not None):
+            raise ValueError("give either decay or avg_fn / multi_avg_fn, not both")
+        ema_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(decay) if decay is not None else None
+        super().__init__(model, device, avg_fn, multi_avg_fn or ema_fn, use_buffers)
+        self.decay = decay
+        self._ema_fn = ema_fn  # the fallback's averaging function for `decay`: ours to fuse
+        params = list(self.module.parameters())
+        if self._fusable() and any(p.requires_grad for p in params):
+            flatten(self.module)
+            # torch leaves n_averaged on the CPU when device is None: keep it beside the weights instead,
+            # so reading the count never crosses to the host
+            self.n_averaged = self.n_averaged.to(params[0].device)
+
+    def _fusable(self) -> bool:
+        return self.avg_fn is None and self.multi_avg_fn is self._ema_fn
+
+    def _flat_pairs(self, model: torch.nn.Module) -> list[tuple[Tensor, Tensor]] | None:
+        """(average, source) vectors, one per flat buffer, or None when the fused path does not apply."""
+        mine, theirs = list(self.module.parameters()), list(model.parameters())
+        my_buffers, their_buffers = list(self.module.buffers()), list(model.buffers())
+        if not self._fusable() or len(mine) != len(theirs) or len(my_buffers) != len(their_buffers):
+            return None
+        if not all(b.is_contiguous() for b in my_buffers + their_buffers):
+            return None  # the kernel reads buffers as flat vectors
+        covers = paired_covers(mine, theirs)
+        # a plain model tiles trivially, one param per run: flat means one run per (device, dtype)
+        if covers is None or len(covers) > len({(p.device, p.dtype) for p in theirs}):
+            return None
+        return [(avg, w.to(avg.device)) for avg, w in covers]
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        pairs = self._flat_pairs(model)
+        if pairs is None:
+            super().update_parameters(model)
+            return
+        ops.average_([a for a, _ in pairs], [w for _, w in pairs], self.n_averaged, self.decay)
+        self._update_buffers(model)
+        self.n_averaged += 1
+
+    def _update_buffers(self, model: torch.nn.Module) -> None:
+        pairs = [(a, b.detach().to(a.device)) for a, b in zip(self.module.buffers(), model.buffers())]
+        if not pairs:
+            return
+        if not self.use_buffers:  # torch keeps buffers in sync with the source model, integers included
+            torch._foreach_copy_([a for a, _ in pairs], [b for _, b in pairs])
+            return
+        floats = [(a, b) for a, b in pairs if a.is_floating_point()]
+        ops.average_([a for a, _ in floats], [b for _, b in floats], self.n_averaged, self.decay)
+        for avg, b in pairs:
+            if not avg.is_floating_point():
+                _average_integers_(avg, b, self.n_averaged.to(avg.device), self.decay)
+
+
+def _average_integers_(avg: Tensor, w: Tensor, count: Tensor, decay: float | None) -> None:
+    """Torch's rule for integer buffers (num_batches_tracked): fp32 math truncated back; first copies."""
+    mixed = avg * decay + w * (1 - decay) if decay is not None else avg + (w - avg) / (count + 1)
+    avg.copy_(torch.where(count == 0, w, mixed.to(avg.dtype)))

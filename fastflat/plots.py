@@ -28,3 +28,20 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str =
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_ensemble_curve(report: dict[str, Any], path: Path) -> None:
+    """Ensemble accuracy as members are added, against each member alone."""
+    sizes = list(range(1, len(report["accuracy_by_size"]) + 1))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(sizes, report["accuracy_by_size"], "o-", label="ensemble of the first k")
+    ax.plot(sizes, [m["acc"] for m in report["members"]], "s--", alpha=0.7, label="member k alone")
+    ax.set_xlabel("members (k)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xticks(sizes)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{report['kind']} ensemble")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

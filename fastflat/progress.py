@@ -80,6 +80,12 @@ class RichHooks(Hooks):
                 ("train loss", f"{summary['train_loss']:.4f}"), ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
                 ("training time", f"{summary['train_seconds']:.1f} s"), ("device", summary["provenance"]["device"]),
                 ("run directory", summary["run_dir"])]
+        if "swa_acc" in summary:
+            rows.insert(1, ("SWA test accuracy", f"{summary['swa_acc']:.2f}% ({summary['swa_models_averaged']} models)"))
+        if summary.get("ensemble"):
+            e = summary["ensemble"]
+            rows.insert(1, ("ensemble test accuracy", f"{e['ensemble']['acc']:.2f}% ({len(e['members'])} models)"))
+            rows.insert(2, ("best member", f"{e['best_member_acc']:.2f}%"))
         for key, value in rows:
             table.add_row(key, value)
         self.console.print(table)

@@ -142,6 +142,16 @@ class RunDir:
         torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
         atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
 
+    def save_member(self, tag: str, state_dict: dict[str, Any]) -> Path:
+        """An ensemble member (or averaged model) as a plain state_dict in members/<tag>.pt."""
+        folder = self.path / "members"
+        folder.mkdir(exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().clone() for k, v in state_dict.items()}, buffer)
+        path = folder / f"{tag}.pt"
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
 

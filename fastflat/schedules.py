@@ -47,3 +47,54 @@ def make_schedule(name: str, lr: float, total_steps: int, warmup_steps: int = 0)
     else:
         raise ValueError(f"unknown schedule {name!r}")
     return with_warmup(base, warmup_steps)
+
+
+# -- schedules that methods own (SWA, snapshot ensembles, FGE) ---------------------------------------
+def cycle_position(i: int, c: int) -> float:
+    """t(i) = (mod(i - 1, c) + 1) / c for the 1-based iteration i: 1/c, ..., 1 within each cycle."""
+    return ((i - 1) % c + 1) / c
+
+
+def swa_cyclic(alpha1: float, alpha2: float, c: int) -> Schedule:
+    """SWA (Izmailov et al. 2018, eq. 2): alpha(i) = (1 - t(i)) alpha1 + t(i) alpha2.
+
+    Takes the 0-based step; alpha reaches alpha2 at the last iteration of each cycle, where SWA
+    averages. alpha1 == alpha2 is the constant-LR variant.
+    """
+    return lambda step: (1 - cycle_position(step + 1, c)) * alpha1 + cycle_position(step + 1, c) * alpha2
+
+
+def fge_triangular(alpha1: float, alpha2: float, c: int) -> Schedule:
+    """FGE (Garipov et al. 2018, sec. 4): linear alpha1 -> alpha2 over the first half cycle, back after.
+
+    alpha(i) = (1 - 2t) alpha1 + 2t alpha2 for 0 < t <= 1/2; (2 - 2t) alpha2 + (2t - 1) alpha1 after,
+    with t = t(i) on the 1-based iteration i. The minimum alpha2 is at t = 1/2, where FGE collects.
+    """
+
+    def lr(step: int) -> float:
+        t = cycle_position(step + 1, c)
+        return (1 - 2 * t) * alpha1 + 2 * t * alpha2 if t <= 0.5 else (2 - 2 * t) * alpha2 + (2 * t - 1) * alpha1
+
+    return lr
+
+
+def snapshot_cosine(alpha0: float, total_steps: int, cycles: int) -> Schedule:
+    """Snapshot ensembles (Huang et al. 2017, eq. 2): alpha(t) = alpha0/2 (cos(pi mod(t, P) / P) + 1),
+    P = ceil(T / M), on the 0-based iteration t: a cosine restart every P iterations."""
+    period = math.ceil(total_steps / cycles)
+    return lambda step: alpha0 / 2 * (math.cos(math.pi * (step % period) / period) + 1)
+
+
+def pre_phase(lr: float, end_lr: float, phase_steps: int) -> Schedule:
+    """The SWA paper's schedule before averaging starts: lr for the first half of the phase, then
+    linear to end_lr at 90% of it, then end_lr (so the phase hands over smoothly)."""
+
+    def f(step: int) -> float:
+        t = step / max(phase_steps, 1)
+        if t <= 0.5:
+            return lr
+        if t >= 0.9:
+            return end_lr
+        return lr + (end_lr - lr) * (t - 0.5) / 0.4
+
+    return f

@@ -24,7 +24,7 @@ from fastflat import data as datasets
 from fastflat.config import TrainConfig, config_from_dict, to_dict
 from fastflat.errors import UserError
 from fastflat.flat import FlatParams, flatten
-from fastflat.methods import METHODS, Method
+from fastflat.methods import Method, build_method
 from fastflat.models import build_model
 from fastflat.rundir import RunDir, load_checkpoint, provenance
 from fastflat.schedules import make_schedule
@@ -143,16 +143,37 @@ class Trainer:
         self.data = datasets.load_dataset(cfg.dataset, cfg.data_dir, self.device, cfg.label_noise, cfg.seed)
         self.model = build_model(cfg.model, self.data.in_channels, self.data.num_classes,
                                  self.data.image_size).to(self.device)
+        if cfg.init:
+            self.model.load_state_dict(load_checkpoint(cfg.init)["model"])
         self.flat = flatten(self.model)  # after .to(): moving re-creates parameters
-        self.method: Method = METHODS[cfg.method](cfg)
-        self.method.init(self.flat)
         self.steps_per_epoch = datasets.num_batches(len(self.data.train), cfg.batch_size, drop_last=True)
         if self.steps_per_epoch == 0:
             raise UserError(f"batch_size {cfg.batch_size} is larger than the {len(self.data.train)} training examples")
-        total = cfg.epochs * self.steps_per_epoch
+        total = self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.method: Method = build_method(cfg)
+        self.method.init(self.flat, self)
         self.schedule = make_schedule(cfg.schedule, cfg.lr, total, round(cfg.warmup_epochs * self.steps_per_epoch))
         self.position = Position()
         self.started = time.time()
+
+    # -- services for methods (methods.RunServices) ---------------------------------------------------
+    def update_bn(self) -> None:
+        batches = datasets.iterate_batches(self.data.train, max(self.cfg.batch_size, 256), dataset=self.data, train=False)
+        torch.optim.swa_utils.update_bn(batches, self.model, self.device)
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.model, self.data.test, self.data, max(self.cfg.batch_size, 512), self.cfg.amp)
+
+    def save_member(self, tag: str) -> str:
+        path = self.run.save_member(tag, self.model.state_dict())
+        return str(path)
+
+    def evaluate_ensemble(self, paths: list[str]) -> dict[str, Any]:
+        from fastflat.ensemble import evaluate_members
+
+        plain = build_model(self.cfg.model, self.data.in_channels, self.data.num_classes,
+                            self.data.image_size).to(self.device)
+        return evaluate_members(plain, paths, self.data.test, self.data)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -200,21 +221,23 @@ class Trainer:
         for index, (x, y) in enumerate(batches):
             if index < pos.batch:
                 continue  # resumed mid-epoch: replay the order, skip the work
-            lr = self.schedule(pos.step)
+            lr = self.method.lr(pos.step, self.schedule(pos.step))
             closure = BatchClosure(self.model, self.flat, x, y, cfg.amp)
             metrics = self.method.step(self.flat, closure, lr)
             loss_sum += closure.loss_sum
             correct += closure.correct
             seen += closure.batch_size
             pos.step, pos.batch = pos.step + 1, index + 1
+            self.method.after_step(self.flat, pos.step)
             self.hooks.on_step(pos.step, {"lr": lr, "seen": seen, "epoch": pos.epoch,
                                           "loss_sum": loss_sum, "correct": correct, **metrics})
             if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0:
                 self.checkpoint()
         self.method.end_epoch(self.flat, pos.epoch)
         elapsed = time.time() - epoch_start
-        test = evaluate(self.model, self.data.test, self.data, max(cfg.batch_size, 512), cfg.amp)
-        record = {"epoch": pos.epoch + 1, "step": pos.step, "lr": self.schedule(max(pos.step - 1, 0)),
+        test = self.evaluate()
+        last = max(pos.step - 1, 0)
+        record = {"epoch": pos.epoch + 1, "step": pos.step, "lr": self.method.lr(last, self.schedule(last)),
                   "train_loss": loss_sum.item() / max(seen, 1), "train_acc": 100.0 * correct.item() / max(seen, 1),
                   "test_loss": test["loss"], "test_acc": test["acc"], "epoch_seconds": elapsed,
                   "samples_per_s": seen / max(elapsed, 1e-9)}
@@ -224,6 +247,7 @@ class Trainer:
         self.hooks.on_epoch(record)
 
     def _finish(self) -> dict[str, Any]:
+        extra = self.method.finish(self.flat)
         history = self.run.read_metrics()
         final = history[-1] if history else {}
         summary = {
@@ -232,7 +256,7 @@ class Trainer:
             "test_acc": final.get("test_acc"), "test_loss": final.get("test_loss"),
             "train_loss": final.get("train_loss"), "train_seconds": sum(r["epoch_seconds"] for r in history),
             "params": self.flat.numel, "noisy_labels": self.data.noisy_labels, "data_source": self.data.source,
-            "config": to_dict(self.cfg), "provenance": provenance(self.device),
+            **extra, "config": to_dict(self.cfg), "provenance": provenance(self.device),
         }
         self.run.write_summary(summary)
         try:

@@ -78,3 +78,32 @@ def test_console_script_entry_point_runs_as_a_module(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastflat", "train", "--lr", "-3"], capture_output=True,
                           text=True, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: lr = -3.0") and "Traceback" not in proc.stderr
+
+
+def test_ensemble_command_reports_and_plots_an_sse_run(capsys, tmp_path):
+    code, _, _ = run_cli(capsys, "train", *TINY[:-1], "2", "--method", "sse", "--out", str(tmp_path), "--name", "s")
+    assert code == 0
+    code, out, _ = run_cli(capsys, "ensemble", "--sse", str(tmp_path / "s"), "--json")
+    report = json.loads(out)
+    assert code == 0 and len(report["members"]) == 2 and len(report["accuracy_by_size"]) == 2
+    assert (tmp_path / "s" / "ensemble-sse.json").exists() and (tmp_path / "s" / "ensemble-sse.png").exists()
+
+
+def test_ensemble_of_independent_runs(capsys, tmp_path):
+    for seed in ("0", "1"):
+        assert run_cli(capsys, "train", *TINY, "--seed", seed, "--out", str(tmp_path), "--name", f"r{seed}")[0] == 0
+    code, out, _ = run_cli(capsys, "ensemble", "--from", str(tmp_path / "r0"), "--from", str(tmp_path / "r1"),
+                           "--out", str(tmp_path / "ind.json"))
+    assert code == 0 and "ensemble" in out and json.loads((tmp_path / "ind.json").read_text())["kind"] == "final"
+
+
+@pytest.mark.parametrize("args", [[], ["--fge", "a", "--sse", "b"]])
+def test_ensemble_needs_exactly_one_kind(capsys, args):
+    code, _, err = run_cli(capsys, "ensemble", *args)
+    assert code == 2 and "exactly one" in err
+
+
+def test_ensemble_of_a_run_without_members_is_one_line(capsys, tmp_path):
+    assert run_cli(capsys, "train", *TINY, "--out", str(tmp_path), "--name", "plain")[0] == 0
+    code, _, err = run_cli(capsys, "ensemble", "--fge", str(tmp_path / "plain"))
+    assert code == 2 and "no fge members" in err and err.count("\n") == 1

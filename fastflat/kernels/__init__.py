@@ -5,8 +5,9 @@ masked by `offsets < n`; math is done in fp32 whatever the storage dtype. `fastf
 pure-torch twin of each launcher and decides which one runs.
 """
 
+from fastflat.kernels.average import average_
 from fastflat.kernels.clip import clip_scale_
 from fastflat.kernels.norm import sqnorm
 from fastflat.kernels.sam import sam_perturb_
 
-__all__ = ["clip_scale_", "sam_perturb_", "sqnorm"]
+__all__ = ["average_", "clip_scale_", "sam_perturb_", "sqnorm"]

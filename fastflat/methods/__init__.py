@@ -1,9 +1,21 @@
-"""Training methods, by the name the CLI and configs use."""
+"""Training methods, by the name the CLI and configs use, and `build_method` that composes them."""
 
-from fastflat.methods.base import Closure, Method
+from fastflat.config import TrainConfig
+from fastflat.methods.base import Closure, Method, RunServices
 from fastflat.methods.sam import SAM
 from fastflat.methods.sgd import SGD
+from fastflat.methods.wrappers import FGE, SWA, SnapshotEnsemble
 
-METHODS: dict[str, type[Method]] = {"sgd": SGD, "sam": SAM}
+METHODS: dict[str, type[Method]] = {"sgd": SGD, "sam": SAM}  # methods that take steps themselves
+WRAPPERS = {"swa": SWA, "sse": SnapshotEnsemble, "fge": FGE}  # methods that wrap one of METHODS
 
-__all__ = ["METHODS", "Closure", "Method"]
+
+def build_method(cfg: TrainConfig) -> Method:
+    """`--method swa|sse|fge` wraps `--inner`; `--swa` adds SWA on top of a stepping method."""
+    if cfg.method in WRAPPERS:
+        return WRAPPERS[cfg.method](cfg, METHODS[cfg.inner](cfg))
+    method = METHODS[cfg.method](cfg)
+    return SWA(cfg, method) if cfg.swa.enabled else method
+
+
+__all__ = ["METHODS", "WRAPPERS", "Closure", "Method", "RunServices", "build_method"]

@@ -29,6 +29,18 @@ class Closure(Protocol):
     def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True) -> Tensor: ...
 
 
+class RunServices(Protocol):
+    """What the trainer offers a method beyond the batch: the budget, and work that needs the data."""
+
+    steps_per_epoch: int
+    total_steps: int
+
+    def update_bn(self) -> None: ...  # re-estimate BatchNorm statistics at the current weights
+    def evaluate(self) -> dict[str, float]: ...  # test loss/accuracy at the current weights
+    def save_member(self, tag: str) -> str: ...  # current model as an ensemble member file; its path
+    def evaluate_ensemble(self, paths: list[str]) -> dict[str, Any]: ...  # members loaded one at a time
+
+
 class Method:
     """Base class: a plain gradient step with torch.optim.SGD on the flat vectors, plus clipping.
 
@@ -42,7 +54,8 @@ class Method:
         self.cfg = cfg
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def init(self, flat: FlatParams) -> None:
+    def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
+        self.services = services
         self.optimizer = torch.optim.SGD(
             flat.params, lr=self.cfg.lr, momentum=self.cfg.momentum, nesterov=self.cfg.nesterov,
             weight_decay=self.cfg.weight_decay,
@@ -61,12 +74,19 @@ class Method:
         self.optimizer.step()
         return metrics
 
-    def end_epoch(self, flat: FlatParams, epoch: int) -> None:
-        """Called after each epoch's last step (collect snapshots, update averages)."""
+    def lr(self, step: int, scheduled: float) -> float:
+        """The LR for 0-based `step`; methods that own their cycle (SWA, FGE, snapshots) override."""
+        return scheduled
 
-    def weights(self, flat: FlatParams) -> list[list[Tensor]]:
-        """What to evaluate: a list of members, each a list of vectors shaped like flat.params."""
-        return [flat.params]
+    def after_step(self, flat: FlatParams, steps_done: int) -> None:
+        """Called after every optimizer step (collect snapshots, update averages)."""
+
+    def end_epoch(self, flat: FlatParams, epoch: int) -> None:
+        """Called after each epoch's last step."""
+
+    def finish(self, flat: FlatParams) -> dict[str, Any]:
+        """After the last epoch: extra results for the summary (averaged model, ensemble)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}

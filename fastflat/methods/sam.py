@@ -24,8 +24,8 @@ from fastflat.methods.base import Closure, Method
 class SAM(Method):
     name = "sam"
 
-    def init(self, flat: FlatParams) -> None:
-        super().init(flat)
+    def init(self, flat: FlatParams, services=None) -> None:
+        super().init(flat, services)
         self.backups = [torch.empty_like(w) for w in flat.params]  # (N,) per group: w before ascent
         self.grad_sums: list[Tensor] | None = None  # (N,) per group, allocated if m-sharpness is on
 

@@ -1,0 +1,145 @@
+"""Methods that wrap an inner method (SGD or SAM) and own the LR cycle: SWA, snapshot ensembles, FGE.
+
+    SWA(cfg, SAM(cfg))     # SWA over SAM: the inner method takes the steps, the wrapper averages
+
+Each formula is in fastflat.schedules, next to its paper. Averages and collected members are part
+of state_dict, so a run killed mid-cycle resumes to the same result.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from fastflat import ops
+from fastflat.config import TrainConfig
+from fastflat.flat import FlatParams
+from fastflat.methods.base import Closure, Method, RunServices
+from fastflat.schedules import fge_triangular, pre_phase, snapshot_cosine, swa_cyclic
+
+
+class Wrapper(Method):
+    """Delegates the step to `inner`; subclasses add LR ownership and collection."""
+
+    def __init__(self, cfg: TrainConfig, inner: Method):
+        super().__init__(cfg)
+        self.inner = inner
+        self.members: list[str] = []  # member files written so far (ensembles)
+
+    def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
+        self.inner.init(flat, services)
+        self.services = services
+
+    def step(self, flat: FlatParams, closure: Closure, lr: float) -> dict[str, Any]:
+        return self.inner.step(flat, closure, lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict(), "members": list(self.members)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.members = list(state["members"])
+
+
+class SWA(Wrapper):
+    """Stochastic Weight Averaging (Izmailov et al. 2018): the pre-phase schedule until `start`, then
+    constant or cyclic LR, and the running mean of the weights at the end of every cycle."""
+
+    name = "swa"
+
+    def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
+        super().init(flat, services)
+        swa, spe = self.cfg.swa, services.steps_per_epoch
+        self.start_step = round(swa.start * services.total_steps) if swa.start < 1 else round(swa.start * spe)
+        self.cycle = swa.cycle or spe
+        self.pre = pre_phase(self.cfg.lr, swa.lr, self.start_step)
+        self.cyclic = swa_cyclic(swa.lr, swa.lr_min if swa.lr_min is not None else swa.lr, self.cycle)
+        self.average = [torch.zeros_like(w) for w in flat.params]  # (N,) per group
+        self.count = torch.zeros((), dtype=torch.long, device=flat.params[0].device)  # models averaged
+
+    def lr(self, step: int, scheduled: float) -> float:
+        return self.pre(step) if step < self.start_step else self.cyclic(step - self.start_step)
+
+    def after_step(self, flat: FlatParams, steps_done: int) -> None:
+        since = steps_done - self.start_step
+        if since > 0 and since % self.cycle == 0:  # last iteration of a cycle: alpha = alpha2
+            ops.average_(self.average, flat.params, self.count, None)
+            self.count += 1
+
+    def finish(self, flat: FlatParams) -> dict[str, Any]:
+        """Evaluate the SWA weights (BatchNorm re-estimated for them), then put the SGD weights back."""
+        if int(self.count) == 0:
+            return {"swa_models_averaged": 0}
+        model = flat.model
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        flat.copy_params_(self.average)
+        self.services.update_bn()
+        result = {f"swa_{k}": v for k, v in self.services.evaluate().items()}
+        result["swa_checkpoint"] = self.services.save_member("swa")
+        model.load_state_dict(saved)
+        return {**result, "swa_models_averaged": int(self.count)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "average": self.average, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        for a, saved in zip(self.average, state["average"]):
+            a.copy_(saved)
+        self.count.copy_(state["count"])
+
+
+class SnapshotEnsemble(Wrapper):
+    """Snapshot ensembles (Huang et al. 2017): M cosine cycles, a snapshot at the end of each."""
+
+    name = "sse"
+
+    def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
+        super().init(flat, services)
+        total = services.total_steps
+        self.period = math.ceil(total / self.cfg.sse.cycles)
+        self.schedule = snapshot_cosine(self.cfg.lr, total, self.cfg.sse.cycles)
+
+    def lr(self, step: int, scheduled: float) -> float:
+        return self.schedule(step)
+
+    def after_step(self, flat: FlatParams, steps_done: int) -> None:
+        if steps_done % self.period == 0 or steps_done == self.services.total_steps:
+            self.members.append(self.services.save_member(f"snapshot-{len(self.members) + 1:02d}"))
+
+    def finish(self, flat: FlatParams) -> dict[str, Any]:
+        keep = self.cfg.sse.keep or len(self.members)
+        return {"ensemble": self.services.evaluate_ensemble(self.members[-keep:])}
+
+
+class FGE(Wrapper):
+    """Fast Geometric Ensembling (Garipov et al. 2018): after pretraining (or --init), triangular
+    cycles of c epochs; a model collected at each cycle's middle (the LR minimum), BatchNorm
+    re-estimated for it."""
+
+    name = "fge"
+
+    def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
+        super().init(flat, services)
+        fge, spe = self.cfg.fge, services.steps_per_epoch
+        pretrain_epochs = 0 if self.cfg.init else round(fge.pretrain * services.total_steps / spe)
+        self.start_step = pretrain_epochs * spe
+        self.cycle = fge.cycle_epochs * spe
+        self.pre = pre_phase(self.cfg.lr, fge.lr_max, self.start_step)
+        self.triangle = fge_triangular(fge.lr_max, fge.lr_min, self.cycle)
+
+    def lr(self, step: int, scheduled: float) -> float:
+        return self.pre(step) if step < self.start_step else self.triangle(step - self.start_step)
+
+    def after_step(self, flat: FlatParams, steps_done: int) -> None:
+        since = steps_done - self.start_step
+        if since > 0 and since % self.cycle == self.cycle // 2:  # t(i) = 1/2: alpha = alpha2
+            self.services.update_bn()
+            self.members.append(self.services.save_member(f"fge-{len(self.members) + 1:02d}"))
+
+    def finish(self, flat: FlatParams) -> dict[str, Any]:
+        if not self.members:
+            return {"ensemble": None, "fge_note": "no cycle reached its middle: raise --epochs"}
+        return {"ensemble": self.services.evaluate_ensemble(self.members)}

@@ -1,0 +1,132 @@
+"""SWA, snapshot ensembles and FGE: the papers' LR curves, when models are collected, ensemble math,
+and runs on tiny synthetic data that resume mid-cycle to the same result."""
+
+import json
+
+import pytest
+import torch
+
+from fastflat.config import load_config
+from fastflat.ensemble import evaluate_members, mean_pairwise_disagreement, metrics_from_probs
+from fastflat.methods import build_method
+from fastflat.schedules import fge_triangular, snapshot_cosine, swa_cyclic
+from fastflat.train import Hooks, Trainer, resume, train
+
+
+def tiny(tmp_path, **overrides):
+    base = {"dataset": "synthetic", "epochs": 4, "batch_size": 128, "out": str(tmp_path), "name": "run"}
+    return load_config(overrides={**base, **overrides})
+
+
+# -- schedules at known points -------------------------------------------------------------------------
+def test_swa_cyclic_lr_goes_from_near_alpha1_to_alpha2_each_cycle():
+    f = swa_cyclic(0.05, 0.01, 4)
+    assert [f(s) for s in range(6)] == pytest.approx([0.04, 0.03, 0.02, 0.01, 0.04, 0.03])
+    assert swa_cyclic(0.02, 0.02, 3)(7) == pytest.approx(0.02)  # constant variant
+
+
+def test_fge_triangle_bottoms_out_at_half_cycle_and_peaks_at_its_end():
+    f = fge_triangular(0.05, 0.0005, 4)
+    assert [f(s) for s in range(5)] == pytest.approx([0.02525, 0.0005, 0.02525, 0.05, 0.02525])
+
+
+def test_snapshot_cosine_restarts_every_ceil_t_over_m_steps():
+    f = snapshot_cosine(0.1, 100, 4)  # period 25
+    assert f(0) == pytest.approx(0.1) and f(25) == pytest.approx(0.1) and f(50) == pytest.approx(0.1)
+    assert f(12) == pytest.approx(0.05 * (1 + torch.cos(torch.tensor(torch.pi * 12 / 25)).item()))
+    assert f(24) < 0.001
+
+
+class FakeServices:
+    def __init__(self, steps_per_epoch, epochs):
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, steps_per_epoch * epochs
+        self.saved_at_lr, self.bn_updates, self.lr_now = [], 0, None
+
+    def update_bn(self):
+        self.bn_updates += 1
+
+    def save_member(self, tag):
+        self.saved_at_lr.append(self.lr_now)
+        return tag
+
+
+def test_fge_collects_at_the_cycle_minimum_after_pretraining():
+    cfg = load_config(overrides={"method": "fge", "epochs": 10, "fge.pretrain": 0.2, "fge.cycle_epochs": 2})
+    method, services = build_method(cfg), FakeServices(steps_per_epoch=5, epochs=10)
+    flat = type("Flat", (), {"params": [torch.zeros(3)]})()
+    method.inner.init = lambda flat, services: None  # no optimizer needed to follow the schedule
+    method.init(flat, services)
+    for step in range(services.total_steps):
+        services.lr_now = method.lr(step, scheduled=cfg.lr)
+        method.after_step(flat, step + 1)
+    assert services.saved_at_lr == pytest.approx([cfg.fge.lr_min] * 4)  # 8 epochs / 2 = 4 cycles
+    assert services.bn_updates == 4 and method.start_step == 10
+
+
+# -- ensemble math ------------------------------------------------------------------------------------
+def test_metrics_from_probs_accuracy_nll_and_ece_by_hand():
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3]])
+    labels = torch.tensor([0, 1, 1, 0])
+    m = metrics_from_probs(probs, labels, bins=10)
+    assert m["acc"] == pytest.approx(75.0)
+    assert m["nll"] == pytest.approx(-torch.tensor([0.9, 0.4, 0.8, 0.7]).log().mean().item())
+    # bins: 0.6 (wrong) -> |0.6 - 0|, 0.7 -> |0.7 - 1|, 0.8 -> |0.8 - 1|, 0.9 -> |0.9 - 1|
+    assert m["ece"] == pytest.approx(100 * (0.6 + 0.3 + 0.2 + 0.1) / 4)
+
+
+def test_disagreement_counts_differing_predictions_per_pair():
+    preds = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0], [1, 1, 0, 0]])
+    assert mean_pairwise_disagreement(preds) == pytest.approx(100 * (1 / 4 + 2 / 4 + 1 / 4) / 3)
+
+
+def test_ensemble_of_one_member_equals_that_member(tmp_path):
+    trainer = Trainer(tiny(tmp_path, epochs=1), __import__("fastflat.rundir").rundir.RunDir.create(tmp_path, "t"))
+    path = trainer.save_member("only")
+    report = evaluate_members(trainer.model, [path], trainer.data.test, trainer.data)
+    alone = trainer.evaluate()
+    assert report["ensemble"]["acc"] == pytest.approx(alone["acc"])
+    assert report["members"][0]["nll"] == pytest.approx(alone["loss"], rel=1e-5)
+    assert report["disagreement"] == 0.0 and report["accuracy_by_size"] == [report["ensemble"]["acc"]]
+
+
+# -- runs -------------------------------------------------------------------------------------------------
+def test_swa_run_reports_final_and_averaged_weights(tmp_path):
+    summary = train(tiny(tmp_path, method="swa", **{"swa.start": 2, "swa.lr": 0.02}))
+    assert summary["swa_models_averaged"] == 2  # epochs 3 and 4, one average per epoch
+    assert summary["swa_acc"] > 50 and summary["test_acc"] > 50
+    assert (tmp_path / "run" / "members" / "swa.pt").exists()
+
+
+def test_swa_over_sam_is_one_flag(tmp_path):
+    summary = train(tiny(tmp_path, method="sam", epochs=2, **{"swa.enabled": True, "swa.start": 1}))
+    assert summary["swa_models_averaged"] == 1 and summary["method"] == "sam"
+
+
+@pytest.mark.parametrize("method, pattern, count", [("sse", "snapshot-*.pt", 2), ("fge", "fge-*.pt", 1)])
+def test_ensemble_methods_collect_members_and_report(tmp_path, method, pattern, count):
+    summary = train(tiny(tmp_path, method=method))
+    members = sorted((tmp_path / "run" / "members").glob(pattern))
+    assert len(members) == count and len(summary["ensemble"]["members"]) == count
+
+
+class StopAt(Hooks):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, step, metrics):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("method, extra", [("swa", {"swa.start": 1, "swa.cycle": 3}), ("fge", {})])
+def test_killed_mid_cycle_resumes_to_the_same_result(tmp_path, method, extra):
+    straight = train(tiny(tmp_path / "a", method=method, **extra))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path / "b", method=method, **extra), hooks=StopAt(step=13))
+    resumed = resume(tmp_path / "b" / "run")
+    for key in ("test_acc", "swa_acc"):
+        assert resumed.get(key) == straight.get(key)
+    if method == "fge":
+        assert resumed["ensemble"]["ensemble"] == straight["ensemble"]["ensemble"]
+    saved = json.loads((tmp_path / "b" / "run" / "summary.json").read_text())
+    assert saved["steps"] == straight["steps"]
