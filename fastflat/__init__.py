@@ -6,7 +6,8 @@
 """
 
 from fastflat.flat import FlatParams, flatten
+from fastflat.noise import member_noise
 from fastflat.optim import SAM, AveragedModel, clip_grad_norm_
 
 __version__ = "0.1.0"
-__all__ = ["SAM", "AveragedModel", "FlatParams", "clip_grad_norm_", "flatten"]
+__all__ = ["SAM", "AveragedModel", "FlatParams", "clip_grad_norm_", "flatten", "member_noise"]

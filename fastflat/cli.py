@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 
 from fastflat.config import (AMP_MODES, INNER_METHODS, METHODS, SCHEDULES, FGEConfig, SAMConfig, SSEConfig,
-                             SWAConfig, TrainConfig, load_config)
+                             SpartanConfig, SWAConfig, TrainConfig, load_config)
 from fastflat.errors import UserError
 
 try:  # typer >= 0.29 vendors click; older typer depends on it
@@ -29,13 +29,13 @@ except ImportError:
 
 app = typer.Typer(
     name="fastflat", no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
-    help="Train toward flat minima (SGD, SAM, SWA) and build cheap ensembles (snapshots, FGE) with fused Triton kernels.",
+    help="Train toward flat minima (SGD, SAM, SWA, Spartan ES) and build cheap ensembles (snapshots, FGE) with fused Triton kernels.",
 )
 console = Console()
 err_console = Console(stderr=True)
 
 D = TrainConfig()  # defaults shown in --help come from the config itself
-S, W, E, F = SAMConfig(), SWAConfig(), SSEConfig(), FGEConfig()
+S, W, E, F, P = SAMConfig(), SWAConfig(), SSEConfig(), FGEConfig(), SpartanConfig()
 
 
 def _opt(help: str, panel: str, default: Any = None, **kw) -> Any:
@@ -45,6 +45,7 @@ def _opt(help: str, panel: str, default: Any = None, **kw) -> Any:
 
 METHOD, SAM_P, OPTIM, DATA, RUN = "Method", "SAM", "Optimisation", "Data and model", "Run"
 AVG = "SWA, snapshot ensembles, FGE"
+EVO = "Spartan and ES"
 
 
 @app.command()
@@ -63,6 +64,18 @@ def train(
     fge_cycle_epochs: Annotated[int | None, _opt("FGE: cycle length c in epochs (even).", AVG, F.cycle_epochs)] = None,
     fge_lr_max: Annotated[float | None, _opt("FGE: alpha1.", AVG, F.lr_max)] = None,
     fge_lr_min: Annotated[float | None, _opt("FGE: alpha2, the LR where models are collected.", AVG, F.lr_min)] = None,
+    mutation: Annotated[str | None, _opt("Spartan mutation: es | grad.", EVO, P.mutation)] = None,
+    mutate_every: Annotated[int | None, _opt("Epochs between mutation rounds.", EVO, P.mutate_every)] = None,
+    children: Annotated[int | None, _opt("Children K per round (even with --antithetic).", EVO, P.children)] = None,
+    es_noise: Annotated[str | None, _opt("ES noise: normal | uniform (U[-1, 1]).", EVO, P.noise)] = None,
+    sigma: Annotated[float | None, _opt("ES noise scale.", EVO, P.sigma)] = None,
+    es_lr: Annotated[float | None, _opt("ES step size.", EVO, P.es_lr)] = None,
+    antithetic: Annotated[bool | None, _opt("ES children in +/- pairs.", EVO, P.antithetic)] = None,
+    shaping: Annotated[str | None, _opt("ES reward shaping: normalize | ranks.", EVO, P.shaping)] = None,
+    fitness: Annotated[str | None, _opt("Fitness on the evolution split: loss | acc.", EVO, P.fitness)] = None,
+    evolution_split: Annotated[float | None, _opt("Share of training data held out for fitness.", EVO, P.evolution_split)] = None,
+    grad_lr: Annotated[float | None, _opt("grad mutation step scale.", EVO, P.grad_lr)] = None,
+    temperature: Annotated[float | None, _opt("grad mutation temperature T0.", EVO, P.temperature)] = None,
     rho: Annotated[float | None, _opt("SAM radius (>= 0).", SAM_P, S.rho)] = None,
     sam_norm: Annotated[str | None, _opt("SAM ball: l2 | linf.", SAM_P, S.norm)] = None,
     sam_adaptive: Annotated[bool | None, _opt("ASAM: scale the ball by |w|.", SAM_P, S.adaptive)] = None,
@@ -99,6 +112,10 @@ def train(
                     "swa_cycle": "swa.cycle", "sse_cycles": "sse.cycles", "sse_keep": "sse.keep",
                     "fge_pretrain": "fge.pretrain", "fge_cycle_epochs": "fge.cycle_epochs",
                     "fge_lr_max": "fge.lr_max", "fge_lr_min": "fge.lr_min"}
+    section_keys.update({k: f"spartan.{k}" for k in ("mutation", "mutate_every", "children", "sigma", "es_lr",
+                                                      "antithetic", "shaping", "fitness", "evolution_split",
+                                                      "grad_lr", "temperature")})
+    section_keys["es_noise"] = "spartan.noise"
     overrides = {section_keys.get(k, k): v for k, v in overrides.items()}
     hooks = RichHooks(console)
     try:

@@ -19,7 +19,7 @@ import yaml
 
 from fastflat.errors import UserError
 
-METHODS = ("sgd", "sam", "swa", "sse", "fge")  # swa/sse/fge wrap an inner method (--inner)
+METHODS = ("sgd", "sam", "es", "swa", "sse", "fge", "spartan")  # swa/sse/fge/spartan wrap --inner
 INNER_METHODS = ("sgd", "sam")
 SCHEDULES = ("constant", "step", "cosine")
 AMP_MODES = ("none", "bf16")
@@ -57,6 +57,25 @@ class FGEConfig:
 
 
 @dataclass(frozen=True)
+class SpartanConfig:
+    mutation: str = "es"  # es (OpenAI-ES update) | grad (random-gradient children, best replaces parent)
+    mutate_every: int = 1  # epochs between mutation rounds
+    children: int = 16  # K
+    noise: str = "normal"  # normal | uniform (U[-1, 1], the article's ES experiment)
+    sigma: float = 0.01  # ES noise scale, in weight units
+    es_lr: float = 2e-5  # ES step: w += es_lr / (K sigma) sum_k r_k eps_k; with shaped rewards each
+    #                      weight moves about es_lr / (sqrt(K) sigma): 5e-4 at the defaults
+    antithetic: bool = True  # ES children in +/- pairs sharing one eps_k
+    shaping: str = "normalize"  # normalize: (r - mean) / std | ranks: centered ranks in [-0.5, 0.5]
+    fitness: str = "loss"  # loss | acc, measured on the evolution split
+    evolution_split: float = 0.1  # share of the training set held out for fitness; SGD never sees it
+    fitness_examples: int = 2048  # examples of the split scored per round (0 = all of it)
+    grad_lr: float = 0.05  # grad mutation: child = w - grad_lr * T * u * g, u ~ U(0, 1) per weight
+    temperature: float = 1.0  # T0; T = T0 * parent_loss / first_parent_loss (shrinks as it improves)
+    chunk: int = 8  # children evaluated at once with torch.func.vmap (1 = one at a time)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     method: str = "sgd"  # one of METHODS
     inner: str = "sgd"  # the method swa/sse/fge wrap: sgd | sam
@@ -84,6 +103,7 @@ class TrainConfig:
     swa: SWAConfig = field(default_factory=SWAConfig)
     sse: SSEConfig = field(default_factory=SSEConfig)
     fge: FGEConfig = field(default_factory=FGEConfig)
+    spartan: SpartanConfig = field(default_factory=SpartanConfig)
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -122,6 +142,17 @@ def _check(cfg: TrainConfig) -> None:
     need(0 <= cfg.fge.pretrain < 1, "fge.pretrain", cfg.fge.pretrain, "must be in [0, 1)")
     need(cfg.fge.cycle_epochs >= 2 and cfg.fge.cycle_epochs % 2 == 0, "fge.cycle_epochs", cfg.fge.cycle_epochs, "must be even and >= 2")
     need(0 < cfg.fge.lr_min <= cfg.fge.lr_max, "fge.lr_min", cfg.fge.lr_min, "must be in (0, fge.lr_max]")
+    sp = cfg.spartan
+    need(sp.mutation in ("es", "grad"), "spartan.mutation", sp.mutation, "use es or grad")
+    need(sp.mutate_every >= 1, "spartan.mutate_every", sp.mutate_every, "must be at least 1")
+    need(sp.children >= 2 and (not sp.antithetic or sp.children % 2 == 0), "spartan.children", sp.children,
+         "must be >= 2, and even with antithetic sampling")
+    need(sp.noise in ("normal", "uniform"), "spartan.noise", sp.noise, "use normal or uniform")
+    need(sp.sigma > 0 and sp.es_lr > 0 and sp.grad_lr > 0 and sp.temperature > 0, "spartan", "sigma/es_lr/grad_lr/temperature", "must be > 0")
+    need(sp.shaping in ("normalize", "ranks"), "spartan.shaping", sp.shaping, "use normalize or ranks")
+    need(sp.fitness in ("loss", "acc"), "spartan.fitness", sp.fitness, "use loss or acc")
+    need(0 < sp.evolution_split < 1 or cfg.method not in ("spartan",), "spartan.evolution_split", sp.evolution_split, "must be in (0, 1)")
+    need(sp.fitness_examples >= 0 and sp.chunk >= 1, "spartan.chunk", sp.chunk, "chunk >= 1, fitness_examples >= 0")
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

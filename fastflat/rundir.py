@@ -120,22 +120,23 @@ class RunDir:
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
+    def append_metrics(self, record: dict[str, Any], name: str = "metrics.jsonl") -> None:
+        with open(self.path / name, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.path / "metrics.jsonl"
+    def read_metrics(self, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
+        path = self.path / name
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def truncate_metrics(self, keep_until_step: int) -> None:
-        """On resume: drop records written after the checkpoint, so the log matches the state."""
-        kept = [r for r in self.read_metrics() if r.get("step", 0) <= keep_until_step]
-        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        """On resume: drop records written after the checkpoint, so every log matches the state."""
+        for path in self.path.glob("*.jsonl"):
+            kept = [r for r in self.read_metrics(path.name) if r.get("step", 0) <= keep_until_step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         buffer = io.BytesIO()

@@ -141,6 +141,10 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.data = datasets.load_dataset(cfg.dataset, cfg.data_dir, self.device, cfg.label_noise, cfg.seed)
+        self.evolution: datasets.Split | None = None
+        if cfg.method == "spartan":  # fitness data that SGD never sees, fixed by the seed
+            kept, self.evolution = datasets.split_holdout(self.data.train, cfg.spartan.evolution_split, cfg.seed)
+            self.data = replace(self.data, train=kept)
         self.model = build_model(cfg.model, self.data.in_channels, self.data.num_classes,
                                  self.data.image_size).to(self.device)
         if cfg.init:
@@ -174,6 +178,15 @@ class Trainer:
         plain = build_model(self.cfg.model, self.data.in_channels, self.data.num_classes,
                             self.data.image_size).to(self.device)
         return evaluate_members(plain, paths, self.data.test, self.data)
+
+    def evolution_batches(self) -> list[tuple[Tensor, Tensor]]:
+        split = self.evolution if self.evolution is not None else self.data.train
+        n = self.cfg.spartan.fitness_examples or len(split)
+        head = datasets.Split(split.images[:n], split.labels[:n])
+        return list(datasets.iterate_batches(head, 256, dataset=self.data, train=False))
+
+    def log_event(self, record: dict[str, Any]) -> None:
+        self.run.append_metrics({"step": self.position.step, **record}, name="evolution.jsonl")
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -255,7 +268,9 @@ class Trainer:
             "dataset": self.cfg.dataset, "epochs": self.cfg.epochs, "steps": self.position.step,
             "test_acc": final.get("test_acc"), "test_loss": final.get("test_loss"),
             "train_loss": final.get("train_loss"), "train_seconds": sum(r["epoch_seconds"] for r in history),
-            "params": self.flat.numel, "noisy_labels": self.data.noisy_labels, "data_source": self.data.source,
+            "params": self.flat.numel, "train_size": len(self.data.train),
+            "evolution_split_size": len(self.evolution) if self.evolution is not None else 0,
+            "noisy_labels": self.data.noisy_labels, "data_source": self.data.source,
             **extra, "config": to_dict(self.cfg), "provenance": provenance(self.device),
         }
         self.run.write_summary(summary)

@@ -4,10 +4,11 @@ from fastflat.config import TrainConfig
 from fastflat.methods.base import Closure, Method, RunServices
 from fastflat.methods.sam import SAM
 from fastflat.methods.sgd import SGD
+from fastflat.methods.spartan import EvolutionStrategies, Spartan
 from fastflat.methods.wrappers import FGE, SWA, SnapshotEnsemble
 
-METHODS: dict[str, type[Method]] = {"sgd": SGD, "sam": SAM}  # methods that take steps themselves
-WRAPPERS = {"swa": SWA, "sse": SnapshotEnsemble, "fge": FGE}  # methods that wrap one of METHODS
+METHODS: dict[str, type[Method]] = {"sgd": SGD, "sam": SAM, "es": EvolutionStrategies}  # take steps themselves
+WRAPPERS = {"swa": SWA, "sse": SnapshotEnsemble, "fge": FGE, "spartan": Spartan}  # wrap one of METHODS
 
 
 def build_method(cfg: TrainConfig) -> Method:

@@ -25,6 +25,8 @@ class Closure(Protocol):
     """
 
     batch_size: int
+    x: Tensor  # (B, C, H, W) the batch's inputs, for methods that score weights themselves (ES)
+    y: Tensor  # (B,)
 
     def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True) -> Tensor: ...
 
@@ -39,6 +41,8 @@ class RunServices(Protocol):
     def evaluate(self) -> dict[str, float]: ...  # test loss/accuracy at the current weights
     def save_member(self, tag: str) -> str: ...  # current model as an ensemble member file; its path
     def evaluate_ensemble(self, paths: list[str]) -> dict[str, Any]: ...  # members loaded one at a time
+    def evolution_batches(self) -> list[tuple[Tensor, Tensor]]: ...  # fixed fitness batches (held out)
+    def log_event(self, record: dict[str, Any]) -> None: ...  # one line of evolution.jsonl
 
 
 class Method:

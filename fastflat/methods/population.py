@@ -1,0 +1,88 @@
+"""Score many weight vectors ("children") of one model on fixed batches, without K copies of the model.
+
+    loss, acc = population_scores(flat, write_child, count=K, batches=[(x, y), ...], chunk=8)
+
+`write_child(i, out)` writes child i's (N,) weights into `out`; children are built `chunk` at a time into
+a (chunk, N) block and run together through torch.func.functional_call + vmap, so memory holds
+`chunk` weight vectors (plus their activations) whatever K is. chunk=1, a model vmap cannot batch, or
+several dtype groups fall back to loading each child into the model in turn. BatchNorm runs in eval
+mode (the parent's running statistics): scoring never changes the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+from fastflat.flat import FlatParams
+
+WriteChild = Callable[[int, Tensor], None]
+
+
+def population_scores(flat: FlatParams, write_child: WriteChild, count: int,
+                      batches: list[tuple[Tensor, Tensor]], chunk: int) -> tuple[Tensor, Tensor]:
+    """(count,) mean cross-entropy and (count,) accuracy (%) of each child over all `batches`."""
+    model = flat.model
+    was_training = model.training
+    model.eval()
+    try:
+        batched = chunk > 1 and len(flat.vectors) == 1
+        if batched:
+            try:
+                return _scores_vmap(flat, write_child, count, batches, chunk)
+            except RuntimeError:
+                pass  # an op vmap cannot batch: score one child at a time instead
+        return _scores_sequential(flat, write_child, count, batches)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _scores_vmap(flat, write_child, count, batches, chunk):
+    model, vec = flat.model, flat.vectors[0]
+    shapes = [model.get_parameter(name).shape for name in vec.names]
+    buffers = dict(model.named_buffers())
+    device = vec.param.device
+    loss_sum = torch.zeros(count, device=device)
+    correct = torch.zeros(count, device=device)
+    block = torch.empty(min(chunk, count), vec.numel, dtype=vec.param.dtype, device=device)  # (C, N)
+    for start in range(0, count, chunk):
+        size = min(chunk, count - start)
+        for j in range(size):
+            write_child(start + j, block[j])
+        params = {name: block[:size, off : off + shape.numel()].view(size, *shape)
+                  for name, off, shape in zip(vec.names, vec.offsets, shapes)}
+
+        def forward(p, x):
+            return functional_call(model, (p, buffers), (x,))
+
+        for x, y in batches:
+            logits = vmap(forward, in_dims=(0, None))(params, x).float()  # (C, B, classes)
+            loss_sum[start : start + size] += F.cross_entropy(
+                logits.flatten(0, 1), y.repeat(size), reduction="none").view(size, -1).sum(1)
+            correct[start : start + size] += (logits.argmax(2) == y).sum(1)
+    total = sum(len(y) for _, y in batches)
+    return loss_sum / total, 100.0 * correct / total
+
+
+@torch.no_grad()
+def _scores_sequential(flat, write_child, count, batches):
+    parent = flat.clone_params()
+    device = parent[0].device
+    loss_sum = torch.zeros(count, device=device)
+    correct = torch.zeros(count, device=device)
+    try:
+        for i in range(count):
+            write_child(i, flat.params[0])  # one group: the child goes straight into the model
+            for x, y in batches:
+                logits = flat.model(x).float()
+                loss_sum[i] += F.cross_entropy(logits, y, reduction="sum")
+                correct[i] += (logits.argmax(1) == y).sum()
+    finally:
+        flat.copy_params_(parent)
+    total = sum(len(y) for _, y in batches)
+    return loss_sum / total, 100.0 * correct / total
