@@ -23,12 +23,12 @@ from fastflat.config import (AMP_MODES, INNER_METHODS, METHODS, SCHEDULES, FGECo
 from fastflat.errors import UserError
 
 try:  # typer >= 0.29 vendors click; older typer depends on it
-    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    from typer._click.exceptions import UsageError
 except ImportError:
-    from click.exceptions import NoArgsIsHelpError, UsageError
+    from click.exceptions import UsageError
 
 app = typer.Typer(
-    name="fastflat", no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
+    name="fastflat", rich_markup_mode="rich", add_completion=False,
     help="Train toward flat minima (SGD, SAM, SWA, Spartan ES) and build cheap ensembles (snapshots, FGE) with fused Triton kernels.",
 )
 console = Console()
@@ -231,17 +231,19 @@ def _print_ensemble(report: dict[str, Any], target: Path) -> None:
     console.print(f"mean pairwise disagreement {report['disagreement']:.2f}%  -  report: {target} and {target.with_suffix('.png')}")
 
 
+from fastflat.bench.cli import bench_app  # noqa: E402  (mounted after the commands above)
 
+app.add_typer(bench_app, name="bench", help="Benchmark the fused kernels and training steps (results in benchmarks/results).")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app; user errors become one stderr line and exit code 2."""
     command = typer.main.get_command(app)
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["--help"]  # a bare `fastflat` shows the commands
     try:
         result = command.main(args=argv, prog_name="fastflat", standalone_mode=False)
-    except NoArgsIsHelpError as e:
-        console.print(e.ctx.get_help())
-        return 0
     except UsageError as e:
         name = e.ctx.command_path if e.ctx is not None else "fastflat"
         err_console.print(f"error: {e.format_message()} (see: {name} --help)", highlight=False, markup=False, soft_wrap=True)

@@ -107,3 +107,8 @@ def test_ensemble_of_a_run_without_members_is_one_line(capsys, tmp_path):
     assert run_cli(capsys, "train", *TINY, "--out", str(tmp_path), "--name", "plain")[0] == 0
     code, _, err = run_cli(capsys, "ensemble", "--fge", str(tmp_path / "plain"))
     assert code == 2 and "no fge members" in err and err.count("\n") == 1
+
+
+def test_bare_command_shows_the_commands_once(capsys):
+    code, out, err = run_cli(capsys)
+    assert code == 0 and out.count("Usage:") == 1 and "ensemble" in out and "bench" in out and not err

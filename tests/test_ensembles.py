@@ -10,7 +10,9 @@ from fastflat.config import load_config
 from fastflat.ensemble import evaluate_members, mean_pairwise_disagreement, metrics_from_probs
 from fastflat.methods import build_method
 from fastflat.schedules import fge_triangular, snapshot_cosine, swa_cyclic
-from fastflat.train import Hooks, Trainer, resume, train
+from fastflat.train import Trainer, resume, train
+
+from helpers import StopAt
 
 
 def tiny(tmp_path, **overrides):
@@ -108,14 +110,6 @@ def test_ensemble_methods_collect_members_and_report(tmp_path, method, pattern, 
     members = sorted((tmp_path / "run" / "members").glob(pattern))
     assert len(members) == count and len(summary["ensemble"]["members"]) == count
 
-
-class StopAt(Hooks):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step(self, step, metrics):
-        if step == self.step:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("method, extra", [("swa", {"swa.start": 1, "swa.cycle": 3}), ("fge", {})])

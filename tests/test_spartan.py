@@ -11,7 +11,9 @@ from fastflat.config import load_config
 from fastflat.methods import spartan as sp
 from fastflat.methods.population import population_scores
 from fastflat.rundir import RunDir
-from fastflat.train import Hooks, Trainer, resume, train
+from fastflat.train import Trainer, resume, train
+
+from helpers import StopAt
 
 
 def tiny(tmp_path, **overrides):
@@ -103,18 +105,13 @@ def test_evolution_split_is_held_out_from_sgd(tmp_path):
     assert summary["evolution_split_size"] == 256 and summary["train_size"] == 1024 - 256
 
 
-class StopAt(Hooks):
-    def on_step(self, step, metrics):
-        if step == 9:
-            raise KeyboardInterrupt
-
 
 @pytest.mark.parametrize("mutation", ["es", "grad"])
 def test_resumed_spartan_run_reproduces_the_same_children(tmp_path, mutation):
     extra = {"spartan.mutation": mutation}
     train(tiny(tmp_path / "a", epochs=3, **extra))
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(tmp_path / "b", epochs=3, **extra), hooks=StopAt())
+        train(tiny(tmp_path / "b", epochs=3, **extra), hooks=StopAt(step=9))
     resume(tmp_path / "b" / "run")
     logs = [(tmp_path / d / "run" / "evolution.jsonl").read_text() for d in ("a", "b")]
     assert logs[0] == logs[1]

@@ -10,7 +10,9 @@ import fastflat
 from fastflat.config import load_config
 from fastflat.methods import METHODS
 from fastflat.rundir import RunDir
-from fastflat.train import BatchClosure, Hooks, Trainer, frozen_bn_stats, resume, train
+from fastflat.train import BatchClosure, Trainer, frozen_bn_stats, resume, train
+
+from helpers import StopAt
 
 
 def tiny(tmp_path, **overrides):
@@ -22,14 +24,6 @@ def _weights(run_dir):
     state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     return torch.cat([v.reshape(-1).float() for v in state["model"].values()])
 
-
-class StopAt(Hooks):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step(self, step, metrics):
-        if step == self.step:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -1,0 +1,115 @@
+"""`fastflat bench kernels` and `fastflat bench train`: thin Typer commands over fastflat.bench.
+
+    fastflat bench kernels --sizes 2^20,2^24 --models resnet18 --dtypes fp32,bf16
+    fastflat bench train --model resnet18 --methods sgd,sam --steps 20
+
+Both print a Rich table and write JSON + CSV rows to --out (see benchmarks/README.md for the columns).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+
+from fastflat.bench.registry import OPS, PROVIDERS
+from fastflat.bench.workloads import DTYPES, MODEL_WORKLOADS
+from fastflat.errors import UserError
+
+bench_app = typer.Typer(rich_markup_mode="rich", add_completion=False,
+                        help="Benchmark the fused ops against their baselines, and whole training steps.")
+console = Console()
+
+OUT = "benchmarks/results"
+CPU_SIZES, GPU_SIZES = "2^16,2^20,2^22", "2^16,2^20,2^24,2^26"
+
+
+def _names(text: str, allowed: tuple[str, ...] | None, option: str) -> list[str]:
+    """'a,b' -> ['a', 'b'], each checked against `allowed` (None: anything goes); 'none' -> []."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    bad = [n for n in names if allowed is not None and n not in allowed]
+    if bad:
+        raise UserError(f"{option}: unknown {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}")
+    return names
+
+
+def _device(name: str) -> torch.device:
+    from fastflat.train import resolve_device
+
+    return resolve_device(name)
+
+
+SIZES_HELP = f"Flat vector sizes, e.g. 2^16,2^20 (default: CPU {CPU_SIZES}; GPU {GPU_SIZES}); none to skip."
+MODELS_HELP = (f"Real parameter lists: {', '.join(MODEL_WORKLOADS)} or any --model name "
+               "(default: CPU resnet18; GPU all three); none to skip.")
+
+
+@bench_app.command("kernels")
+def kernels(
+    sizes: Annotated[str | None, typer.Option(help=SIZES_HELP)] = None,
+    models: Annotated[str | None, typer.Option(help=MODELS_HELP)] = None,
+    dtypes: Annotated[str, typer.Option(help=f"Storage dtypes: {', '.join(DTYPES)}.")] = "fp32,bf16",
+    ops: Annotated[str, typer.Option(help=f"Ops: {', '.join(OPS)}.")] = ",".join(OPS),
+    providers: Annotated[str, typer.Option(help=f"Providers: {', '.join(PROVIDERS)}.")] = ",".join(PROVIDERS),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    out: Annotated[str, typer.Option(help="Folder for the JSON and CSV results (never overwritten).")] = OUT,
+    quick: Annotated[bool, typer.Option(help="Short timing, no torch.compile on CPU: a smoke run.")] = False,
+) -> None:
+    """Time each op per provider (loop, foreach, compile, flat-torch, triton) against copy bandwidth."""
+    from fastflat.bench.kernels import KernelSettings, run_kernels
+    from fastflat.bench.workloads import model_workload, size_workload
+
+    dev = _device(device)
+    on_gpu = dev.type == "cuda"
+    size_list = _names(sizes or (GPU_SIZES if on_gpu else CPU_SIZES), None, "--sizes")
+    model_list = _names(models or (",".join(MODEL_WORKLOADS) if on_gpu else "resnet18"), None, "--models")
+    workloads = [size_workload(s) for s in size_list] + [model_workload(m) for m in model_list]
+    if not workloads:
+        raise UserError("--sizes and --models are both empty: nothing to benchmark")
+    settings = KernelSettings(ops=_names(ops, tuple(OPS), "--ops"), workloads=workloads,
+                              dtypes=_names(dtypes, tuple(DTYPES), "--dtypes"),
+                              providers=_names(providers, PROVIDERS, "--providers"), device=dev, quick=quick)
+    rows = run_kernels(settings, on_workload=lambda text: console.print(f"[dim]benchmarking {text}[/dim]"))
+    floors = {name: {"summary": OPS[name].summary, "floor_elements": OPS[name].floor,
+                     "floor_counted_as": OPS[name].floor_detail} for name in settings.ops}
+    _report("kernels", dev, rows, out, {"sizes": size_list, "models": model_list, "dtypes": settings.dtypes,
+                                        "providers": settings.providers, "quick": quick, "ops": floors})
+
+
+@bench_app.command("train")
+def train(
+    model: Annotated[str, typer.Option(help="cnn | resnet18 | preact-resnet18 | wrn-D-K | vgg16-bn.")] = "resnet18",
+    methods: Annotated[str, typer.Option(help="Methods to time; unknown ones show as unavailable.")] = "sgd,sam",
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps (and fwd+bwd passes) per method.")] = 20,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed steps first.")] = 3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 128,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    out: Annotated[str, typer.Option(help="Folder for the JSON and CSV results (never overwritten).")] = OUT,
+) -> None:
+    """Steps/s and samples/s per method on a synthetic 3x32x32 batch, SAM/SGD time, time outside fwd+bwd."""
+    from fastflat.bench.train import TrainSettings, run_train
+
+    dev = _device(device)
+    settings = TrainSettings(model=model, methods=_names(methods, None, "--methods"), steps=steps,
+                             batch_size=batch_size, warmup=warmup, device=dev)
+    rows = run_train(settings, on_method=lambda name: console.print(f"[dim]timing {name} on {model}[/dim]"))
+    _report("train", dev, rows, out, {"model": model, "methods": settings.methods, "steps": steps,
+                                      "warmup": warmup, "batch_size": batch_size})
+
+
+def _report(benchmark: str, device: torch.device, rows: list[dict], out: str, settings: dict) -> None:
+    from fastflat.bench import report
+
+    rows = report.with_provenance(rows, device)
+    if benchmark == "kernels":
+        console.print(report.kernel_table(rows))
+        report.print_notes(console, rows)
+    else:
+        console.print(report.train_table(rows))
+    report.print_provenance(console, rows)
+    json_path, csv_path = report.write_results(out, benchmark, device, rows, settings)
+    console.print(f"wrote {json_path} and {csv_path}")

@@ -1,0 +1,139 @@
+"""Benchmark rows out: a Rich table on the terminal, and JSON + CSV files that are never overwritten.
+
+    paths = write_results("benchmarks/results", "kernels", device, rows, settings)
+    # -> benchmarks/results/kernels-<device kind>-<UTC time>.json and .csv
+
+Every row carries the provenance of the run (fastflat.rundir.provenance: git SHA, torch and triton
+versions, device name, timestamp), so a file read on its own says what produced it.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fastflat.errors import UserError
+from fastflat.rundir import device_name, provenance
+
+
+def device_kind(device: torch.device) -> str:
+    """A file-name-safe device name: 'nvidia-h100-80gb-hbm3', 'cpu-x86_64'."""
+    name = device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
+    return re.sub(r"[^a-z0-9_]+", "-", name.lower()).strip("-")
+
+
+def with_provenance(rows: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    """Each row followed by the same provenance fields (one timestamp for the whole run)."""
+    info = {"device_kind": device_kind(device), **provenance(device)}
+    return [{**row, **info} for row in rows]
+
+
+def _free_stem(out_dir: Path, benchmark: str, kind: str, stamp: str) -> Path:
+    stem, suffix = out_dir / f"{benchmark}-{kind}-{stamp}", 1
+    while stem.with_suffix(".json").exists() or stem.with_suffix(".csv").exists():
+        suffix += 1
+        stem = out_dir / f"{benchmark}-{kind}-{stamp}-{suffix}"
+    return stem
+
+
+def write_results(out_dir: str | Path, benchmark: str, device: torch.device, rows: list[dict[str, Any]],
+                  settings: dict[str, Any], stamp: str | None = None) -> tuple[Path, Path]:
+    """Write rows (already with provenance) as JSON and CSV; existing files are never touched."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create results folder {out_dir}: {e.strerror}") from None
+    stamp = stamp or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stem = _free_stem(out_dir, benchmark, device_kind(device), stamp)
+    json_path, csv_path = stem.with_suffix(".json"), stem.with_suffix(".csv")
+    document = {"benchmark": benchmark, "settings": settings, "rows": rows}
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else [])
+    writer.writeheader()
+    writer.writerows(rows)
+    with open(json_path, "x") as f:  # "x": fail rather than overwrite, should another run race us
+        f.write(json.dumps(document, indent=1) + "\n")
+    with open(csv_path, "x", newline="") as f:
+        f.write(text.getvalue())
+    return json_path, csv_path
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+STATUS_STYLE = {"ok": "green", "invalid": "bold red", "error": "red", "skipped": "yellow"}
+
+
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return ""
+    if row["status"] != "ok":
+        style = STATUS_STYLE.get(row["status"], "dim")
+        return f"[{style}]{row['status']}[/{style}]"
+    return f"{row['time_ms']:.3g} [dim]({row['pct_copy']:.0f}%)[/dim]"
+
+
+def kernel_table(rows: list[dict[str, Any]]) -> Table:
+    """A line per (op, workload, dtype) with the providers side by side; reasons listed under the table."""
+    from fastflat.bench.registry import BASELINES, PROVIDERS
+
+    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    table = Table(title="fastflat bench kernels: median ms (% of copy bandwidth at the byte floor)",
+                  caption="ours = triton where it ran, else flat-torch; x = its speed-up over each baseline")
+    for name in ("op", "workload", "dtype", "copy GB/s", *providers, *(f"ours x {b}" for b in BASELINES)):
+        table.add_column(name, justify="left" if name in ("op", "workload", "dtype") else "right")
+    cases: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        cases.setdefault((r["op"], r["workload"], r["dtype"]), {})[r["provider"]] = r
+    copy_gbps = {(w, d): by["torch"]["gbps"] for (op, w, d), by in cases.items() if op == "copy"}
+    for (op, workload, dtype), by in cases.items():
+        if op == "copy":
+            continue
+        ours = by.get("triton") if by.get("triton", {}).get("status") == "ok" else by.get("flat-torch")
+        ratios = [_num(ours and ours[f"vs_{b}"], ".2f") for b in BASELINES]
+        table.add_row(op, workload, dtype, _num(copy_gbps.get((workload, dtype)), ".1f"),
+                      *(_cell(by.get(p)) for p in providers), *ratios)
+    return table
+
+
+def print_notes(console: Console, rows: list[dict[str, Any]]) -> None:
+    """Why rows were not timed, once per distinct reason."""
+    notes: dict[tuple[str, str, str], None] = {}
+    for r in rows:
+        if r.get("reason"):
+            notes.setdefault((r["provider"], r["status"], r["reason"]), None)
+    for provider, status, reason in notes:
+        console.print(f"[dim]{provider} {status}: {reason}[/dim]", highlight=False)
+
+
+def train_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="fastflat bench train (step: median ms, IQR)")
+    for name in ("method", "model", "status", "step ms", "IQR", "steps/s", "samples/s", "fwd+bwd ms",
+                 "passes", "outside fwd+bwd ms", "x SGD time", "note"):
+        table.add_column(name, justify="left" if name in ("method", "model", "status", "note") else "right")
+    for r in rows:
+        style = STATUS_STYLE.get(r["status"], "dim")
+        table.add_row(r["method"], r["model"], f"[{style}]{r['status']}[/{style}]", _num(r["step_ms"], ".4g"),
+                      _num(r["iqr_ms"], ".2g"), _num(r["steps_per_s"], ".2f"), _num(r["samples_per_s"], ".0f"),
+                      _num(r["fwd_bwd_ms"], ".4g"), _num(r["passes_per_step"], "d"),
+                      _num(r["outside_fwd_bwd_ms"], ".3g"), _num(r["ratio_to_sgd"], ".2f"), r["reason"] or "")
+    return table
+
+
+def print_provenance(console: Console, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        r = rows[0]
+        console.print(f"[dim]{r['device']} | torch {r['torch']} | triton {r['triton']} | "
+                      f"git {r['git_sha']} | {r['timestamp']}[/dim]")

@@ -1,0 +1,121 @@
+"""`fastflat bench train`: steps/s of each training method on one synthetic CIFAR-shaped batch (3x32x32).
+
+    rows = run_train(TrainSettings(model="resnet18", methods=["sgd", "sam"], steps=20, batch_size=128))
+
+Each method gets a fresh model (same seed), the trainer's own BatchClosure and its real `step`, and is
+timed two ways in the same run: whole steps, and forward+backward passes alone. What a step costs
+beyond its passes (step - passes x fwd_bwd) is the method's own work: norms, perturb, restore,
+optimizer. SAM takes two passes, so its ideal step time is 2.0x SGD's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fastflat.config import TrainConfig
+from fastflat.flat import flatten
+from fastflat.methods import METHODS
+from fastflat.models import build_model
+from fastflat.train import BatchClosure
+
+IMAGE_SHAPE, NUM_CLASSES = (3, 32, 32), 10
+TRAIN_FIELDS = ("method", "model", "batch_size", "steps", "params", "status", "reason", "step_ms", "iqr_ms",
+                "steps_per_s", "samples_per_s", "fwd_bwd_ms", "passes_per_step", "outside_fwd_bwd_ms",
+                "ratio_to_sgd")
+
+
+@dataclass
+class TrainSettings:
+    model: str
+    methods: list[str]
+    steps: int = 20  # timed steps per method (and timed forward+backward passes)
+    batch_size: int = 128
+    warmup: int = 3  # untimed steps (and passes) first: cuDNN autotuning, allocator, lazy init
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+class CountingClosure:
+    """Passes calls through to a BatchClosure, counting forward passes (SAM takes two per step)."""
+
+    def __init__(self, closure: BatchClosure):
+        self.closure, self.batch_size, self.calls = closure, closure.batch_size, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.calls += 1
+        return self.closure(*args, **kwargs)
+
+
+def _times_ms(fn: Callable[[], None], n: int, device: torch.device) -> list[float]:
+    """Wall time of each of n calls, synchronised on both sides so a call owns its GPU work."""
+    times = []
+    for _ in range(n):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def median_iqr(times: list[float]) -> tuple[float, float]:
+    q25, q50, q75 = torch.tensor(times, dtype=torch.float64).quantile(
+        torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    return q50, q75 - q25
+
+
+def _bench_method(name: str, settings: TrainSettings, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = build_model(settings.model, IMAGE_SHAPE[0], NUM_CLASSES, IMAGE_SHAPE[1]).to(settings.device)
+    model.train()
+    flat = flatten(model)  # after .to(): moving re-creates parameters
+    cfg = TrainConfig(method=name, model=settings.model, batch_size=settings.batch_size)
+    method = METHODS[name](cfg)
+    method.init(flat)
+    passes = [0]
+
+    def step() -> None:
+        closure = CountingClosure(BatchClosure(model, flat, x, y, cfg.amp))
+        method.step(flat, closure, cfg.lr)
+        passes[0] = closure.calls
+
+    def fwd_bwd() -> None:
+        BatchClosure(model, flat, x, y, cfg.amp)(backward=True)
+
+    _times_ms(step, settings.warmup, settings.device)
+    _times_ms(fwd_bwd, settings.warmup, settings.device)
+    fwd_bwd_ms, _ = median_iqr(_times_ms(fwd_bwd, settings.steps, settings.device))
+    step_ms, iqr_ms = median_iqr(_times_ms(step, settings.steps, settings.device))
+    return {"params": flat.numel, "status": "ok", "step_ms": step_ms, "iqr_ms": iqr_ms,
+            "steps_per_s": 1e3 / step_ms, "samples_per_s": settings.batch_size * 1e3 / step_ms,
+            "fwd_bwd_ms": fwd_bwd_ms, "passes_per_step": passes[0],
+            "outside_fwd_bwd_ms": step_ms - passes[0] * fwd_bwd_ms}
+
+
+def run_train(settings: TrainSettings, on_method: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """One row of TRAIN_FIELDS per method; methods missing from fastflat.methods.METHODS are 'unavailable'."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(settings.batch_size, *IMAGE_SHAPE, generator=generator).to(settings.device)
+    y = torch.randint(0, NUM_CLASSES, (settings.batch_size,), generator=generator).to(settings.device)
+    rows = []
+    for name in settings.methods:
+        row = {**dict.fromkeys(TRAIN_FIELDS), "method": name, "model": settings.model,
+               "batch_size": settings.batch_size, "steps": settings.steps}
+        if name not in METHODS:
+            row.update(status="unavailable", reason=f"not in fastflat.methods.METHODS ({', '.join(METHODS)})")
+        else:
+            if on_method is not None:
+                on_method(name)
+            row.update(_bench_method(name, settings, x, y))
+        rows.append(row)
+    sgd = next((r for r in rows if r["method"] == "sgd" and r["status"] == "ok"), None)
+    for r in rows:
+        if sgd is not None and r["status"] == "ok":
+            r["ratio_to_sgd"] = r["step_ms"] / sgd["step_ms"]
+    return rows

@@ -1,0 +1,160 @@
+"""`fastflat bench`: rows with every field in JSON and CSV, providers checked against flat-torch before
+they are timed (a wrong one is flagged, not timed), results never overwritten, real parameter shapes."""
+
+import csv
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fastflat.bench import registry
+from fastflat.bench.kernels import ROW_FIELDS, TOLERANCE
+from fastflat.bench.report import write_results
+from fastflat.bench.train import TRAIN_FIELDS
+from fastflat.bench.workloads import DTYPES, gpt2_small_shapes, model_shapes
+from fastflat.cli import main
+
+PROVENANCE = ("device_kind", "device", "torch", "triton", "git_sha", "timestamp")
+QUICK = ["--quick", "--sizes", "2^10", "--models", "cnn", "--dtypes", "fp32,bf16"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Smoke timings only need to exist; OpenMP threads on a shared 2-core runner make each op ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_results(folder):
+    (json_path,), (csv_path,) = list(folder.glob("*.json")), list(folder.glob("*.csv"))
+    with open(csv_path, newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    return json.loads(json_path.read_text())["rows"], csv_rows
+
+
+@pytest.fixture(scope="module")
+def kernel_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernels")
+    assert main(["bench", "kernels", *QUICK, "--out", str(out)]) == 0
+    return read_results(out)
+
+
+def test_kernel_rows_carry_every_field_in_json_and_csv(kernel_rows):
+    rows, csv_rows = kernel_rows
+    ops, providers = len(registry.OPS), len(registry.PROVIDERS)
+    assert len(rows) == 2 * 2 * (1 + ops * providers)  # (2^10, cnn) x (fp32, bf16) x (copy + ops x providers)
+    for row in rows:
+        assert set(ROW_FIELDS + PROVENANCE) <= set(row)
+        assert row["timestamp"] == rows[0]["timestamp"] and row["torch"] == torch.__version__
+    assert list(csv_rows[0]) == list(rows[0]) and len(csv_rows) == len(rows)
+
+
+def test_every_op_runs_on_a_flat_vector_and_on_a_real_parameter_list(kernel_rows):
+    rows, _ = kernel_rows
+    cases = {(r["op"], r["workload"], r["numel"]) for r in rows if r["provider"] == "flat-torch"}
+    cnn_params = sum(torch.Size(s).numel() for s in model_shapes("cnn"))
+    assert cases == {(op, w, n) for op in registry.OPS for w, n in (("2^10", 1024), ("cnn", cnn_params))}
+    loop_on_cnn = [r for r in rows if r["provider"] == "loop" and r["workload"] == "cnn"]
+    assert loop_on_cnn and all(r["tensors"] == len(model_shapes("cnn")) for r in loop_on_cnn)
+
+
+def test_loop_and_foreach_compute_what_flat_torch_computes(kernel_rows):
+    rows, _ = kernel_rows
+    baselines = [r for r in rows if r["provider"] in ("loop", "foreach")
+                 and getattr(registry.OPS[r["op"]], r["provider"]) is not None]
+    assert {r["op"] for r in baselines} >= {"sqnorm", "clip", "sam", "sam+sgd", "average"}
+    for r in baselines:
+        assert r["status"] == "ok", r
+        assert r["max_rel_err"] <= TOLERANCE[DTYPES[r["dtype"]]]
+
+
+def test_timed_rows_report_bandwidth_at_the_floor_and_speedups(kernel_rows):
+    rows, _ = kernel_rows
+    timed = {(r["op"], r["workload"], r["dtype"], r["provider"]): r for r in rows if r["status"] == "ok"}
+    row = timed[("sam", "cnn", "bf16", "flat-torch")]
+    assert row["floor_bytes"] == 7 * row["numel"] * 2  # 7 bf16 elements moved per parameter
+    assert row["gbps"] == pytest.approx(row["floor_bytes"] / (row["time_ms"] * 1e-3) / 1e9)
+    assert row["pct_copy"] == pytest.approx(100 * row["gbps"] / row["copy_gbps"])
+    assert row["vs_loop"] == pytest.approx(timed[("sam", "cnn", "bf16", "loop")]["time_ms"] / row["time_ms"])
+    assert row["iqr_ms"] >= 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_on_cpu_triton_is_not_applicable_and_quick_skips_compile(kernel_rows):
+    rows, _ = kernel_rows
+    for provider, status in (("triton", "n/a"), ("compile", "skipped")):
+        chosen = [r for r in rows if r["provider"] == provider]
+        assert chosen and all(r["status"] == status and r["time_ms"] is None and r["reason"] for r in chosen)
+
+
+def _bench_one_op(tmp_path, op):
+    code = main(["bench", "kernels", "--quick", "--sizes", "2^10", "--models", "none", "--dtypes", "fp32",
+                 "--ops", op, "--providers", "loop,flat-torch", "--out", str(tmp_path)])
+    assert code == 0
+    return {r["provider"]: r for r in read_results(tmp_path)[0] if r["op"] == op}
+
+
+def test_a_provider_with_a_wrong_result_is_flagged_invalid_and_not_timed(monkeypatch, tmp_path):
+    right = registry.OPS["sqnorm"]
+
+    def doubled(bufs):
+        impl = right.loop(bufs)
+        return registry.Impl(impl.steps, lambda: [2 * t for t in impl.result()])
+
+    monkeypatch.setitem(registry.OPS, "sqnorm", replace(right, loop=doubled))
+    rows = _bench_one_op(tmp_path, "sqnorm")
+    assert rows["loop"]["status"] == "invalid" and rows["loop"]["time_ms"] is None
+    assert rows["loop"]["max_rel_err"] == pytest.approx(1.0) and "flat-torch" in rows["loop"]["reason"]
+    assert rows["flat-torch"]["status"] == "ok"
+
+
+def test_a_sam_that_forgets_to_restore_is_flagged_at_that_step(monkeypatch, tmp_path):
+    right = registry.OPS["sam"]
+
+    def no_restore(bufs):
+        impl = right.loop(bufs)
+        return registry.Impl([impl.steps[0], lambda: None], impl.result)
+
+    monkeypatch.setitem(registry.OPS, "sam", replace(right, loop=no_restore))
+    assert _bench_one_op(tmp_path, "sam")["loop"]["status"] == "invalid"
+
+
+def test_results_are_never_overwritten(tmp_path):
+    device = torch.device("cpu")
+    first = write_results(tmp_path, "kernels", device, [{"op": "copy"}], {}, stamp="20260101T000000Z")
+    second = write_results(tmp_path, "kernels", device, [{"op": "sam"}], {}, stamp="20260101T000000Z")
+    assert first != second and all(p.exists() for p in (*first, *second))
+    assert json.loads(first[0].read_text())["rows"] == [{"op": "copy"}]
+
+
+def test_model_workloads_have_the_real_parameter_shapes():
+    def count(shapes):
+        return len(shapes), sum(torch.Size(s).numel() for s in shapes)
+
+    assert count(model_shapes("resnet18")) == (62, 11_173_962)  # torchvision's, CIFAR stem, 10 classes
+    assert 36.4e6 < count(model_shapes("wrn-28-10"))[1] < 36.6e6  # 36.5M (Zagoruyko & Komodakis 2016)
+    assert count(gpt2_small_shapes()) == (148, 124_439_808)
+
+
+def test_a_bad_size_is_one_line_and_exit_code_2(capsys, tmp_path):
+    code = main(["bench", "kernels", "--sizes", "2^x", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --sizes") and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_train_reports_rates_passes_and_sam_over_sgd(tmp_path):
+    code = main(["bench", "train", "--model", "cnn", "--methods", "sgd,sam,no-such", "--steps", "2",
+                 "--warmup", "0", "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path)])
+    rows, csv_rows = read_results(tmp_path)
+    sgd, sam, missing = rows
+    assert code == 0 and len(csv_rows) == 3
+    assert all(set(TRAIN_FIELDS + PROVENANCE) <= set(r) for r in rows)
+    assert (sgd["passes_per_step"], sam["passes_per_step"]) == (1, 2)
+    assert sgd["ratio_to_sgd"] == 1.0 and sam["ratio_to_sgd"] == pytest.approx(sam["step_ms"] / sgd["step_ms"])
+    assert sam["samples_per_s"] == pytest.approx(8 * sam["steps_per_s"]) and sam["steps_per_s"] > 0
+    assert sam["outside_fwd_bwd_ms"] == pytest.approx(sam["step_ms"] - 2 * sam["fwd_bwd_ms"])
+    assert missing["status"] == "unavailable" and missing["step_ms"] is None and "METHODS" in missing["reason"]
