@@ -6,7 +6,8 @@ set -euo pipefail
 OUT=${OUT:-runs/averaging}
 FF=${FASTFLAT:-fastflat}
 for seed in 0 1 2; do
-  $FF train --method swa --epochs 4 --swa-start 2 --swa-lr 0.01 --seed $seed --out $OUT --name swa-s$seed
+  # average every quarter epoch (c = 117 of 468 iterations): 8 models over the last 2 epochs
+  $FF train --method swa --epochs 4 --swa-start 2 --swa-lr 0.01 --swa-cycle 117 --seed $seed --out $OUT --name swa-s$seed
   $FF train --method sse --epochs 4 --sse-cycles 2 --lr 0.1 --seed $seed --out $OUT --name sse-s$seed
   $FF train --method fge --epochs 4 --fge-pretrain 0.25 --fge-cycle-epochs 2 --seed $seed --out $OUT --name fge-s$seed
 done

@@ -158,3 +158,13 @@ def test_train_reports_rates_passes_and_sam_over_sgd(tmp_path):
     assert sam["samples_per_s"] == pytest.approx(8 * sam["steps_per_s"]) and sam["steps_per_s"] > 0
     assert sam["outside_fwd_bwd_ms"] == pytest.approx(sam["step_ms"] - 2 * sam["fwd_bwd_ms"])
     assert missing["status"] == "unavailable" and missing["step_ms"] is None and "METHODS" in missing["reason"]
+
+
+def test_es_memory_writes_one_row_per_k(tmp_path, capsys):
+    from fastflat.cli import main
+
+    assert main(["bench", "es-memory", "--children", "2,6", "--size", "2^12", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("es-memory-*.json")).read_text())["rows"]
+    assert [r["children"] for r in rows] == [2, 6]
+    assert all(r["peak_extra_bytes"] >= 0 and r["stored_noise_bytes"] == r["children"] * 2**12 * 4 and r["git_sha"] is not None
+               for r in rows)

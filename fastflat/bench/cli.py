@@ -101,6 +101,35 @@ def train(
                                       "warmup": warmup, "batch_size": batch_size})
 
 
+@bench_app.command("es-memory")
+def es_memory(
+    children: Annotated[str, typer.Option(help="Numbers of children K to compare.")] = "8,512",
+    size: Annotated[str, typer.Option(help="Parameters N (fp32), e.g. 2^20 (CPU) or 11_173_962 (ResNet-18).")] = "2^20",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    out: Annotated[str, typer.Option(help="Folder for the JSON and CSV results (never overwritten).")] = OUT,
+) -> None:
+    """Peak memory of the fused ES reduction for each K: O(N), not K x N."""
+    from rich.table import Table
+
+    from fastflat.bench import report
+    from fastflat.bench.memory import es_peak_memory
+    from fastflat.bench.workloads import parse_size
+
+    dev = _device(device)
+    ks = [int(k) for k in _names(children, None, "--children")]
+    n = parse_size(size)
+    rows = report.with_provenance(es_peak_memory(ks, n, dev), dev)
+    table = Table(title=f"ES weighted reduction, N = {n:,} fp32, {rows[0]['device']}")
+    for column in ("K", "peak extra memory", "per parameter", "a stored K x N noise matrix"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(str(r["children"]), f"{r['peak_extra_bytes'] / 2**20:.1f} MiB",
+                      f"{r['peak_extra_per_param']:.1f} B", f"{r['stored_noise_bytes'] / 2**20:,.0f} MiB")
+    console.print(table)
+    json_path, csv_path = report.write_results(out, "es-memory", dev, rows, {"children": ks, "size": n})
+    console.print(f"wrote {json_path} and {csv_path}")
+
+
 def _report(benchmark: str, device: torch.device, rows: list[dict], out: str, settings: dict) -> None:
     from fastflat.bench import report
 
