@@ -121,14 +121,15 @@ def print_notes(console: Console, rows: list[dict[str, Any]]) -> None:
 def train_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="fastflat bench train (step: median ms, IQR)")
     for name in ("method", "model", "status", "step ms", "IQR", "steps/s", "samples/s", "fwd+bwd ms",
-                 "passes", "outside fwd+bwd ms", "x SGD time", "note"):
+                 "passes", "outside fwd+bwd ms", "x SGD time", "round ms", "note"):
         table.add_column(name, justify="left" if name in ("method", "model", "status", "note") else "right")
     for r in rows:
         style = STATUS_STYLE.get(r["status"], "dim")
         table.add_row(r["method"], r["model"], f"[{style}]{r['status']}[/{style}]", _num(r["step_ms"], ".4g"),
                       _num(r["iqr_ms"], ".2g"), _num(r["steps_per_s"], ".2f"), _num(r["samples_per_s"], ".0f"),
                       _num(r["fwd_bwd_ms"], ".4g"), _num(r["passes_per_step"], "d"),
-                      _num(r["outside_fwd_bwd_ms"], ".3g"), _num(r["ratio_to_sgd"], ".2f"), r["reason"] or "")
+                      _num(r["outside_fwd_bwd_ms"], ".3g"), _num(r["ratio_to_sgd"], ".2f"),
+                      _num(r.get("round_ms"), ".4g"), r["reason"] or "")
     return table
 
 

@@ -5,7 +5,9 @@
 Each method gets a fresh model (same seed), the trainer's own BatchClosure and its real `step`, and is
 timed two ways in the same run: whole steps, and forward+backward passes alone. What a step costs
 beyond its passes (step - passes x fwd_bwd) is the method's own work: norms, perturb, restore,
-optimizer. SAM takes two passes, so its ideal step time is 2.0x SGD's.
+optimizer. SAM takes two passes, so its ideal step time is 2.0x SGD's. SWA averages after every step
+here (cycle of one step, its worst case; ideal 1.0x SGD); Spartan's steps are its inner SGD's, and one
+mutation round (K children scored on the batch, then the fused ES update) is timed on its own.
 """
 
 from __future__ import annotations
@@ -17,16 +19,16 @@ from typing import Any
 
 import torch
 
-from fastflat.config import TrainConfig
+from fastflat.config import SWAConfig, TrainConfig
 from fastflat.flat import flatten
-from fastflat.methods import METHODS
+from fastflat.methods import METHODS, WRAPPERS, build_method
 from fastflat.models import build_model
 from fastflat.train import BatchClosure
 
 IMAGE_SHAPE, NUM_CLASSES = (3, 32, 32), 10
 TRAIN_FIELDS = ("method", "model", "batch_size", "steps", "params", "status", "reason", "step_ms", "iqr_ms",
                 "steps_per_s", "samples_per_s", "fwd_bwd_ms", "passes_per_step", "outside_fwd_bwd_ms",
-                "ratio_to_sgd")
+                "ratio_to_sgd", "round_ms")
 
 
 @dataclass
@@ -70,19 +72,46 @@ def median_iqr(times: list[float]) -> tuple[float, float]:
     return q50, q75 - q25
 
 
+class BenchServices:
+    """What methods ask of the trainer, reduced to the one synthetic batch (methods.RunServices)."""
+
+    steps_per_epoch, total_steps = 1, 10**9  # cycles of one step: SWA averages after every step
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.batches = [(x, y)]
+
+    def update_bn(self) -> None: ...
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def save_member(self, tag: str) -> str:
+        return tag
+
+    def evaluate_ensemble(self, paths: list[str]) -> dict[str, Any]:
+        return {}
+
+    def evolution_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches
+
+    def log_event(self, record: dict[str, Any]) -> None: ...
+
+
 def _bench_method(name: str, settings: TrainSettings, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build_model(settings.model, IMAGE_SHAPE[0], NUM_CLASSES, IMAGE_SHAPE[1]).to(settings.device)
     model.train()
     flat = flatten(model)  # after .to(): moving re-creates parameters
-    cfg = TrainConfig(method=name, model=settings.model, batch_size=settings.batch_size)
-    method = METHODS[name](cfg)
-    method.init(flat)
-    passes = [0]
+    cfg = TrainConfig(method=name, model=settings.model, batch_size=settings.batch_size,
+                      swa=SWAConfig(start=1, cycle=1))
+    method = build_method(cfg)
+    method.init(flat, BenchServices(x, y))
+    passes, done = [0], [0]
 
     def step() -> None:
         closure = CountingClosure(BatchClosure(model, flat, x, y, cfg.amp))
         method.step(flat, closure, cfg.lr)
+        done[0] += 1
+        method.after_step(flat, done[0])
         passes[0] = closure.calls
 
     def fwd_bwd() -> None:
@@ -92,14 +121,17 @@ def _bench_method(name: str, settings: TrainSettings, x: torch.Tensor, y: torch.
     _times_ms(fwd_bwd, settings.warmup, settings.device)
     fwd_bwd_ms, _ = median_iqr(_times_ms(fwd_bwd, settings.steps, settings.device))
     step_ms, iqr_ms = median_iqr(_times_ms(step, settings.steps, settings.device))
-    return {"params": flat.numel, "status": "ok", "step_ms": step_ms, "iqr_ms": iqr_ms,
+    round_ms = None
+    if hasattr(method, "mutate"):  # Spartan: one mutation round, timed apart from the steps
+        round_ms, _ = median_iqr(_times_ms(lambda: method.mutate(flat, 0), max(2, settings.steps // 5), settings.device))
+    return {"params": flat.numel, "status": "ok", "round_ms": round_ms, "step_ms": step_ms, "iqr_ms": iqr_ms,
             "steps_per_s": 1e3 / step_ms, "samples_per_s": settings.batch_size * 1e3 / step_ms,
             "fwd_bwd_ms": fwd_bwd_ms, "passes_per_step": passes[0],
             "outside_fwd_bwd_ms": step_ms - passes[0] * fwd_bwd_ms}
 
 
 def run_train(settings: TrainSettings, on_method: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """One row of TRAIN_FIELDS per method; methods missing from fastflat.methods.METHODS are 'unavailable'."""
+    """One row of TRAIN_FIELDS per method; names fastflat does not know are 'unavailable'."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(settings.batch_size, *IMAGE_SHAPE, generator=generator).to(settings.device)
     y = torch.randint(0, NUM_CLASSES, (settings.batch_size,), generator=generator).to(settings.device)
@@ -107,8 +139,8 @@ def run_train(settings: TrainSettings, on_method: Callable[[str], None] | None =
     for name in settings.methods:
         row = {**dict.fromkeys(TRAIN_FIELDS), "method": name, "model": settings.model,
                "batch_size": settings.batch_size, "steps": settings.steps}
-        if name not in METHODS:
-            row.update(status="unavailable", reason=f"not in fastflat.methods.METHODS ({', '.join(METHODS)})")
+        if name not in METHODS and name not in WRAPPERS:
+            row.update(status="unavailable", reason=f"not a fastflat method ({', '.join([*METHODS, *WRAPPERS])})")
         else:
             if on_method is not None:
                 on_method(name)
