@@ -147,17 +147,18 @@ def test_a_bad_size_is_one_line_and_exit_code_2(capsys, tmp_path):
 
 
 def test_train_reports_rates_passes_and_sam_over_sgd(tmp_path):
-    code = main(["bench", "train", "--model", "cnn", "--methods", "sgd,sam,no-such", "--steps", "2",
+    code = main(["bench", "train", "--model", "cnn", "--methods", "sgd,sam,swa,no-such", "--steps", "2",
                  "--warmup", "0", "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path)])
     rows, csv_rows = read_results(tmp_path)
-    sgd, sam, missing = rows
-    assert code == 0 and len(csv_rows) == 3
+    sgd, sam, swa, missing = rows
+    assert code == 0 and len(csv_rows) == 4
     assert all(set(TRAIN_FIELDS + PROVENANCE) <= set(r) for r in rows)
     assert (sgd["passes_per_step"], sam["passes_per_step"]) == (1, 2)
     assert sgd["ratio_to_sgd"] == 1.0 and sam["ratio_to_sgd"] == pytest.approx(sam["step_ms"] / sgd["step_ms"])
     assert sam["samples_per_s"] == pytest.approx(8 * sam["steps_per_s"]) and sam["steps_per_s"] > 0
     assert sam["outside_fwd_bwd_ms"] == pytest.approx(sam["step_ms"] - 2 * sam["fwd_bwd_ms"])
-    assert missing["status"] == "unavailable" and missing["step_ms"] is None and "METHODS" in missing["reason"]
+    assert swa["status"] == "ok" and swa["passes_per_step"] == 1 and swa["round_ms"] is None
+    assert missing["status"] == "unavailable" and missing["step_ms"] is None and "not a fastflat method" in missing["reason"]
 
 
 def test_es_memory_writes_one_row_per_k(tmp_path, capsys):
