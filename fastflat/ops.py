@@ -85,6 +85,9 @@ def sam_perturb_torch_(
 ) -> None:
     """Twin of kernels.sam_perturb_: backup <- w; w <- w + e (see kernels/sam.py for e)."""
     backup.copy_(w)
+    if w.dtype == torch.float32 and norm == "l2" and not adaptive:
+        w.addcmul_(g, rho / (sqnorm.sqrt() + eps))  # the common case: one in-place pass, no temporary
+        return
     w32, g32 = w.float(), g.float()
     if norm == "l2":
         e = g32 * (rho / (sqnorm.sqrt() + eps))
@@ -129,7 +132,10 @@ def restore_(ws: list[Tensor], backups: list[Tensor]) -> None:
 def clip_scale_torch_(g: Tensor, total_norm: Tensor, max_norm: float) -> None:
     """Twin of kernels.clip_scale_: g *= min(1, max_norm / (total_norm + 1e-6)), torch's formula."""
     coef = (max_norm / (total_norm.float() + 1e-6)).clamp(max=1.0)
-    g.copy_(g.float() * coef)
+    if g.dtype == torch.float32:
+        g.mul_(coef)  # in place, one pass
+    else:
+        g.copy_(g.float() * coef)
 
 
 def clip_grad_norm_flat_(gs: list[Tensor], max_norm: float) -> Tensor:
@@ -150,9 +156,14 @@ def average_torch_(avg: Tensor, w: Tensor, count: Tensor, decay: float | None) -
     weight = 1 / (count + 1) (running mean) or 1 - decay (EMA); count is () or (1,) int64, on device.
     """
     count = count.reshape(())
-    weight = 1.0 - decay if decay is not None else 1.0 / (count.float() + 1.0)
-    w32 = w.float()
-    avg.copy_(torch.where(count == 0, w32, torch.lerp(avg.float(), w32, weight)))
+    weight = torch.full((), 1.0 - decay, device=avg.device) if decay is not None else 1.0 / (count.float() + 1.0)
+    weight = torch.where(count == 0, torch.ones_like(weight), weight)  # () on the device: no host sync
+    if avg.dtype == torch.float32 and w.dtype == torch.float32:
+        # in place, one pass; torch.lerp computes end - (end - start) * (1 - weight) for weight >= 0.5,
+        # so weight 1 (the first update) gives w exactly when avg is finite
+        avg.lerp_(w, weight)
+    else:
+        avg.copy_(torch.lerp(avg.float(), w.float(), weight))
 
 
 def average_(avgs: list[Tensor], ws: list[Tensor], count: Tensor, decay: float | None = None) -> None:
