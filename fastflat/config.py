@@ -148,7 +148,8 @@ def _check(cfg: TrainConfig) -> None:
     need(sp.children >= 2 and (not sp.antithetic or sp.children % 2 == 0), "spartan.children", sp.children,
          "must be >= 2, and even with antithetic sampling")
     need(sp.noise in ("normal", "uniform"), "spartan.noise", sp.noise, "use normal or uniform")
-    need(sp.sigma > 0 and sp.es_lr > 0 and sp.grad_lr > 0 and sp.temperature > 0, "spartan", "sigma/es_lr/grad_lr/temperature", "must be > 0")
+    for key in ("sigma", "es_lr", "grad_lr", "temperature"):
+        need(getattr(sp, key) > 0, f"spartan.{key}", getattr(sp, key), "must be > 0")
     need(sp.shaping in ("normalize", "ranks"), "spartan.shaping", sp.shaping, "use normalize or ranks")
     need(sp.fitness in ("loss", "acc"), "spartan.fitness", sp.fitness, "use loss or acc")
     need(0 < sp.evolution_split < 1 or cfg.method not in ("spartan",), "spartan.evolution_split", sp.evolution_split, "must be in (0, 1)")

@@ -56,7 +56,7 @@ def mean_pairwise_disagreement(predictions: Tensor) -> float:
 
 def load_member(model: nn.Module, path: str | Path, device: torch.device) -> None:
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = torch.load(path, map_location=device, weights_only=True)  # never unpickle code
     except FileNotFoundError:
         raise UserError(f"ensemble member {path} is missing") from None
     except Exception as e:  # truncated or foreign file

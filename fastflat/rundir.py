@@ -165,7 +165,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
     except Exception as e:  # torch raises many types for a truncated or foreign file
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); it may be truncated or not a fastflat checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

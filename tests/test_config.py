@@ -68,3 +68,9 @@ def test_string_booleans_from_the_command_line():
     assert load_config(overrides={"sam.adaptive": "true"}).sam.adaptive is True
     with pytest.raises(UserError, match="sam.adaptive"):
         load_config(overrides={"sam.adaptive": "maybe"})
+
+
+@pytest.mark.parametrize("key", ["sigma", "es_lr", "grad_lr", "temperature"])
+def test_spartan_scales_must_be_positive_and_the_error_names_the_key(key):
+    with pytest.raises(UserError, match=f"spartan.{key} = 0.0"):
+        load_config(overrides={f"spartan.{key}": 0.0})
