@@ -61,7 +61,7 @@ def train(
     sse_cycles: Annotated[int | None, _opt("Snapshot ensembles: cosine cycles M (one snapshot each).", AVG, E.cycles)] = None,
     sse_keep: Annotated[int | None, _opt("Snapshot ensembles: ensemble the last k (0 = all).", AVG, E.keep)] = None,
     fge_pretrain: Annotated[float | None, _opt("FGE: share of the budget spent pretraining (ignored with --init).", AVG, F.pretrain)] = None,
-    fge_cycle_epochs: Annotated[int | None, _opt("FGE: cycle length c in epochs (even).", AVG, F.cycle_epochs)] = None,
+    fge_cycle_epochs: Annotated[float | None, _opt("FGE: cycle length c in epochs (may be fractional; c is rounded to an even number of iterations).", AVG, F.cycle_epochs)] = None,
     fge_lr_max: Annotated[float | None, _opt("FGE: alpha1.", AVG, F.lr_max)] = None,
     fge_lr_min: Annotated[float | None, _opt("FGE: alpha2, the LR where models are collected.", AVG, F.lr_min)] = None,
     mutation: Annotated[str | None, _opt("Spartan mutation: es | grad.", EVO, P.mutation)] = None,
@@ -175,44 +175,62 @@ def evaluate_checkpoint(
 
 @app.command("ensemble")
 def ensemble_command(
-    fge: Annotated[Path | None, typer.Option("--fge", help="An FGE run: ensemble its collected models.")] = None,
-    sse: Annotated[Path | None, typer.Option("--sse", help="A snapshot-ensemble run: ensemble its snapshots.")] = None,
+    fge: Annotated[list[Path] | None, typer.Option("--fge", help="An FGE run: ensemble its collected models (repeatable with --budgets).")] = None,
+    sse: Annotated[list[Path] | None, typer.Option("--sse", help="A snapshot-ensemble run: ensemble its snapshots (repeatable with --budgets).")] = None,
     swa: Annotated[Path | None, typer.Option("--swa", help="An SWA run: compare its final and SWA weights.")] = None,
     runs: Annotated[list[Path] | None, typer.Option("--from", help="Independently trained runs (repeat): the Ind ensemble.")] = None,
+    budgets: Annotated[bool, typer.Option("--budgets", help="Budget view: error at 1, 2, 3... budgets for Ind (--from), SSE and FGE runs.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset files.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the JSON report here (default: ensemble-<kind>.json in the run).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of a table.")] = False,
 ) -> None:
-    """Evaluate an ensemble: accuracy, NLL, ECE of the ensemble and each member, disagreement, and a plot."""
+    """Evaluate an ensemble: accuracy, NLL, ECE of the ensemble and each member, disagreement, and a plot.
+
+    With --budgets: the papers' budget table, test error of Ind, SSE and FGE at 1, 2, 3... budgets."""
     from fastflat import data as datasets
-    from fastflat.ensemble import evaluate_members, run_members
+    from fastflat.ensemble import budget_view, evaluate_members, run_members
     from fastflat.models import build_model
-    from fastflat.plots import plot_ensemble_curve
+    from fastflat.plots import plot_budget_view, plot_ensemble_curve
+    from fastflat.rundir import load_checkpoint, provenance
     from fastflat.train import resolve_device
 
-    chosen = [(k, v) for k, v in (("fge", fge), ("sse", sse), ("swa", swa)) if v is not None] + (
-        [("final", r) for r in runs] if runs else [])
-    kinds = {k for k, _ in chosen}
-    if not chosen or len(kinds) > 1 or (kinds != {"final"} and len(chosen) > 1):
-        raise UserError("give exactly one of --fge RUN, --sse RUN, --swa RUN, or --from RUN (repeatable)")
+    groups = {"ind": runs or [], "sse": sse or [], "fge": fge or []}
+    if budgets:
+        if swa is not None:
+            raise UserError("--budgets takes --from, --sse and --fge runs, not --swa")
+        chosen = [("budgets", r) for rs in groups.values() for r in rs]
+        if not chosen:
+            raise UserError("--budgets needs runs: --from RUN (Ind), --sse RUN, --fge RUN, each repeatable")
+    else:
+        chosen = [(k, r) for k, rs in (("fge", fge or []), ("sse", sse or [])) for r in rs] + (
+            [("swa", swa)] if swa is not None else []) + [("final", r) for r in runs or []]
+        kinds = {k for k, _ in chosen}
+        if not chosen or len(kinds) > 1 or (kinds != {"final"} and len(chosen) > 1):
+            raise UserError("give exactly one of --fge RUN, --sse RUN, --swa RUN, or --from RUN (repeatable)")
     kind = chosen[0][0]
-    configs, paths = zip(*(run_members(run, kind) for _, run in chosen))
+    configs = [load_checkpoint(Path(run))["config"] for _, run in chosen]  # UserError if not a run
     cfg = configs[0]
     if any((c["model"], c["dataset"]) != (cfg["model"], cfg["dataset"]) for c in configs):
-        raise UserError("--from runs must share one model and dataset")
+        raise UserError("the runs must share one model and dataset")
     dev = resolve_device(device)
     data = datasets.load_dataset(cfg["dataset"], data_dir or cfg["data_dir"], dev, 0.0, cfg["seed"])
     model = build_model(cfg["model"], data.in_channels, data.num_classes, data.image_size).to(dev)
-    members = [p for group in paths for p in group]
-    report = {"kind": kind, "runs": [str(r) for _, r in chosen], **evaluate_members(model, members, data.test, data)}
     target = out or Path(chosen[0][1]) / f"ensemble-{kind}.json"
+    if budgets:
+        report = {**budget_view(model, groups, data.test, data), "dataset": cfg["dataset"], "model": cfg["model"]}
+    else:
+        members = [p for _, run in chosen for p in run_members(run, kind)[1]]
+        report = {"kind": kind, "runs": [str(r) for _, r in chosen], **evaluate_members(model, members, data.test, data)}
+    report["provenance"] = provenance(dev)
     target.write_text(json.dumps(report, indent=2) + "\n")
-    plot_ensemble_curve(report, target.with_suffix(".png"))
+    (plot_budget_view if budgets else plot_ensemble_curve)(report, target.with_suffix(".png"))
     if as_json:
         print(json.dumps(report))
-        return
-    _print_ensemble(report, target)
+    elif budgets:
+        _print_budgets(report, target)
+    else:
+        _print_ensemble(report, target)
 
 
 def _print_ensemble(report: dict[str, Any], target: Path) -> None:
@@ -229,6 +247,24 @@ def _print_ensemble(report: dict[str, Any], target: Path) -> None:
         table.add_row("[bold]ensemble", f"[bold]{e['acc']:.2f}%", f"{e['nll']:.4f}", f"{e['ece']:.2f}%", "")
     console.print(table)
     console.print(f"mean pairwise disagreement {report['disagreement']:.2f}%  -  report: {target} and {target.with_suffix('.png')}")
+
+
+def _print_budgets(report: dict[str, Any], target: Path) -> None:
+    from rich.table import Table
+
+    rows = report["rows"]
+    most = max(int(k) for row in rows.values() for k in row)
+    table = Table(title=f"test error (%) at k budgets, B = {report['budget_epochs']} epochs "
+                        f"(best single member in brackets)")
+    table.add_column("method")
+    for k in range(1, most + 1):
+        table.add_column(f"{k}B", justify="right")
+    for kind, row in rows.items():
+        cells = [f"{row[k]['error']:.2f} ({row[k]['best_member_error']:.2f})" if k in row else "-"
+                 for k in range(1, most + 1)]
+        table.add_row(kind.upper() if kind != "ind" else "Ind", *cells)
+    console.print(table)
+    console.print(f"report: {target} and {target.with_suffix('.png')}")
 
 
 from fastflat.bench.cli import bench_app  # noqa: E402  (mounted after the commands above)

@@ -51,7 +51,8 @@ class SSEConfig:
 @dataclass(frozen=True)
 class FGEConfig:
     pretrain: float = 0.5  # share of the budget spent training before the cycles (0 with --init)
-    cycle_epochs: int = 2  # c, even: one model collected in the middle of each cycle
+    cycle_epochs: float = 2.0  # c in epochs (rounded to an even number of iterations): one model
+    #                            collected in the middle of each cycle; short budgets want short cycles
     lr_max: float = 0.05  # alpha1
     lr_min: float = 0.0005  # alpha2: the LR at collection
 
@@ -140,7 +141,7 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.sse.cycles >= 1, "sse.cycles", cfg.sse.cycles, "must be at least 1")
     need(cfg.sse.keep >= 0, "sse.keep", cfg.sse.keep, "must be >= 0 (0 = all)")
     need(0 <= cfg.fge.pretrain < 1, "fge.pretrain", cfg.fge.pretrain, "must be in [0, 1)")
-    need(cfg.fge.cycle_epochs >= 2 and cfg.fge.cycle_epochs % 2 == 0, "fge.cycle_epochs", cfg.fge.cycle_epochs, "must be even and >= 2")
+    need(cfg.fge.cycle_epochs > 0, "fge.cycle_epochs", cfg.fge.cycle_epochs, "must be > 0")
     need(0 < cfg.fge.lr_min <= cfg.fge.lr_max, "fge.lr_min", cfg.fge.lr_min, "must be in (0, fge.lr_max]")
     sp = cfg.spartan
     need(sp.mutation in ("es", "grad"), "spartan.mutation", sp.mutation, "use es or grad")

@@ -111,3 +111,52 @@ def run_members(run_dir: str | Path, kind: str) -> tuple[dict[str, Any], list[Pa
     if kind == "swa":
         members = [run / "checkpoint.pt", *members]
     return config, members
+
+
+def budget_view(model: nn.Module, groups: dict[str, list[Path]], split: datasets.Split,
+                dataset: datasets.Dataset) -> dict[str, Any]:
+    """Test error (%) at 1, 2, 3... budgets for Ind, SSE and FGE, as in the FGE paper's tables.
+
+    groups: {"ind": runs, "sse": runs, "fge": runs}, any of them empty. The budget B is the epochs of
+    the Ind runs (they must agree), or the shortest run's epochs when there are none. Ind at kB is the
+    ensemble of the first k Ind runs, in the order given; an SSE or FGE run trained for kB epochs is one
+    entry at kB, and several runs at one budget (seeds) are averaged. Each entry also carries the best
+    single member's error, the number an ensemble has to beat.
+    """
+    members = {kind: [(run, *run_members(run, "final" if kind == "ind" else kind)) for run in runs]
+               for kind, runs in groups.items()}
+    everything = [entry for entries in members.values() for entry in entries]
+    if not everything:
+        raise UserError("the budget view needs runs: --from RUN (Ind), --sse RUN, --fge RUN, each repeatable")
+    ind_epochs = sorted({config["epochs"] for _, config, _ in members.get("ind", [])})
+    if len(ind_epochs) > 1:
+        raise UserError(f"--from runs must share one budget; their epochs are {ind_epochs}")
+    budget = ind_epochs[0] if ind_epochs else min(config["epochs"] for _, config, _ in everything)
+
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    if members.get("ind"):
+        report = evaluate_members(model, [p for _, _, paths in members["ind"] for p in paths], split, dataset)
+        runs = [str(run) for run, _, _ in members["ind"]]
+        rows["ind"] = {k: {"error": 100.0 - acc, "best_member_error": 100.0 - max(m["acc"] for m in report["members"][:k]),
+                           "runs": runs[:k]} for k, acc in enumerate(report["accuracy_by_size"], start=1)}
+    for kind in ("sse", "fge"):
+        by_budget: dict[int, list[dict[str, Any]]] = {}
+        for run, config, paths in members.get(kind, []):
+            times, rest = divmod(config["epochs"], budget)
+            if rest or times == 0:
+                raise UserError(f"{run} trained {config['epochs']} epochs, not a multiple of the budget B = {budget} epochs")
+            report = evaluate_members(model, paths, split, dataset)
+            by_budget.setdefault(times, []).append({"run": str(run), "error": 100.0 - report["ensemble"]["acc"],
+                                                    "best_member_error": 100.0 - report["best_member_acc"],
+                                                    "members": len(paths)})
+        if by_budget:
+            rows[kind] = {k: {"error": _mean(e["error"] for e in entries),
+                              "best_member_error": _mean(e["best_member_error"] for e in entries),
+                              "runs": [e["run"] for e in entries], "per_run": entries}
+                          for k, entries in sorted(by_budget.items())}
+    return {"kind": "budgets", "budget_epochs": budget, "rows": rows}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)

@@ -45,3 +45,21 @@ def plot_ensemble_curve(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_budget_view(report: dict[str, Any], path: Path) -> None:
+    """Test error against budget (multiples of B epochs), one line per method, best member dashed."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, row in report["rows"].items():
+        budgets = sorted(int(k) for k in row)
+        line, = ax.plot(budgets, [row[k]["error"] for k in budgets], "o-", label=f"{kind} ensemble")
+        ax.plot(budgets, [row[k]["best_member_error"] for k in budgets], "x--", color=line.get_color(),
+                alpha=0.6, label=f"{kind} best member")
+    ax.set_xlabel(f"budget (multiples of B = {report['budget_epochs']} epochs)")
+    ax.set_ylabel("test error (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("error at equal training budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

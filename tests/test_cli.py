@@ -97,6 +97,43 @@ def test_ensemble_of_independent_runs(capsys, tmp_path):
     assert code == 0 and "ensemble" in out and json.loads((tmp_path / "ind.json").read_text())["kind"] == "final"
 
 
+def test_budget_view_puts_each_run_at_its_budget(capsys, tmp_path):
+    """B = the Ind runs' epochs; Ind at kB ensembles the first k; an SSE/FGE run of 2B lands at 2B."""
+    def train_run(name, *extra):
+        assert run_cli(capsys, "train", "--dataset", "synthetic", *extra, "--out", str(tmp_path), "--name", name)[0] == 0
+
+    for seed in ("0", "1"):
+        train_run(f"ind{seed}", "--epochs", "1", "--seed", seed)
+    train_run("sse", "--epochs", "2", "--method", "sse")
+    train_run("fge", "--epochs", "2", "--method", "fge", "--fge-cycle-epochs", "0.5")
+    code, out, _ = run_cli(capsys, "ensemble", "--budgets", "--from", str(tmp_path / "ind0"), "--from",
+                           str(tmp_path / "ind1"), "--sse", str(tmp_path / "sse"), "--fge", str(tmp_path / "fge"),
+                           "--out", str(tmp_path / "budgets.json"))
+    assert code == 0 and "1B" in out and "2B" in out
+    view = json.loads((tmp_path / "budgets.json").read_text())
+    assert view["budget_epochs"] == 1 and set(view["rows"]) == {"ind", "sse", "fge"}
+    assert list(view["rows"]["sse"]) == ["2"] and list(view["rows"]["fge"]) == ["2"]
+    assert view["rows"]["fge"]["2"]["per_run"][0]["members"] == 2  # 1 epoch of 0.5-epoch cycles after pretraining
+    # each entry is the plain ensemble command's answer for the same runs
+    run_cli(capsys, "ensemble", "--from", str(tmp_path / "ind0"), "--from", str(tmp_path / "ind1"), "--out", str(tmp_path / "i.json"))
+    run_cli(capsys, "ensemble", "--sse", str(tmp_path / "sse"), "--out", str(tmp_path / "s.json"))
+    ind, sse = (json.loads((tmp_path / f).read_text()) for f in ("i.json", "s.json"))
+    assert view["rows"]["ind"]["2"]["error"] == pytest.approx(100 - ind["ensemble"]["acc"])
+    assert view["rows"]["ind"]["1"]["error"] == pytest.approx(100 - ind["members"][0]["acc"])
+    assert view["rows"]["sse"]["2"]["error"] == pytest.approx(100 - sse["ensemble"]["acc"])
+    assert view["rows"]["sse"]["2"]["best_member_error"] == pytest.approx(100 - sse["best_member_acc"])
+    assert (tmp_path / "budgets.png").exists() and view["provenance"]["git_sha"]
+
+
+def test_budget_view_rejects_a_run_off_the_budget_grid(capsys, tmp_path):
+    for name, epochs in (("ind", "2"), ("sse", "3")):
+        extra = ["--method", "sse"] if name == "sse" else []
+        assert run_cli(capsys, "train", "--dataset", "synthetic", "--epochs", epochs, *extra,
+                       "--out", str(tmp_path), "--name", name)[0] == 0
+    code, _, err = run_cli(capsys, "ensemble", "--budgets", "--from", str(tmp_path / "ind"), "--sse", str(tmp_path / "sse"))
+    assert code == 2 and "not a multiple of the budget B = 2 epochs" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("args", [[], ["--fge", "a", "--sse", "b"]])
 def test_ensemble_needs_exactly_one_kind(capsys, args):
     code, _, err = run_cli(capsys, "ensemble", *args)

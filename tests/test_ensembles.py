@@ -52,8 +52,10 @@ class FakeServices:
         return tag
 
 
-def test_fge_collects_at_the_cycle_minimum_after_pretraining():
-    cfg = load_config(overrides={"method": "fge", "epochs": 10, "fge.pretrain": 0.2, "fge.cycle_epochs": 2})
+@pytest.mark.parametrize("cycle_epochs, cycles", [(2, 4), (0.5, 20), (1.4, 5)])  # 5 steps per epoch
+def test_fge_collects_at_the_cycle_minimum_after_pretraining(cycle_epochs, cycles):
+    """c = cycle_epochs x 5 iterations rounded to even (10, 2.5 -> 2, 7 -> 8), so t = 1/2 is a step."""
+    cfg = load_config(overrides={"method": "fge", "epochs": 10, "fge.pretrain": 0.2, "fge.cycle_epochs": cycle_epochs})
     method, services = build_method(cfg), FakeServices(steps_per_epoch=5, epochs=10)
     flat = type("Flat", (), {"params": [torch.zeros(3)]})()
     method.inner.init = lambda flat, services: None  # no optimizer needed to follow the schedule
@@ -61,8 +63,8 @@ def test_fge_collects_at_the_cycle_minimum_after_pretraining():
     for step in range(services.total_steps):
         services.lr_now = method.lr(step, scheduled=cfg.lr)
         method.after_step(flat, step + 1)
-    assert services.saved_at_lr == pytest.approx([cfg.fge.lr_min] * 4)  # 8 epochs / 2 = 4 cycles
-    assert services.bn_updates == 4 and method.start_step == 10
+    assert services.saved_at_lr == pytest.approx([cfg.fge.lr_min] * cycles)  # 40 steps after pretraining
+    assert services.bn_updates == cycles and method.start_step == 10 and method.cycle % 2 == 0
 
 
 # -- ensemble math ------------------------------------------------------------------------------------

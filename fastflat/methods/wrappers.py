@@ -126,7 +126,7 @@ class FGE(Wrapper):
         fge, spe = self.cfg.fge, services.steps_per_epoch
         pretrain_epochs = 0 if self.cfg.init else round(fge.pretrain * services.total_steps / spe)
         self.start_step = pretrain_epochs * spe
-        self.cycle = fge.cycle_epochs * spe
+        self.cycle = max(2, 2 * round(fge.cycle_epochs * spe / 2))  # c iterations, even: t = 1/2 is a step
         self.pre = pre_phase(self.cfg.lr, fge.lr_max, self.start_step)
         self.triangle = fge_triangular(fge.lr_max, fge.lr_min, self.cycle)
 
