@@ -123,6 +123,12 @@ def test_budget_view_puts_each_run_at_its_budget(capsys, tmp_path):
     assert view["rows"]["sse"]["2"]["error"] == pytest.approx(100 - sse["ensemble"]["acc"])
     assert view["rows"]["sse"]["2"]["best_member_error"] == pytest.approx(100 - sse["best_member_acc"])
     assert (tmp_path / "budgets.png").exists() and view["provenance"]["git_sha"]
+    # --last 1: the SSE entry becomes its last snapshot alone; the best member still counts every snapshot
+    run_cli(capsys, "ensemble", "--budgets", "--sse", str(tmp_path / "sse"), "--last", "1", "--out", str(tmp_path / "b1.json"))
+    only_last = json.loads((tmp_path / "b1.json").read_text())["rows"]["sse"]["1"]  # no Ind: B = 2 epochs
+    assert only_last["error"] == pytest.approx(100 - sse["members"][-1]["acc"])
+    assert only_last["best_member_error"] == pytest.approx(100 - sse["best_member_acc"])
+    assert only_last["per_run"][0]["members"] == 1 and only_last["per_run"][0]["collected"] == 2
 
 
 def test_budget_view_rejects_a_run_off_the_budget_grid(capsys, tmp_path):
