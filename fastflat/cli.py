@@ -179,7 +179,7 @@ def ensemble_command(
     sse: Annotated[list[Path] | None, typer.Option("--sse", help="A snapshot-ensemble run: ensemble its snapshots (repeatable with --budgets).")] = None,
     swa: Annotated[Path | None, typer.Option("--swa", help="An SWA run: compare its final and SWA weights.")] = None,
     runs: Annotated[list[Path] | None, typer.Option("--from", help="Independently trained runs (repeat): the Ind ensemble.")] = None,
-    last: Annotated[int | None, typer.Option("--last", min=1, help="Ensemble only the last K members of each run (overrides --sse-keep).")] = None,
+    sse_keep: Annotated[int | None, typer.Option("--sse-keep", min=0, help="Snapshot ensembles: ensemble the last K snapshots (0 = all; default: the run's own --sse-keep).")] = None,
     budgets: Annotated[bool, typer.Option("--budgets", help="Budget view: error at 1, 2, 3... budgets for Ind (--from), SSE and FGE runs.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset files.")] = None,
@@ -197,6 +197,8 @@ def ensemble_command(
     from fastflat.train import resolve_device
 
     groups = {"ind": runs or [], "sse": sse or [], "fge": fge or []}
+    if sse_keep is not None and not sse:
+        raise UserError("--sse-keep picks snapshots of --sse runs; no --sse run was given")
     if budgets:
         if swa is not None:
             raise UserError("--budgets takes --from, --sse and --fge runs, not --swa")
@@ -219,9 +221,9 @@ def ensemble_command(
     model = build_model(cfg["model"], data.in_channels, data.num_classes, data.image_size).to(dev)
     target = out or Path(chosen[0][1]) / f"ensemble-{kind}.json"
     if budgets:
-        report = {**budget_view(model, groups, data.test, data, last), "dataset": cfg["dataset"], "model": cfg["model"]}
+        report = {**budget_view(model, groups, data.test, data, sse_keep), "dataset": cfg["dataset"], "model": cfg["model"]}
     else:
-        members = [p for _, run in chosen for p in run_members(run, kind, last)[1]]
+        members = [p for _, run in chosen for p in run_members(run, kind, sse_keep)[1]]
         report = {"kind": kind, "runs": [str(r) for _, r in chosen], **evaluate_members(model, members, data.test, data)}
     report["provenance"] = provenance(dev)
     target.write_text(json.dumps(report, indent=2) + "\n")

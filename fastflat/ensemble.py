@@ -92,11 +92,11 @@ def evaluate_members(model: nn.Module, paths: list[str | Path], split: datasets.
     }
 
 
-def run_members(run_dir: str | Path, kind: str, last: int | None = None) -> tuple[dict[str, Any], list[Path]]:
+def run_members(run_dir: str | Path, kind: str, sse_keep: int | None = None) -> tuple[dict[str, Any], list[Path]]:
     """(saved config, member files) of a run: kind 'fge' | 'sse' collected members, 'swa' the final
-    weights then the SWA weights, 'final' the run's last checkpoint (independent runs). `last` keeps
-    the last k collected members (snapshots from later cycles have trained longest): None = the run's
-    own choice (--sse-keep), 0 = all of them."""
+    weights then the SWA weights, 'final' the run's last checkpoint (independent runs). A snapshot
+    ensemble is its last k snapshots (later cycles trained longest): sse_keep = k, None = the run's
+    own --sse-keep, 0 = all of them."""
     from fastflat.rundir import load_checkpoint
 
     run = Path(run_dir)
@@ -108,8 +108,8 @@ def run_members(run_dir: str | Path, kind: str, last: int | None = None) -> tupl
     members = sorted((run / "members").glob(pattern))
     if not members:
         raise UserError(f"{run} has no {kind} members (members/{pattern}); was it trained with --method {kind}?")
-    keep = last if last is not None else (config["sse"]["keep"] if kind == "sse" else 0)
-    if keep and kind in ("fge", "sse"):
+    keep = sse_keep if sse_keep is not None else config["sse"]["keep"]
+    if kind == "sse" and keep:
         members = members[-keep:]
     if kind == "swa":
         members = [run / "checkpoint.pt", *members]
@@ -117,7 +117,7 @@ def run_members(run_dir: str | Path, kind: str, last: int | None = None) -> tupl
 
 
 def budget_view(model: nn.Module, groups: dict[str, list[Path]], split: datasets.Split,
-                dataset: datasets.Dataset, last: int | None = None) -> dict[str, Any]:
+                dataset: datasets.Dataset, sse_keep: int | None = None) -> dict[str, Any]:
     """Test error (%) at 1, 2, 3... budgets for Ind, SSE and FGE, as in the FGE paper's tables.
 
     groups: {"ind": runs, "sse": runs, "fge": runs}, any of them empty. The budget B is the epochs of
@@ -125,9 +125,9 @@ def budget_view(model: nn.Module, groups: dict[str, list[Path]], split: datasets
     ensemble of the first k Ind runs, in the order given; an SSE or FGE run trained for kB epochs is one
     entry at kB, and several runs at one budget (seeds) are averaged. Each entry also carries the best
     single member's error over everything the run collected (ensembled or not): the number to beat.
-    `last`: ensemble the last k members of each SSE/FGE run, as in run_members.
+    sse_keep: how many of each SSE run's last snapshots to ensemble, as in run_members.
     """
-    members = {kind: [(run, *run_members(run, "final" if kind == "ind" else kind, last=0)) for run in runs]
+    members = {kind: [(run, *run_members(run, "final" if kind == "ind" else kind, sse_keep=0)) for run in runs]
                for kind, runs in groups.items()}  # every collected member; `last` is applied below
     everything = [entry for entries in members.values() for entry in entries]
     if not everything:
@@ -151,7 +151,8 @@ def budget_view(model: nn.Module, groups: dict[str, list[Path]], split: datasets
                 raise UserError(f"{run} trained {config['epochs']} epochs, not a multiple of the budget B = {budget} epochs")
             # every collected member, newest first: the curve's k-th point is the ensemble of the last k
             paths = collected[::-1]
-            keep = min(last or (config["sse"]["keep"] if kind == "sse" else 0) or len(paths), len(paths))
+            keep = (sse_keep if sse_keep is not None else config["sse"]["keep"]) if kind == "sse" else 0
+            keep = min(keep or len(paths), len(paths))
             report = evaluate_members(model, paths, split, dataset)
             by_budget.setdefault(times, []).append({"run": str(run), "error": 100.0 - report["accuracy_by_size"][keep - 1],
                                                     "best_member_error": 100.0 - report["best_member_acc"],

@@ -123,8 +123,8 @@ def test_budget_view_puts_each_run_at_its_budget(capsys, tmp_path):
     assert view["rows"]["sse"]["2"]["error"] == pytest.approx(100 - sse["ensemble"]["acc"])
     assert view["rows"]["sse"]["2"]["best_member_error"] == pytest.approx(100 - sse["best_member_acc"])
     assert (tmp_path / "budgets.png").exists() and view["provenance"]["git_sha"]
-    # --last 1: the SSE entry becomes its last snapshot alone; the best member still counts every snapshot
-    run_cli(capsys, "ensemble", "--budgets", "--sse", str(tmp_path / "sse"), "--last", "1", "--out", str(tmp_path / "b1.json"))
+    # --sse-keep 1: the SSE entry becomes its last snapshot alone; the best member still counts every snapshot
+    run_cli(capsys, "ensemble", "--budgets", "--sse", str(tmp_path / "sse"), "--sse-keep", "1", "--out", str(tmp_path / "b1.json"))
     only_last = json.loads((tmp_path / "b1.json").read_text())["rows"]["sse"]["1"]  # no Ind: B = 2 epochs
     assert only_last["error"] == pytest.approx(100 - sse["members"][-1]["acc"])
     assert only_last["best_member_error"] == pytest.approx(100 - sse["best_member_acc"])
@@ -138,6 +138,13 @@ def test_budget_view_rejects_a_run_off_the_budget_grid(capsys, tmp_path):
                        "--out", str(tmp_path), "--name", name)[0] == 0
     code, _, err = run_cli(capsys, "ensemble", "--budgets", "--from", str(tmp_path / "ind"), "--sse", str(tmp_path / "sse"))
     assert code == 2 and "not a multiple of the budget B = 2 epochs" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, says", [(["--budgets"], "needs runs"), (["--budgets", "--swa", "a"], "not --swa"),
+                                        (["--fge", "a", "--sse-keep", "2"], "no --sse run")])
+def test_ensemble_option_misuse_is_one_line(capsys, args, says):
+    code, _, err = run_cli(capsys, "ensemble", *args)
+    assert code == 2 and says in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("args", [[], ["--fge", "a", "--sse", "b"]])
