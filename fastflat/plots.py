@@ -55,6 +55,7 @@ def plot_budget_view(report: dict[str, Any], path: Path) -> None:
         line, = ax.plot(budgets, [row[k]["error"] for k in budgets], "o-", label=f"{kind} ensemble")
         ax.plot(budgets, [row[k]["best_member_error"] for k in budgets], "x--", color=line.get_color(),
                 alpha=0.6, label=f"{kind} best member")
+    ax.set_xticks(sorted({int(k) for row in report["rows"].values() for k in row}))
     ax.set_xlabel(f"budget (multiples of B = {report['budget_epochs']} epochs)")
     ax.set_ylabel("test error (%)")
     ax.grid(alpha=0.3)

@@ -25,6 +25,6 @@ for seed in 0 1 2; do  # snapshots of the budget's second half (cycles 4-6), fro
   $FF ensemble --sse "$OUT/sse12-s$seed" --sse-keep 3 --json --out "$OUT/sse12-s$seed/ensemble-last3.json" >/dev/null
 done
 python3 "$(dirname "$0")/ensembles_table.py" "$OUT"
-$FF ensemble --budgets --from "$OUT/sgd4-s0" --from "$OUT/sgd4-s1" --from "$OUT/sgd4-s2" \
+$FF ensemble --budgets --sse-keep 3 --from "$OUT/sgd4-s0" --from "$OUT/sgd4-s1" --from "$OUT/sgd4-s2" \
   --sse "$OUT/sse4-s0" --sse "$OUT/sse8-s0" --sse "$OUT/sse12-s0" \
   --fge "$OUT/fge4-s0" --fge "$OUT/fge8-s0" --fge "$OUT/fge12-s0" --out "$OUT/budgets.json"
