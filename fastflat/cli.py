@@ -193,7 +193,7 @@ def ensemble_command(
     from fastflat.ensemble import budget_view, evaluate_members, run_members
     from fastflat.models import build_model
     from fastflat.plots import plot_budget_view, plot_ensemble_curve
-    from fastflat.rundir import load_checkpoint, provenance
+    from fastflat.rundir import provenance
     from fastflat.train import resolve_device
 
     groups = {"ind": runs or [], "sse": sse or [], "fge": fge or []}
@@ -212,7 +212,13 @@ def ensemble_command(
         if not chosen or len(kinds) > 1 or (kinds != {"final"} and len(chosen) > 1):
             raise UserError("give exactly one of --fge RUN, --sse RUN, --swa RUN, or --from RUN (repeatable)")
     kind = chosen[0][0]
-    configs = [load_checkpoint(Path(run))["config"] for _, run in chosen]  # UserError if not a run
+    # each run's checkpoint is read once here (UserError if it is not a run): config and member files
+    if budgets:
+        resolved = {g: [(Path(r), *run_members(r, "final" if g == "ind" else g, sse_keep=0)) for r in rs]
+                    for g, rs in groups.items()}
+        configs = [config for entries in resolved.values() for _, config, _ in entries]
+    else:
+        configs, paths = zip(*(run_members(run, kind, sse_keep) for _, run in chosen))
     cfg = configs[0]
     if any((c["model"], c["dataset"]) != (cfg["model"], cfg["dataset"]) for c in configs):
         raise UserError("the runs must share one model and dataset")
@@ -221,9 +227,9 @@ def ensemble_command(
     model = build_model(cfg["model"], data.in_channels, data.num_classes, data.image_size).to(dev)
     target = out or Path(chosen[0][1]) / f"ensemble-{kind}.json"
     if budgets:
-        report = {**budget_view(model, groups, data.test, data, sse_keep), "dataset": cfg["dataset"], "model": cfg["model"]}
+        report = {**budget_view(model, resolved, data.test, data, sse_keep), "dataset": cfg["dataset"], "model": cfg["model"]}
     else:
-        members = [p for _, run in chosen for p in run_members(run, kind, sse_keep)[1]]
+        members = [p for group in paths for p in group]
         report = {"kind": kind, "runs": [str(r) for _, r in chosen], **evaluate_members(model, members, data.test, data)}
     report["provenance"] = provenance(dev)
     target.write_text(json.dumps(report, indent=2) + "\n")

@@ -10,6 +10,7 @@ The ensemble averages the members' softmax outputs, as the snapshot-ensemble and
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 import torch
@@ -108,7 +109,7 @@ def run_members(run_dir: str | Path, kind: str, sse_keep: int | None = None) -> 
     members = sorted((run / "members").glob(pattern))
     if not members:
         raise UserError(f"{run} has no {kind} members (members/{pattern}); was it trained with --method {kind}?")
-    keep = sse_keep if sse_keep is not None else config["sse"]["keep"]
+    keep = snapshots_kept(config, sse_keep)
     if kind == "sse" and keep:
         members = members[-keep:]
     if kind == "swa":
@@ -116,19 +117,26 @@ def run_members(run_dir: str | Path, kind: str, sse_keep: int | None = None) -> 
     return config, members
 
 
-def budget_view(model: nn.Module, groups: dict[str, list[Path]], split: datasets.Split,
+def snapshots_kept(config: dict[str, Any], sse_keep: int | None) -> int:
+    """How many last snapshots a snapshot ensemble uses: the override, else the run's --sse-keep (0 = all)."""
+    return sse_keep if sse_keep is not None else config["sse"]["keep"]
+
+
+Resolved = list[tuple[Path, dict[str, Any], list[Path]]]  # (run, saved config, every member file)
+
+
+def budget_view(model: nn.Module, members: dict[str, Resolved], split: datasets.Split,
                 dataset: datasets.Dataset, sse_keep: int | None = None) -> dict[str, Any]:
     """Test error (%) at 1, 2, 3... budgets for Ind, SSE and FGE, as in the FGE paper's tables.
 
-    groups: {"ind": runs, "sse": runs, "fge": runs}, any of them empty. The budget B is the epochs of
+    members: {"ind" | "sse" | "fge": [(run, config, files)]} from run_members(..., sse_keep=0), any of
+    them empty (for "ind", kind "final"). The budget B is the epochs of
     the Ind runs (they must agree), or the shortest run's epochs when there are none. Ind at kB is the
     ensemble of the first k Ind runs, in the order given; an SSE or FGE run trained for kB epochs is one
     entry at kB, and several runs at one budget (seeds) are averaged. Each entry also carries the best
     single member's error over everything the run collected (ensembled or not): the number to beat.
     sse_keep: how many of each SSE run's last snapshots to ensemble, as in run_members.
     """
-    members = {kind: [(run, *run_members(run, "final" if kind == "ind" else kind, sse_keep=0)) for run in runs]
-               for kind, runs in groups.items()}  # every collected member; `last` is applied below
     everything = [entry for entries in members.values() for entry in entries]
     if not everything:
         raise UserError("the budget view needs runs: --from RUN (Ind), --sse RUN, --fge RUN, each repeatable")
@@ -151,20 +159,15 @@ def budget_view(model: nn.Module, groups: dict[str, list[Path]], split: datasets
                 raise UserError(f"{run} trained {config['epochs']} epochs, not a multiple of the budget B = {budget} epochs")
             # every collected member, newest first: the curve's k-th point is the ensemble of the last k
             paths = collected[::-1]
-            keep = (sse_keep if sse_keep is not None else config["sse"]["keep"]) if kind == "sse" else 0
+            keep = snapshots_kept(config, sse_keep) if kind == "sse" else 0
             keep = min(keep or len(paths), len(paths))
             report = evaluate_members(model, paths, split, dataset)
             by_budget.setdefault(times, []).append({"run": str(run), "error": 100.0 - report["accuracy_by_size"][keep - 1],
                                                     "best_member_error": 100.0 - report["best_member_acc"],
                                                     "members": keep, "collected": len(paths)})
         if by_budget:
-            rows[kind] = {k: {"error": _mean(e["error"] for e in entries),
-                              "best_member_error": _mean(e["best_member_error"] for e in entries),
+            rows[kind] = {k: {"error": mean(e["error"] for e in entries),
+                              "best_member_error": mean(e["best_member_error"] for e in entries),
                               "runs": [e["run"] for e in entries], "per_run": entries}
                           for k, entries in sorted(by_budget.items())}
     return {"kind": "budgets", "budget_epochs": budget, "rows": rows}
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
