@@ -94,6 +94,7 @@ def train(
     dataset: Annotated[str | None, _opt("fashion-mnist | mnist | cifar10 | cifar100 | synthetic.", DATA, D.dataset)] = None,
     data_dir: Annotated[str | None, _opt("Folder holding the dataset files.", DATA)] = None,
     label_noise: Annotated[float | None, _opt("Fraction of training labels to corrupt, fixed by --seed.", DATA, D.label_noise)] = None,
+    val_split: Annotated[float | None, _opt("Share of training data held out for validation (choose k or a member without the test set).", DATA, D.val_split)] = None,
     seed: Annotated[int | None, _opt("Random seed (init, batch order, label noise).", RUN, D.seed)] = None,
     device: Annotated[str | None, _opt("auto | cpu | cuda | cuda:N.", RUN, D.device)] = None,
     out: Annotated[str | None, _opt("Parent folder of the run directory.", RUN, D.out)] = None,

@@ -85,6 +85,8 @@ class TrainConfig:
     dataset: str = "fashion-mnist"  # see fastflat.data.DATASETS
     data_dir: str | None = None  # where the dataset files are; None = the usual places
     label_noise: float = 0.0  # fraction of training labels replaced by another class, fixed by seed
+    val_split: float = 0.0  # share of the training set held out for validation (choosing a snapshot
+    #                         ensemble's k, or a best member, without the test set); training never sees it
     epochs: int = 2
     batch_size: int = 128
     lr: float = 0.05  # peak learning rate
@@ -126,6 +128,7 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
     need(cfg.warmup_epochs >= 0, "warmup_epochs", cfg.warmup_epochs, "must be >= 0")
     need(0 <= cfg.label_noise < 1, "label_noise", cfg.label_noise, "must be in [0, 1)")
+    need(0 <= cfg.val_split < 1, "val_split", cfg.val_split, "must be in [0, 1) (0 = no validation split)")
     need(cfg.clip_grad is None or cfg.clip_grad > 0, "clip_grad", cfg.clip_grad, "must be > 0")
     need(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0")
     need(not cfg.nesterov or cfg.momentum > 0, "nesterov", cfg.nesterov, "needs momentum > 0")

@@ -12,7 +12,7 @@ import math
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -104,15 +104,26 @@ def load_dataset(
     )
 
 
-def split_holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Hold out a seeded random round(fraction * N) examples: returns (kept, held_out), each in original order."""
+def split_holdout(split: Split, fraction: float, seed: int, purpose: str = "holdout") -> tuple[Split, Split]:
+    """Hold out a seeded random round(fraction * N) examples: returns (kept, held_out), each in original order.
+    `purpose` salts the seed, so a validation split and Spartan's evolution split are drawn independently."""
     if not 0.0 <= fraction < 1.0:
         raise UserError(f"hold-out fraction must be in [0, 1), got {fraction}")
     held_count = round(fraction * len(split))
-    order = torch.randperm(len(split), generator=_seeded_generator(seed, "holdout"))
+    order = torch.randperm(len(split), generator=_seeded_generator(seed, purpose))
     held = order[:held_count].sort().values.to(split.labels.device)
     kept = order[held_count:].sort().values.to(split.labels.device)
     return _subset(split, kept), _subset(split, held)
+
+
+def hold_out_validation(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Split | None]:
+    """(data without the validation examples, the validation split): what a run trained with
+    --val-split F never saw, rebuilt the same way by anything that re-reads the run (e.g. `fastflat
+    ensemble` choosing k). fraction 0 = no validation split."""
+    if fraction == 0:
+        return data, None
+    kept, validation = split_holdout(data.train, fraction, seed, purpose="validation")
+    return replace(data, train=kept), validation
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:

@@ -60,9 +60,10 @@ class RichHooks(Hooks):
 
     def on_epoch(self, record: dict[str, Any]) -> None:
         self.progress.update(self.task, completed=record["step"])
+        val = f"val acc {record['val_acc']:5.2f}%  " if "val_acc" in record else ""
         self.progress.console.print(
             f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f} acc {record['train_acc']:5.2f}%  "
-            f"[bold]test loss {record['test_loss']:.4f} acc {record['test_acc']:5.2f}%[/bold]  "
+            f"{val}[bold]test loss {record['test_loss']:.4f} acc {record['test_acc']:5.2f}%[/bold]  "
             f"{record['samples_per_s']:,.0f} samples/s")
 
     def stop(self) -> None:

@@ -43,7 +43,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def git_sha() -> str | None:
-    """The commit of the fastflat source tree (with '-dirty' if it has local changes), if it is a repo."""
+    """The commit of the fastflat source tree (with '-dirty' if it has local changes), if it is a repo;
+    else $FASTFLAT_GIT_SHA, for a copy of the package run outside its checkout (e.g. so that long
+    experiments are safe from edits to the working tree); else None."""
+    return _repo_sha() or os.environ.get("FASTFLAT_GIT_SHA") or None
+
+
+def _repo_sha() -> str | None:
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,

@@ -141,6 +141,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.data = datasets.load_dataset(cfg.dataset, cfg.data_dir, self.device, cfg.label_noise, cfg.seed)
+        self.data, self.validation = datasets.hold_out_validation(self.data, cfg.val_split, cfg.seed)
         self.evolution: datasets.Split | None = None
         if cfg.method == "spartan":  # fitness data that SGD never sees, fixed by the seed
             kept, self.evolution = datasets.split_holdout(self.data.train, cfg.spartan.evolution_split, cfg.seed)
@@ -249,10 +250,14 @@ class Trainer:
         self.method.end_epoch(self.flat, pos.epoch)
         elapsed = time.time() - epoch_start
         test = self.evaluate()
+        if self.validation is not None:  # for choosing epochs, members, k without the test set
+            val = evaluate(self.model, self.validation, self.data, max(cfg.batch_size, 512), cfg.amp)
+            test |= {"val_loss": val["loss"], "val_acc": val["acc"]}
         last = max(pos.step - 1, 0)
         record = {"epoch": pos.epoch + 1, "step": pos.step, "lr": self.method.lr(last, self.schedule(last)),
                   "train_loss": loss_sum.item() / max(seen, 1), "train_acc": 100.0 * correct.item() / max(seen, 1),
                   "test_loss": test["loss"], "test_acc": test["acc"], "epoch_seconds": elapsed,
+                  **{k: v for k, v in test.items() if k.startswith("val_")},
                   "samples_per_s": seen / max(elapsed, 1e-9)}
         pos.epoch, pos.batch = pos.epoch + 1, 0
         self.run.append_metrics(record)
@@ -270,6 +275,8 @@ class Trainer:
             "train_loss": final.get("train_loss"), "train_seconds": sum(r["epoch_seconds"] for r in history),
             "params": self.flat.numel, "train_size": len(self.data.train),
             "evolution_split_size": len(self.evolution) if self.evolution is not None else 0,
+            "val_split_size": len(self.validation) if self.validation is not None else 0,
+            "val_acc": final.get("val_acc"),
             "noisy_labels": self.data.noisy_labels, "data_source": self.data.source,
             **extra, "config": to_dict(self.cfg), "provenance": provenance(self.device),
         }

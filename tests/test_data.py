@@ -17,6 +17,7 @@ from fastflat.data import (
     iterate_batches,
     load_dataset,
     num_batches,
+    hold_out_validation,
     split_holdout,
 )
 from fastflat.errors import UserError
@@ -169,6 +170,17 @@ def test_split_holdout_partitions_the_examples_deterministically(synthetic):
     kept_again, held_again = split_holdout(dataset.train, 0.25, seed=7)
     assert torch.equal(held.labels, held_again.labels) and torch.equal(kept.labels, kept_again.labels)
     assert not torch.equal(held.labels, split_holdout(dataset.train, 0.25, seed=8)[1].labels)
+
+
+def test_validation_split_is_disjoint_from_training_and_drawn_apart_from_other_holdouts(synthetic):
+    dataset = indexed_dataset(synthetic, count=100)
+    kept, validation = hold_out_validation(dataset, 0.2, seed=3)
+    assert len(validation) == 20 and len(kept.train) == 80
+    assert not set(validation.labels.tolist()) & set(kept.train.labels.tolist())
+    assert torch.equal(validation.labels, hold_out_validation(dataset, 0.2, seed=3)[1].labels)  # re-readable
+    # the validation draw is salted apart from Spartan's evolution split at the same seed
+    assert not torch.equal(validation.labels, split_holdout(dataset.train, 0.2, seed=3)[1].labels)
+    assert hold_out_validation(dataset, 0.0, seed=3) == (dataset, None)
 
 
 # --- batching ------------------------------------------------------------------------------------

@@ -25,6 +25,24 @@ def _weights(run_dir):
 
 
 
+def test_val_split_is_held_out_of_training_and_scored_every_epoch(tmp_path):
+    summary = train(tiny(tmp_path, epochs=2, val_split=0.25))
+    assert summary["val_split_size"] == 256 and summary["train_size"] == 1024 - 256
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [0 <= r["val_acc"] <= 100 and r["val_loss"] > 0 for r in records] == [True, True]
+    assert summary["val_acc"] == records[-1]["val_acc"]
+
+
+def test_git_sha_falls_back_to_the_environment_outside_a_checkout(monkeypatch):
+    from fastflat import rundir
+
+    monkeypatch.setattr(rundir, "_repo_sha", lambda: None)  # as for a copy of the package in /tmp
+    monkeypatch.setenv("FASTFLAT_GIT_SHA", "abc123")
+    assert rundir.git_sha() == "abc123"
+    monkeypatch.delenv("FASTFLAT_GIT_SHA")
+    assert rundir.git_sha() is None
+
+
 @pytest.mark.parametrize("method", ["sgd", "sam"])  # pure ES: tests/test_spartan.py
 def test_a_run_writes_config_metrics_checkpoint_summary_and_learns(tmp_path, method):
     summary = train(tiny(tmp_path, method=method, epochs=2))
