@@ -180,7 +180,7 @@ def ensemble_command(
     sse: Annotated[list[Path] | None, typer.Option("--sse", help="A snapshot-ensemble run: ensemble its snapshots (repeatable with --budgets).")] = None,
     swa: Annotated[Path | None, typer.Option("--swa", help="An SWA run: compare its final and SWA weights.")] = None,
     runs: Annotated[list[Path] | None, typer.Option("--from", help="Independently trained runs (repeat): the Ind ensemble.")] = None,
-    sse_keep: Annotated[int | None, typer.Option("--sse-keep", min=0, help="Snapshot ensembles: ensemble the last K snapshots (0 = all; default: the run's own --sse-keep).")] = None,
+    sse_keep: Annotated[str | None, typer.Option("--sse-keep", help="Snapshot ensembles: ensemble the last K snapshots (0 = all; auto = the K best on the run's validation split, see train --val-split; default: the run's own --sse-keep).")] = None,
     budgets: Annotated[bool, typer.Option("--budgets", help="Budget view: error at 1, 2, 3... budgets for Ind (--from), SSE and FGE runs.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset files.")] = None,
@@ -191,18 +191,21 @@ def ensemble_command(
 
     With --budgets: the papers' budget table, test error of Ind, SSE and FGE at 1, 2, 3... budgets."""
     from fastflat import data as datasets
-    from fastflat.ensemble import budget_view, evaluate_members, run_members
+    from fastflat.ensemble import budget_view, evaluate_members, run_members, snapshots_kept, validation_choice
     from fastflat.models import build_model
     from fastflat.plots import plot_budget_view, plot_ensemble_curve
     from fastflat.rundir import provenance
     from fastflat.train import resolve_device
 
     groups = {"ind": runs or [], "sse": sse or [], "fge": fge or []}
-    if sse_keep is not None and not sse:
+    keep = _parse_keep(sse_keep)
+    if keep is not None and not sse:
         raise UserError("--sse-keep picks snapshots of --sse runs; no --sse run was given")
     if budgets:
         if swa is not None:
             raise UserError("--budgets takes --from, --sse and --fge runs, not --swa")
+        if keep == "auto":
+            raise UserError("--sse-keep auto chooses k for one --sse run; the budget view takes a number")
         chosen = [("budgets", r) for rs in groups.values() for r in rs]
         if not chosen:
             raise UserError("--budgets needs runs: --from RUN (Ind), --sse RUN, --fge RUN, each repeatable")
@@ -215,23 +218,35 @@ def ensemble_command(
     kind = chosen[0][0]
     # each run's checkpoint is read once here (UserError if it is not a run): config and member files
     if budgets:
-        resolved = {g: [(Path(r), *run_members(r, "final" if g == "ind" else g, sse_keep=0)) for r in rs]
+        resolved = {g: [(Path(r), *run_members(r, "final" if g == "ind" else g)) for r in rs]
                     for g, rs in groups.items()}
         configs = [config for entries in resolved.values() for _, config, _ in entries]
     else:
-        configs, paths = zip(*(run_members(run, kind, sse_keep) for _, run in chosen))
+        configs, paths = zip(*(run_members(run, kind) for _, run in chosen))
     cfg = configs[0]
     if any((c["model"], c["dataset"]) != (cfg["model"], cfg["dataset"]) for c in configs):
         raise UserError("the runs must share one model and dataset")
+    val_split = cfg.get("val_split", 0.0) if kind in ("sse", "fge") else 0.0  # older runs have no such key
+    if keep == "auto" and not val_split:
+        raise UserError(f"--sse-keep auto chooses k on the run's validation split; {chosen[0][1]} was trained without --val-split")
     dev = resolve_device(device)
-    data = datasets.load_dataset(cfg["dataset"], data_dir or cfg["data_dir"], dev, 0.0, cfg["seed"])
+    # the run's own label noise and seed: its validation split is rebuilt exactly as training held it out
+    data = datasets.load_dataset(cfg["dataset"], data_dir or cfg["data_dir"], dev, cfg["label_noise"], cfg["seed"])
+    data, validation = datasets.hold_out_validation(data, val_split, cfg["seed"])
     model = build_model(cfg["model"], data.in_channels, data.num_classes, data.image_size).to(dev)
     target = out or Path(chosen[0][1]) / f"ensemble-{kind}.json"
     if budgets:
-        report = {**budget_view(model, resolved, data.test, data, sse_keep), "dataset": cfg["dataset"], "model": cfg["model"]}
+        report = {**budget_view(model, resolved, data.test, data, keep), "dataset": cfg["dataset"], "model": cfg["model"]}
     else:
         members = [p for group in paths for p in group]
+        choice = validation_choice(model, members, validation, data) if validation is not None else None
+        if kind == "sse":  # the last k snapshots: later cycles trained longest
+            k = choice["best_k"] if keep == "auto" else snapshots_kept(cfg, keep)
+            members = members[-k:] if k else members
         report = {"kind": kind, "runs": [str(r) for _, r in chosen], **evaluate_members(model, members, data.test, data)}
+        if choice is not None:  # the member a user would pick alone, scored once on test
+            choice["best_member_test"] = evaluate_members(model, [Path(choice["best_member"])], data.test, data)["ensemble"]
+            report["validation"] = choice
     report["provenance"] = provenance(dev)
     target.write_text(json.dumps(report, indent=2) + "\n")
     (plot_budget_view if budgets else plot_ensemble_curve)(report, target.with_suffix(".png"))
@@ -241,6 +256,15 @@ def ensemble_command(
         _print_budgets(report, target)
     else:
         _print_ensemble(report, target)
+
+
+def _parse_keep(value: str | None) -> int | str | None:
+    """--sse-keep: None (the run's own), 'auto', or a count >= 0."""
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit():
+        raise UserError(f"--sse-keep takes a number of snapshots (0 = all) or auto, not {value!r}")
+    return int(value)
 
 
 def _print_ensemble(report: dict[str, Any], target: Path) -> None:
@@ -256,6 +280,11 @@ def _print_ensemble(report: dict[str, Any], target: Path) -> None:
     if report["kind"] != "swa":
         table.add_row("[bold]ensemble", f"[bold]{e['acc']:.2f}%", f"{e['nll']:.4f}", f"{e['ece']:.2f}%", "")
     console.print(table)
+    if "validation" in report:  # choices made without the test set
+        v = report["validation"]
+        chosen_k = f"last {len(report['members'])} of {len(v['member_acc'])} members; " if report["kind"] == "sse" else ""
+        console.print(f"validation ({v['size']} held-out training examples): {chosen_k}best member alone "
+                      f"{Path(v['best_member']).name}, test accuracy {v['best_member_test']['acc']:.2f}%")
     console.print(f"mean pairwise disagreement {report['disagreement']:.2f}%  -  report: {target} and {target.with_suffix('.png')}")
 
 

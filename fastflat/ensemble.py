@@ -75,29 +75,45 @@ def evaluate_members(model: nn.Module, paths: list[str | Path], split: datasets.
     device = split.labels.device
     labels = split.labels
     prob_sum: Tensor | None = None
-    predictions, members, curve = [], [], []
+    predictions, members, curve, nll_curve = [], [], [], []
     for k, path in enumerate(paths, start=1):
         load_member(model, path, device)
         probs = predict_probs(model, split, dataset, batch_size)
         prob_sum = probs if prob_sum is None else prob_sum + probs
         predictions.append(probs.argmax(1))
         members.append({"member": str(path), **metrics_from_probs(probs, labels)})
-        curve.append(metrics_from_probs(prob_sum / k, labels)["acc"])
+        so_far = metrics_from_probs(prob_sum / k, labels)
+        curve.append(so_far["acc"])
+        nll_curve.append(so_far["nll"])
     ensemble = metrics_from_probs(prob_sum / len(paths), labels)
     return {
         "members": members,
         "ensemble": ensemble,
         "accuracy_by_size": curve,  # ensemble accuracy (%) with the first k members, k = 1..M
+        "nll_by_size": nll_curve,  # and its NLL
         "disagreement": mean_pairwise_disagreement(torch.stack(predictions)),
         "best_member_acc": max(m["acc"] for m in members),
     }
 
 
-def run_members(run_dir: str | Path, kind: str, sse_keep: int | None = None) -> tuple[dict[str, Any], list[Path]]:
-    """(saved config, member files) of a run: kind 'fge' | 'sse' collected members, 'swa' the final
-    weights then the SWA weights, 'final' the run's last checkpoint (independent runs). A snapshot
-    ensemble is its last k snapshots (later cycles trained longest): sse_keep = k, None = the run's
-    own --sse-keep, 0 = all of them."""
+def validation_choice(model: nn.Module, paths: list[Path], validation: datasets.Split,
+                      dataset: datasets.Dataset) -> dict[str, Any]:
+    """What a user may choose without the test set, from a run's validation split (--val-split):
+    each member's validation accuracy (in the order given, oldest first), the accuracy of the
+    ensemble of the last k members for every k, the member to use alone, and the k to use.
+    Both are chosen by accuracy; ties (likely on small splits) go to the lower NLL."""
+    report = evaluate_members(model, paths[::-1], validation, dataset)  # newest first: curve = last k
+    members = report["members"][::-1]
+    best_member = max(range(len(paths)), key=lambda i: (members[i]["acc"], -members[i]["nll"]))
+    last_k_acc, last_k_nll = report["accuracy_by_size"], report["nll_by_size"]
+    best_k = max(range(1, len(paths) + 1), key=lambda k: (last_k_acc[k - 1], -last_k_nll[k - 1]))
+    return {"size": len(validation), "member_acc": [m["acc"] for m in members], "last_k_acc": last_k_acc,
+            "last_k_nll": last_k_nll, "best_member": str(paths[best_member]), "best_k": best_k}
+
+
+def run_members(run_dir: str | Path, kind: str) -> tuple[dict[str, Any], list[Path]]:
+    """(saved config, member files oldest first) of a run: kind 'fge' | 'sse' every collected member,
+    'swa' the final weights then the SWA weights, 'final' the run's last checkpoint (independent runs)."""
     from fastflat.rundir import load_checkpoint
 
     run = Path(run_dir)
@@ -109,16 +125,14 @@ def run_members(run_dir: str | Path, kind: str, sse_keep: int | None = None) -> 
     members = sorted((run / "members").glob(pattern))
     if not members:
         raise UserError(f"{run} has no {kind} members (members/{pattern}); was it trained with --method {kind}?")
-    keep = snapshots_kept(config, sse_keep)
-    if kind == "sse" and keep:
-        members = members[-keep:]
     if kind == "swa":
         members = [run / "checkpoint.pt", *members]
     return config, members
 
 
 def snapshots_kept(config: dict[str, Any], sse_keep: int | None) -> int:
-    """How many last snapshots a snapshot ensemble uses: the override, else the run's --sse-keep (0 = all)."""
+    """How many last snapshots a snapshot ensemble uses: the override, else the run's --sse-keep (0 = all).
+    A snapshot ensemble is its last k snapshots because later cycles trained longest."""
     return sse_keep if sse_keep is not None else config["sse"]["keep"]
 
 
@@ -129,13 +143,13 @@ def budget_view(model: nn.Module, members: dict[str, Resolved], split: datasets.
                 dataset: datasets.Dataset, sse_keep: int | None = None) -> dict[str, Any]:
     """Test error (%) at 1, 2, 3... budgets for Ind, SSE and FGE, as in the FGE paper's tables.
 
-    members: {"ind" | "sse" | "fge": [(run, config, files)]} from run_members(..., sse_keep=0), any of
+    members: {"ind" | "sse" | "fge": [(run, config, files)]} from run_members, any of
     them empty (for "ind", kind "final"). The budget B is the epochs of
     the Ind runs (they must agree), or the shortest run's epochs when there are none. Ind at kB is the
     ensemble of the first k Ind runs, in the order given; an SSE or FGE run trained for kB epochs is one
     entry at kB, and several runs at one budget (seeds) are averaged. Each entry also carries the best
     single member's error over everything the run collected (ensembled or not): the number to beat.
-    sse_keep: how many of each SSE run's last snapshots to ensemble, as in run_members.
+    sse_keep: how many of each SSE run's last snapshots to ensemble, as in snapshots_kept.
     """
     everything = [entry for entries in members.values() for entry in entries]
     if not everything:

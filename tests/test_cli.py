@@ -140,8 +140,33 @@ def test_budget_view_rejects_a_run_off_the_budget_grid(capsys, tmp_path):
     assert code == 2 and "not a multiple of the budget B = 2 epochs" in err and err.count("\n") == 1
 
 
+def test_sse_keep_auto_ensembles_the_last_k_best_on_validation(capsys, tmp_path):
+    run = tmp_path / "sse"
+    assert run_cli(capsys, "train", "--dataset", "synthetic", "--epochs", "3", "--method", "sse", "--sse-cycles", "3",
+                   "--val-split", "0.2", "--label-noise", "0.4", "--out", str(tmp_path), "--name", "sse")[0] == 0
+    code, out, _ = run_cli(capsys, "ensemble", "--sse", str(run), "--sse-keep", "auto", "--out", str(tmp_path / "auto.json"))
+    assert code == 0 and "validation (" in out
+    auto = json.loads((tmp_path / "auto.json").read_text())
+    v, k = auto["validation"], auto["validation"]["best_k"]
+    assert [m["member"].rsplit("/", 1)[1] for m in auto["members"]] == [f"snapshot-0{i}.pt" for i in range(4 - k, 4)]
+    # the same k given by number is the same ensemble; every snapshot is scored on test for the pick alone
+    run_cli(capsys, "ensemble", "--sse", str(run), "--sse-keep", str(k), "--out", str(tmp_path / "fixed.json"))
+    run_cli(capsys, "ensemble", "--sse", str(run), "--sse-keep", "0", "--out", str(tmp_path / "all.json"))
+    fixed, every = (json.loads((tmp_path / f).read_text()) for f in ("fixed.json", "all.json"))
+    assert fixed["ensemble"] == pytest.approx(auto["ensemble"])
+    picked = [m["member"] for m in every["members"]].index(v["best_member"])
+    assert v["best_member_test"]["acc"] == pytest.approx(every["members"][picked]["acc"])
+    assert v["member_acc"][picked] == max(v["member_acc"]) and len(v["member_acc"]) == 3
+    # without a validation split there is nothing to choose on
+    assert run_cli(capsys, "train", *TINY, "--method", "sse", "--out", str(tmp_path), "--name", "noval")[0] == 0
+    code, _, err = run_cli(capsys, "ensemble", "--sse", str(tmp_path / "noval"), "--sse-keep", "auto")
+    assert code == 2 and "trained without --val-split" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("args, says", [(["--budgets"], "needs runs"), (["--budgets", "--swa", "a"], "not --swa"),
-                                        (["--fge", "a", "--sse-keep", "2"], "no --sse run")])
+                                        (["--fge", "a", "--sse-keep", "2"], "no --sse run"),
+                                        (["--sse", "a", "--sse-keep", "two"], "or auto, not 'two'"),
+                                        (["--budgets", "--sse", "a", "--sse-keep", "auto"], "takes a number")])
 def test_ensemble_option_misuse_is_one_line(capsys, args, says):
     code, _, err = run_cli(capsys, "ensemble", *args)
     assert code == 2 and says in err and err.count("\n") == 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastflat.config import load_config
-from fastflat.ensemble import evaluate_members, mean_pairwise_disagreement, metrics_from_probs
+from fastflat.ensemble import evaluate_members, mean_pairwise_disagreement, metrics_from_probs, validation_choice
 from fastflat.methods import build_method
 from fastflat.schedules import fge_triangular, snapshot_cosine, swa_cyclic
 from fastflat.train import Trainer, resume, train
@@ -91,6 +91,28 @@ def test_ensemble_of_one_member_equals_that_member(tmp_path):
     assert report["ensemble"]["acc"] == pytest.approx(alone["acc"])
     assert report["members"][0]["nll"] == pytest.approx(alone["loss"], rel=1e-5)
     assert report["disagreement"] == 0.0 and report["accuracy_by_size"] == [report["ensemble"]["acc"]]
+
+
+def test_validation_choice_scores_last_k_ensembles_and_members_on_the_validation_split(tmp_path):
+    # label noise keeps accuracies apart from 100%, so the choice is not a tie
+    trainer = Trainer(tiny(tmp_path, epochs=1, val_split=0.25, label_noise=0.4), __import__("fastflat.rundir").rundir.RunDir.create(tmp_path, "t"))
+    paths = []
+    for tag in ("a", "b", "c"):
+        for p in trainer.flat.params:  # three different members
+            p.data.add_(0.05 * torch.randn_like(p))
+        paths.append(trainer.save_member(tag))
+    validation = trainer.validation
+    choice = validation_choice(trainer.model, paths, validation, trainer.data)
+    assert choice["size"] == len(validation) == 256
+    for k in (1, 2, 3):  # the k-th point is the ensemble of the last k members, on validation
+        alone = evaluate_members(trainer.model, paths[-k:], validation, trainer.data)["ensemble"]
+        assert choice["last_k_acc"][k - 1] == pytest.approx(alone["acc"])
+        assert choice["last_k_nll"][k - 1] == pytest.approx(alone["nll"], rel=1e-5)
+    singles = [evaluate_members(trainer.model, [p], validation, trainer.data)["ensemble"] for p in paths]
+    assert choice["member_acc"] == pytest.approx([m["acc"] for m in singles])
+    best = max(range(3), key=lambda i: (singles[i]["acc"], -singles[i]["nll"]))
+    assert choice["best_member"] == str(paths[best])
+    assert choice["last_k_acc"][choice["best_k"] - 1] == max(choice["last_k_acc"])
 
 
 # -- runs -------------------------------------------------------------------------------------------------
