@@ -191,7 +191,7 @@ def ensemble_command(
 
     With --budgets: the papers' budget table, test error of Ind, SSE and FGE at 1, 2, 3... budgets."""
     from fastflat import data as datasets
-    from fastflat.ensemble import budget_view, evaluate_members, run_members, snapshots_kept, validation_choice
+    from fastflat.ensemble import budget_view, ensemble_report, run_members
     from fastflat.models import build_model
     from fastflat.plots import plot_budget_view, plot_ensemble_curve
     from fastflat.rundir import provenance
@@ -239,14 +239,8 @@ def ensemble_command(
         report = {**budget_view(model, resolved, data.test, data, keep), "dataset": cfg["dataset"], "model": cfg["model"]}
     else:
         members = [p for group in paths for p in group]
-        choice = validation_choice(model, members, validation, data) if validation is not None else None
-        if kind == "sse":  # the last k snapshots: later cycles trained longest
-            k = choice["best_k"] if keep == "auto" else snapshots_kept(cfg, keep)
-            members = members[-k:] if k else members
-        report = {"kind": kind, "runs": [str(r) for _, r in chosen], **evaluate_members(model, members, data.test, data)}
-        if choice is not None:  # the member a user would pick alone, scored once on test
-            choice["best_member_test"] = evaluate_members(model, [Path(choice["best_member"])], data.test, data)["ensemble"]
-            report["validation"] = choice
+        report = {"kind": kind, "runs": [str(r) for _, r in chosen],
+                  **ensemble_report(model, kind, members, cfg, keep, data, validation)}
     report["provenance"] = provenance(dev)
     target.write_text(json.dumps(report, indent=2) + "\n")
     (plot_budget_view if budgets else plot_ensemble_curve)(report, target.with_suffix(".png"))

@@ -136,6 +136,26 @@ def snapshots_kept(config: dict[str, Any], sse_keep: int | None) -> int:
     return sse_keep if sse_keep is not None else config["sse"]["keep"]
 
 
+def ensemble_report(model: nn.Module, kind: str, members: list[Path], config: dict[str, Any],
+                    sse_keep: int | str | None, dataset: datasets.Dataset,
+                    validation: datasets.Split | None) -> dict[str, Any]:
+    """evaluate_members on the test split for the members a user asked for: a snapshot ensemble keeps
+    its last k (sse_keep as in snapshots_kept, or 'auto': the k best on validation). With a
+    validation split, the report also carries validation_choice over every member, and the test
+    metrics of the member it picks to use alone."""
+    if sse_keep == "auto" and validation is None:
+        raise UserError("--sse-keep auto chooses k on a validation split; the run was trained without --val-split")
+    choice = validation_choice(model, members, validation, dataset) if validation is not None else None
+    if kind == "sse":
+        k = choice["best_k"] if sse_keep == "auto" else snapshots_kept(config, sse_keep)
+        members = members[-k:] if k else members
+    report = evaluate_members(model, members, dataset.test, dataset)
+    if choice is not None:
+        choice["best_member_test"] = evaluate_members(model, [Path(choice["best_member"])], dataset.test, dataset)["ensemble"]
+        report["validation"] = choice
+    return report
+
+
 Resolved = list[tuple[Path, dict[str, Any], list[Path]]]  # (run, saved config, every member file)
 
 
