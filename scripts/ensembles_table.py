@@ -31,38 +31,38 @@ def common_rows(tag: str, report: dict) -> dict:
     return best
 
 
-def twelve_epochs(out: Path) -> None:
+def runs(out: Path, epochs: int):
+    """(SSE | FGE, run directory, its end-of-training ensemble report) for both methods, seeds 0-2."""
     for method in ("sse", "fge"):
-        tag = method.upper()
         for seed in (0, 1, 2):
-            run = out / f"{method}12-s{seed}"
-            report = json.loads((run / "summary.json").read_text())["ensemble"]
-            best = common_rows(tag, report)
-            last3 = run / "ensemble-last3.json"
-            if last3.exists():
-                last3 = json.loads(last3.read_text())["ensemble"]
-                add(f"{tag} ensemble of the last 3", 100 - last3["acc"])
-            add(f"{tag} NLL: best member vs ensemble of all", (best["nll"], report["ensemble"]["nll"]))
-            if isinstance(last3, dict):
-                add(f"{tag} NLL: best member vs ensemble of the last 3", (best["nll"], last3["nll"]))
-            add(f"{tag} disagreement (%)", report["disagreement"])
+            run = out / f"{method}{epochs}-s{seed}"
+            yield method.upper(), run, json.loads((run / "summary.json").read_text())["ensemble"]
+
+
+def twelve_epochs(out: Path) -> None:
+    for tag, run, report in runs(out, 12):
+        best = common_rows(tag, report)
+        last3 = run / "ensemble-last3.json"
+        if last3.exists():
+            last3 = json.loads(last3.read_text())["ensemble"]
+            add(f"{tag} ensemble of the last 3", 100 - last3["acc"])
+        add(f"{tag} NLL: best member vs ensemble of all", (best["nll"], report["ensemble"]["nll"]))
+        if isinstance(last3, dict):
+            add(f"{tag} NLL: best member vs ensemble of the last 3", (best["nll"], last3["nll"]))
+        add(f"{tag} disagreement (%)", report["disagreement"])
 
 
 def with_validation(out: Path) -> None:
-    for method in ("sse", "fge"):
-        tag = method.upper()
-        for seed in (0, 1, 2):
-            run = out / f"{method}16-s{seed}"
-            report = json.loads((run / "summary.json").read_text())["ensemble"]
-            chosen = json.loads((run / "ensemble-val.json").read_text())
-            val = chosen["validation"]
-            best = common_rows(tag, report)
-            add(f"{tag} best member (picked on validation)", 100 - val["best_member_test"]["acc"])
-            if method == "sse":  # FGE ensembles every member: its row is the "ensemble of all" above
-                add(f"{tag} ensemble of the last k (k on validation)", 100 - chosen["ensemble"]["acc"])
-                add(f"{tag} k chosen", len(chosen["members"]))
-            add(f"{tag} NLL: best member (test pick) vs ensemble", (best["nll"], chosen["ensemble"]["nll"]))
-            add(f"{tag} disagreement (%)", chosen["disagreement"])
+    for tag, run, report in runs(out, 16):
+        chosen = json.loads((run / "ensemble-val.json").read_text())
+        val = chosen["validation"]
+        best = common_rows(tag, report)
+        add(f"{tag} best member (picked on validation)", 100 - val["best_member_test"]["acc"])
+        if tag == "SSE":  # FGE ensembles every member: its row is the "ensemble of all" above
+            add(f"{tag} ensemble of the last k (k on validation)", 100 - chosen["ensemble"]["acc"])
+            add(f"{tag} k chosen", len(chosen["members"]))
+        add(f"{tag} NLL: best member (test pick) vs ensemble", (best["nll"], chosen["ensemble"]["nll"]))
+        add(f"{tag} disagreement (%)", chosen["disagreement"])
 
 
 def main(args: list[str]) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Snapshot ensembles and FGE at a 16-epoch budget, seeds 0 1 2, with choices made on a validation
-# split (10% of the training set, never trained on) instead of the test set (96 epochs: ~65 min on 2
-# quiet CPU cores). Fixed before any of these runs was trained:
+# split (10% of the training set, never trained on) instead of the test set (96 epochs: ~75 min on 2
+# quiet CPU cores; each run ~45 s an epoch). Fixed before any of these runs was trained:
 #  - SSE: 4 cosine cycles of 4 epochs at lr 0.1; k (the last k snapshots) chosen by validation accuracy;
 #  - FGE: 8 epochs pretraining, then 8 triangular cycles of 1 epoch (0.05 -> 0.0005 -> 0.05), all 8 models;
 #  - the "best member" is reported twice: picked on validation (what a user can do) and picked on
