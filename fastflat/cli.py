@@ -227,8 +227,6 @@ def ensemble_command(
     if any((c["model"], c["dataset"]) != (cfg["model"], cfg["dataset"]) for c in configs):
         raise UserError("the runs must share one model and dataset")
     val_split = cfg.get("val_split", 0.0) if kind in ("sse", "fge") else 0.0  # older runs have no such key
-    if keep == "auto" and not val_split:
-        raise UserError(f"--sse-keep auto chooses k on the run's validation split; {chosen[0][1]} was trained without --val-split")
     dev = resolve_device(device)
     # the run's own label noise and seed: its validation split is rebuilt exactly as training held it out
     data = datasets.load_dataset(cfg["dataset"], data_dir or cfg["data_dir"], dev, cfg["label_noise"], cfg["seed"])

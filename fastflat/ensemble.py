@@ -150,8 +150,10 @@ def ensemble_report(model: nn.Module, kind: str, members: list[Path], config: di
         k = choice["best_k"] if sse_keep == "auto" else snapshots_kept(config, sse_keep)
         members = members[-k:] if k else members
     report = evaluate_members(model, members, dataset.test, dataset)
-    if choice is not None:
-        choice["best_member_test"] = evaluate_members(model, [Path(choice["best_member"])], dataset.test, dataset)["ensemble"]
+    if choice is not None:  # the picked member's test metrics: from the report, else one more pass
+        picked = [m for m in report["members"] if m["member"] == choice["best_member"]]
+        scored = picked or evaluate_members(model, [Path(choice["best_member"])], dataset.test, dataset)["members"]
+        choice["best_member_test"] = {k: scored[0][k] for k in ("acc", "nll", "ece")}
         report["validation"] = choice
     return report
 

@@ -250,14 +250,15 @@ class Trainer:
         self.method.end_epoch(self.flat, pos.epoch)
         elapsed = time.time() - epoch_start
         test = self.evaluate()
+        val: dict[str, float] = {}
         if self.validation is not None:  # for choosing epochs, members, k without the test set
-            val = evaluate(self.model, self.validation, self.data, max(cfg.batch_size, 512), cfg.amp)
-            test |= {"val_loss": val["loss"], "val_acc": val["acc"]}
+            scored = evaluate(self.model, self.validation, self.data, max(cfg.batch_size, 512), cfg.amp)
+            val = {"val_loss": scored["loss"], "val_acc": scored["acc"]}
         last = max(pos.step - 1, 0)
         record = {"epoch": pos.epoch + 1, "step": pos.step, "lr": self.method.lr(last, self.schedule(last)),
                   "train_loss": loss_sum.item() / max(seen, 1), "train_acc": 100.0 * correct.item() / max(seen, 1),
                   "test_loss": test["loss"], "test_acc": test["acc"], "epoch_seconds": elapsed,
-                  **{k: v for k, v in test.items() if k.startswith("val_")},
+                  **val,
                   "samples_per_s": seen / max(elapsed, 1e-9)}
         pos.epoch, pos.batch = pos.epoch + 1, 0
         self.run.append_metrics(record)

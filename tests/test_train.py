@@ -31,6 +31,17 @@ def test_val_split_is_held_out_of_training_and_scored_every_epoch(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [0 <= r["val_acc"] <= 100 and r["val_loss"] > 0 for r in records] == [True, True]
     assert summary["val_acc"] == records[-1]["val_acc"]
+    # the split rebuilt from the saved config (as `fastflat ensemble` does) is the one training scored
+    from fastflat import data as datasets
+    from fastflat.models import build_model
+    from fastflat.train import evaluate
+
+    data = datasets.load_dataset("synthetic", seed=0)
+    _, validation = datasets.hold_out_validation(data, 0.25, seed=0)
+    model = build_model("cnn", data.in_channels, data.num_classes, data.image_size)
+    model.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"])
+    again = evaluate(model, validation, data, 512)
+    assert again["acc"] == pytest.approx(summary["val_acc"]) and again["loss"] == pytest.approx(records[-1]["val_loss"], rel=1e-5)
 
 
 def test_git_sha_falls_back_to_the_environment_outside_a_checkout(monkeypatch):
