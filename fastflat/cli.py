@@ -18,9 +18,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from fastflat.config import (AMP_MODES, INNER_METHODS, METHODS, SCHEDULES, FGEConfig, SAMConfig, SSEConfig,
-                             SpartanConfig, SWAConfig, TrainConfig, load_config)
-from fastflat.errors import UserError
+from fastflat.config import (Amp, Dataset, FGEConfig, Fitness, InnerMethod, Method, Mutation, Noise, OnNonFinite,
+                             SAMConfig, SAMNorm, Schedule, Shaping, SpartanConfig, SSEConfig, SWAConfig, TrainConfig,
+                             load_config, option_keys)
+from fastflat.errors import Interrupted, NonFiniteError, UserError
 
 try:  # typer >= 0.29 vendors click; older typer depends on it
     from typer._click.exceptions import UsageError
@@ -50,8 +51,8 @@ EVO = "Spartan and ES"
 
 @app.command()
 def train(
-    method: Annotated[str | None, _opt(f"Training method: {' | '.join(METHODS)}.", METHOD, D.method)] = None,
-    inner: Annotated[str | None, _opt(f"Method that swa/sse/fge wrap: {' | '.join(INNER_METHODS)}.", METHOD, D.inner)] = None,
+    method: Annotated[Method | None, _opt("Training method; swa, sse, fge and spartan wrap --inner.", METHOD, D.method)] = None,
+    inner: Annotated[InnerMethod | None, _opt("Method that swa/sse/fge/spartan wrap.", METHOD, D.inner)] = None,
     init: Annotated[str | None, _opt("Start from this run directory's checkpoint (e.g. FGE from a trained model).", METHOD)] = None,
     swa: Annotated[bool | None, _opt("Add SWA on top of --method (e.g. SWA over SAM).", AVG, W.enabled)] = None,
     swa_start: Annotated[float | None, _opt("SWA starts: fraction of the budget (< 1) or epoch.", AVG, W.start)] = None,
@@ -64,20 +65,22 @@ def train(
     fge_cycle_epochs: Annotated[float | None, _opt("FGE: cycle length c in epochs (may be fractional; c is rounded to an even number of iterations).", AVG, F.cycle_epochs)] = None,
     fge_lr_max: Annotated[float | None, _opt("FGE: alpha1.", AVG, F.lr_max)] = None,
     fge_lr_min: Annotated[float | None, _opt("FGE: alpha2, the LR where models are collected.", AVG, F.lr_min)] = None,
-    mutation: Annotated[str | None, _opt("Spartan mutation: es | grad.", EVO, P.mutation)] = None,
+    mutation: Annotated[Mutation | None, _opt("Spartan mutation.", EVO, P.mutation)] = None,
     mutate_every: Annotated[int | None, _opt("Epochs between mutation rounds.", EVO, P.mutate_every)] = None,
     children: Annotated[int | None, _opt("Children K per round (even with --antithetic).", EVO, P.children)] = None,
-    es_noise: Annotated[str | None, _opt("ES noise: normal | uniform (U[-1, 1]).", EVO, P.noise)] = None,
+    es_noise: Annotated[Noise | None, _opt("ES noise (uniform: U[-1, 1]).", EVO, P.noise)] = None,
     sigma: Annotated[float | None, _opt("ES noise scale.", EVO, P.sigma)] = None,
     es_lr: Annotated[float | None, _opt("ES step size.", EVO, P.es_lr)] = None,
     antithetic: Annotated[bool | None, _opt("ES children in +/- pairs.", EVO, P.antithetic)] = None,
-    shaping: Annotated[str | None, _opt("ES reward shaping: normalize | ranks.", EVO, P.shaping)] = None,
-    fitness: Annotated[str | None, _opt("Fitness on the evolution split: loss | acc.", EVO, P.fitness)] = None,
+    shaping: Annotated[Shaping | None, _opt("ES reward shaping.", EVO, P.shaping)] = None,
+    fitness: Annotated[Fitness | None, _opt("Fitness on the evolution split.", EVO, P.fitness)] = None,
     evolution_split: Annotated[float | None, _opt("Share of training data held out for fitness.", EVO, P.evolution_split)] = None,
     grad_lr: Annotated[float | None, _opt("grad mutation step scale.", EVO, P.grad_lr)] = None,
     temperature: Annotated[float | None, _opt("grad mutation temperature T0.", EVO, P.temperature)] = None,
+    fitness_examples: Annotated[int | None, _opt("Examples of the evolution split scored per round (0 = all).", EVO, P.fitness_examples)] = None,
+    chunk: Annotated[int | None, _opt("Children scored at once with vmap (1 = one at a time).", EVO, P.chunk)] = None,
     rho: Annotated[float | None, _opt("SAM radius (>= 0).", SAM_P, S.rho)] = None,
-    sam_norm: Annotated[str | None, _opt("SAM ball: l2 | linf.", SAM_P, S.norm)] = None,
+    sam_norm: Annotated[SAMNorm | None, _opt("SAM ball.", SAM_P, S.norm)] = None,
     sam_adaptive: Annotated[bool | None, _opt("ASAM: scale the ball by |w|.", SAM_P, S.adaptive)] = None,
     sam_m: Annotated[int | None, _opt("m-sharpness: examples per perturbation (0 = whole batch).", SAM_P, S.m)] = None,
     epochs: Annotated[int | None, _opt("Epochs to train.", OPTIM, D.epochs)] = None,
@@ -86,12 +89,13 @@ def train(
     momentum: Annotated[float | None, _opt("SGD momentum.", OPTIM, D.momentum)] = None,
     nesterov: Annotated[bool | None, _opt("Nesterov momentum.", OPTIM, D.nesterov)] = None,
     weight_decay: Annotated[float | None, _opt("L2 weight decay.", OPTIM, D.weight_decay)] = None,
-    schedule: Annotated[str | None, _opt(f"LR schedule: {' | '.join(SCHEDULES)}.", OPTIM, D.schedule)] = None,
+    schedule: Annotated[Schedule | None, _opt("LR schedule (sgd, sam, es; swa/sse/fge set their own).", OPTIM, D.schedule)] = None,
     warmup_epochs: Annotated[float | None, _opt("Linear LR warmup, in epochs.", OPTIM, D.warmup_epochs)] = None,
     clip_grad: Annotated[float | None, _opt("Clip the gradient to this global L2 norm.", OPTIM)] = None,
-    amp: Annotated[str | None, _opt(f"Mixed precision: {' | '.join(AMP_MODES)}.", OPTIM, D.amp)] = None,
+    amp: Annotated[Amp | None, _opt("Mixed precision.", OPTIM, D.amp)] = None,
+    on_nonfinite: Annotated[OnNonFinite | None, _opt("NaN/inf loss or gradient: stop (exit 3, last finite checkpoint kept), skip the step, or roll back with half the LR.", RUN, D.on_nonfinite)] = None,
     model: Annotated[str | None, _opt("cnn | resnet18 | preact-resnet18 | wrn-D-K | vgg16-bn.", DATA, D.model)] = None,
-    dataset: Annotated[str | None, _opt("fashion-mnist | mnist | cifar10 | cifar100 | synthetic.", DATA, D.dataset)] = None,
+    dataset: Annotated[Dataset | None, _opt("Dataset (synthetic: a small fixed 10-class set for tests).", DATA, D.dataset)] = None,
     data_dir: Annotated[str | None, _opt("Folder holding the dataset files.", DATA)] = None,
     label_noise: Annotated[float | None, _opt("Fraction of training labels to corrupt, fixed by --seed.", DATA, D.label_noise)] = None,
     val_split: Annotated[float | None, _opt("Share of training data held out for validation (choose k or a member without the test set).", DATA, D.val_split)] = None,
@@ -107,17 +111,8 @@ def train(
     from fastflat import train as training
     from fastflat.progress import RichHooks
 
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "resume", "training", "RichHooks")}
-    section_keys = {"rho": "sam.rho", "sam_norm": "sam.norm", "sam_adaptive": "sam.adaptive", "sam_m": "sam.m",
-                    "swa": "swa.enabled", "swa_start": "swa.start", "swa_lr": "swa.lr", "swa_lr_min": "swa.lr_min",
-                    "swa_cycle": "swa.cycle", "sse_cycles": "sse.cycles", "sse_keep": "sse.keep",
-                    "fge_pretrain": "fge.pretrain", "fge_cycle_epochs": "fge.cycle_epochs",
-                    "fge_lr_max": "fge.lr_max", "fge_lr_min": "fge.lr_min"}
-    section_keys.update({k: f"spartan.{k}" for k in ("mutation", "mutate_every", "children", "sigma", "es_lr",
-                                                      "antithetic", "shaping", "fitness", "evolution_split",
-                                                      "grad_lr", "temperature")})
-    section_keys["es_noise"] = "spartan.noise"
-    overrides = {section_keys.get(k, k): v for k, v in overrides.items()}
+    keys = option_keys()
+    overrides = {keys[k]: v for k, v in locals().items() if k in keys}
     hooks = RichHooks(console)
     try:
         if resume is not None:
@@ -127,12 +122,28 @@ def train(
             summary = training.resume(resume, hooks)
         else:
             summary = training.train(load_config(config, overrides), hooks)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         hooks.stop()
-        run_dir = hooks.run_dir or "the run directory"
-        err_console.print(f"interrupted: checkpoint saved; continue with: fastflat train --resume {run_dir}")
+        err_console.print(_interrupted_message(e, hooks.run_dir), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(130) from None
+    except NonFiniteError as e:
+        hooks.stop()
+        err_console.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(3) from None
+    except UserError:
+        hooks.stop()
+        raise
     hooks.print_summary(summary)
+
+
+def _interrupted_message(error: KeyboardInterrupt, run_dir: str | None) -> str:
+    """Say what a stop kept: the checkpoint of the last whole step, or that nothing was saved."""
+    if isinstance(error, Interrupted) and error.saved_step is not None:
+        return f"interrupted: checkpoint saved at step {error.saved_step}; continue with: fastflat train --resume {run_dir}"
+    if run_dir is not None and (Path(run_dir) / "checkpoint.pt").exists():
+        return (f"interrupted without saving this step; the last checkpoint is kept; continue with: "
+                f"fastflat train --resume {run_dir}")
+    return "interrupted before training started: no checkpoint was written, nothing to resume"
 
 
 @app.command("eval")
@@ -148,7 +159,7 @@ def evaluate_checkpoint(
     from fastflat.config import config_from_dict
     from fastflat.models import build_model
     from fastflat.rundir import load_checkpoint
-    from fastflat.train import evaluate, resolve_device
+    from fastflat.evaluation import evaluate, resolve_device
 
     state = load_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"])
@@ -194,8 +205,9 @@ def ensemble_command(
     from fastflat.ensemble import budget_view, ensemble_report, run_members
     from fastflat.models import build_model
     from fastflat.plots import plot_budget_view, plot_ensemble_curve
-    from fastflat.rundir import provenance
-    from fastflat.train import resolve_device
+    from fastflat.faults import json_safe
+    from fastflat.rundir import atomic_write_text, provenance
+    from fastflat.evaluation import resolve_device
 
     groups = {"ind": runs or [], "sse": sse or [], "fge": fge or []}
     keep = _parse_keep(sse_keep)
@@ -240,7 +252,7 @@ def ensemble_command(
         report = {"kind": kind, "runs": [str(r) for _, r in chosen],
                   **ensemble_report(model, kind, members, cfg, keep, data, validation)}
     report["provenance"] = provenance(dev)
-    target.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(target, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     (plot_budget_view if budgets else plot_ensemble_curve)(report, target.with_suffix(".png"))
     if as_json:
         print(json.dumps(report))

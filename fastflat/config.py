@@ -9,6 +9,8 @@ Method settings live in their own section (`sam:` in YAML, `sam.rho` as an overr
 from __future__ import annotations
 
 import dataclasses
+import enum
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,27 +21,60 @@ import yaml
 
 from fastflat.errors import UserError
 
-METHODS = ("sgd", "sam", "es", "swa", "sse", "fge", "spartan")  # swa/sse/fge/spartan wrap --inner
-INNER_METHODS = ("sgd", "sam")
-SCHEDULES = ("constant", "step", "cosine")
-AMP_MODES = ("none", "bf16")
+
+class Choice(str, enum.Enum):
+    """A closed set of string values: YAML holds the plain string, the CLI shows [a|b|c]."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(c.value for c in cls)
+
+
+Method = Choice("Method", {m: m for m in ("sgd", "sam", "es", "swa", "sse", "fge", "spartan")})
+InnerMethod = Choice("InnerMethod", {m: m for m in ("sgd", "sam")})
+Schedule = Choice("Schedule", {m: m for m in ("constant", "step", "cosine")})
+Amp = Choice("Amp", {m: m for m in ("none", "bf16")})
+OnNonFinite = Choice("OnNonFinite", {m: m for m in ("raise", "skip", "rollback")})
+Dataset = Choice("Dataset", {m: m for m in ("fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic")})
+SAMNorm = Choice("SAMNorm", {m: m for m in ("l2", "linf")})
+Mutation = Choice("Mutation", {m: m for m in ("es", "grad")})
+Noise = Choice("Noise", {m: m for m in ("normal", "uniform")})
+Shaping = Choice("Shaping", {m: m for m in ("normalize", "ranks")})
+Fitness = Choice("Fitness", {m: m for m in ("loss", "acc")})
+
+METHODS, INNER_METHODS, SCHEDULES, AMP_MODES = Method.values(), InnerMethod.values(), Schedule.values(), Amp.values()
+LR_OWNERS = ("swa", "sse", "fge")  # methods that set the learning rate themselves
+SEED_MAX = 2**32 - 1  # torch's CPU generator keeps 32 bits of a seed; larger ones would collide
+
+
+def choice(default: str, values: type[Choice], option: str | None = None) -> Any:
+    """A str field restricted to `values` (checked, and shown as choices by the CLI)."""
+    return field(default=default, metadata={"choices": values, **({"option": option} if option else {})})
+
+
+def option(default: Any, name: str) -> Any:
+    """A field whose CLI option is `--name` instead of the derived `--section-field`."""
+    return field(default=default, metadata={"option": name})
 
 
 @dataclass(frozen=True)
 class SAMConfig:
-    rho: float = 0.05  # radius of the ascent ball (L2: in weight units; ASAM: relative to |w|)
-    norm: str = "l2"  # l2 | linf: the ball's shape
+    rho: float = option(0.05, "rho")  # radius of the ascent ball (L2: in weight units; ASAM: relative to |w|)
+    norm: str = choice("l2", SAMNorm)  # l2 | linf: the ball's shape
     adaptive: bool = False  # ASAM: scale the ball by |w| (Kwon et al. 2021)
     m: int = 0  # m-sharpness: examples per perturbation; 0 = the whole batch shares one
 
 
 @dataclass(frozen=True)
 class SWAConfig:
-    enabled: bool = False  # --swa: average on top of any method (--method swa implies it)
+    enabled: bool = option(False, "swa")  # --swa: average on top of any method (--method swa implies it)
     start: float = 0.75  # averaging starts here: a fraction of the budget if < 1, else an epoch
     lr: float = 0.01  # alpha1: the SWA learning rate (cycle maximum when lr_min is set)
     lr_min: float | None = None  # alpha2: cycle minimum; None = constant lr
-    cycle: int = 0  # c: iterations per cycle, average at each cycle's end; 0 = one epoch
+    cycle: int = 0  # c: iterations per cycle, average at each cycle's end; 0 = a quarter epoch
 
 
 @dataclass(frozen=True)
@@ -51,7 +86,7 @@ class SSEConfig:
 @dataclass(frozen=True)
 class FGEConfig:
     pretrain: float = 0.5  # share of the budget spent training before the cycles (0 with --init)
-    cycle_epochs: float = 2.0  # c in epochs (rounded to an even number of iterations): one model
+    cycle_epochs: float = 0.5  # c in epochs (rounded to an even number of iterations): one model
     #                            collected in the middle of each cycle; short budgets want short cycles
     lr_max: float = 0.05  # alpha1
     lr_min: float = 0.0005  # alpha2: the LR at collection
@@ -59,30 +94,30 @@ class FGEConfig:
 
 @dataclass(frozen=True)
 class SpartanConfig:
-    mutation: str = "es"  # es (OpenAI-ES update) | grad (random-gradient children, best replaces parent)
-    mutate_every: int = 1  # epochs between mutation rounds
-    children: int = 16  # K
-    noise: str = "normal"  # normal | uniform (U[-1, 1], the article's ES experiment)
-    sigma: float = 0.01  # ES noise scale, in weight units
-    es_lr: float = 2e-5  # ES step: w += es_lr / (K sigma) sum_k r_k eps_k; with shaped rewards each
+    mutation: str = choice("es", Mutation, "mutation")  # es (OpenAI-ES update) | grad (random-gradient children, best replaces parent)
+    mutate_every: int = option(1, "mutate_every")  # epochs between mutation rounds
+    children: int = option(16, "children")  # K
+    noise: str = choice("normal", Noise, "es_noise")  # normal | uniform (U[-1, 1], the article's ES experiment)
+    sigma: float = option(0.01, "sigma")  # ES noise scale, in weight units
+    es_lr: float = option(2e-5, "es_lr")  # ES step: w += es_lr / (K sigma) sum_k r_k eps_k; with shaped rewards each
     #                      weight moves about es_lr / (sqrt(K) sigma): 5e-4 at the defaults
-    antithetic: bool = True  # ES children in +/- pairs sharing one eps_k
-    shaping: str = "normalize"  # normalize: (r - mean) / std | ranks: centered ranks in [-0.5, 0.5]
-    fitness: str = "loss"  # loss | acc, measured on the evolution split
-    evolution_split: float = 0.1  # share of the training set held out for fitness; SGD never sees it
-    fitness_examples: int = 2048  # examples of the split scored per round (0 = all of it)
-    grad_lr: float = 0.05  # grad mutation: child = w - grad_lr * T * u * g, u ~ U(0, 1) per weight
-    temperature: float = 1.0  # T0; T = T0 * parent_loss / first_parent_loss (shrinks as it improves)
-    chunk: int = 8  # children evaluated at once with torch.func.vmap (1 = one at a time)
+    antithetic: bool = option(True, "antithetic")  # ES children in +/- pairs sharing one eps_k
+    shaping: str = choice("normalize", Shaping, "shaping")  # normalize: (r - mean) / std | ranks: centered ranks in [-0.5, 0.5]
+    fitness: str = choice("loss", Fitness, "fitness")  # loss | acc, measured on the evolution split
+    evolution_split: float = option(0.1, "evolution_split")  # share of the training set held out for fitness; SGD never sees it
+    fitness_examples: int = option(2048, "fitness_examples")  # examples of the split scored per round (0 = all of it)
+    grad_lr: float = option(0.05, "grad_lr")  # grad mutation: child = w - grad_lr * T * u * g, u ~ U(0, 1) per weight
+    temperature: float = option(1.0, "temperature")  # T0; T = T0 * parent_loss / first_parent_loss (shrinks as it improves)
+    chunk: int = option(8, "chunk")  # children evaluated at once with torch.func.vmap (1 = one at a time)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    method: str = "sgd"  # one of METHODS
-    inner: str = "sgd"  # the method swa/sse/fge wrap: sgd | sam
+    method: str = choice("sgd", Method)  # swa/sse/fge/spartan wrap `inner`
+    inner: str = choice("sgd", InnerMethod)  # the method swa/sse/fge/spartan wrap
     init: str | None = None  # start from this run directory's checkpoint (FGE from a trained model)
     model: str = "cnn"  # see fastflat.models.MODELS
-    dataset: str = "fashion-mnist"  # see fastflat.data.DATASETS
+    dataset: str = choice("fashion-mnist", Dataset)
     data_dir: str | None = None  # where the dataset files are; None = the usual places
     label_noise: float = 0.0  # fraction of training labels replaced by another class, fixed by seed
     val_split: float = 0.0  # share of the training set held out for validation (choosing a snapshot
@@ -93,11 +128,13 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4  # L2 coupled into the gradient, as torch.optim.SGD does
-    schedule: str = "cosine"  # constant | step (x0.1 at 50% and 75%) | cosine (to 0)
+    schedule: str = choice("cosine", Schedule)  # constant | step (x0.1 at 50% and 75%) | cosine (to 0)
     warmup_epochs: float = 0.0  # linear warmup from 0 to lr, before the schedule
     clip_grad: float | None = None  # global L2 norm limit on the gradient; None = no clipping
-    amp: str = "none"  # none | bf16 (autocast forward/backward; weights stay fp32)
-    seed: int = 0
+    amp: str = choice("none", Amp)  # none | bf16 (autocast forward/backward; weights stay fp32)
+    on_nonfinite: str = choice("raise", OnNonFinite)  # NaN/inf loss or gradient: raise (stop, exit 3,
+    #                     last finite checkpoint kept) | skip (drop that step) | rollback (last checkpoint, LR / 2)
+    seed: int = 0  # 0 .. 2^32 - 1
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: str = "runs"  # parent folder of the run directory
     name: str | None = None  # run directory name; None = method-dataset-model-seed-time
@@ -109,95 +146,139 @@ class TrainConfig:
     spartan: SpartanConfig = field(default_factory=SpartanConfig)
 
 
-def _check(cfg: TrainConfig) -> None:
-    """Value checks: each failure names the key, the value, and what is allowed."""
-    from fastflat.data import DATASETS
+def _fields(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, type hint) of every leaf setting, sections included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, f, hints[f.name]
 
-    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+
+def option_keys() -> dict[str, str]:
+    """CLI option name (underscores) -> dotted config key, derived from the dataclasses: a top-level
+    field keeps its name, a section's field is `section_field` unless its metadata names the option."""
+    return {f.metadata.get("option", key.replace(".", "_")): key for key, f, _ in _fields(TrainConfig)}
+
+
+def choices_of(key: str) -> type[Choice] | None:
+    return next((f.metadata.get("choices") for k, f, _ in _fields(TrainConfig) if k == key), None)
+
+
+def _value(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _check(cfg: TrainConfig) -> list[str]:
+    """Value checks; returns every failure, each naming the key, the value, and what is allowed."""
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, allowed: str) -> None:
         if not ok:
-            raise UserError(f"{key} = {value!r} is invalid: {allowed}")
+            problems.append(f"{key} = {_value(cfg, key)!r} is invalid: {allowed}")
 
-    need(cfg.method in METHODS, "method", cfg.method, f"use one of {', '.join(METHODS)}")
-    need(cfg.dataset in DATASETS, "dataset", cfg.dataset, f"use one of {', '.join(DATASETS)}")
-    need(cfg.schedule in SCHEDULES, "schedule", cfg.schedule, f"use one of {', '.join(SCHEDULES)}")
-    need(cfg.amp in AMP_MODES, "amp", cfg.amp, f"use one of {', '.join(AMP_MODES)}")
-    need(cfg.epochs >= 1, "epochs", cfg.epochs, "must be at least 1")
-    need(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be at least 1")
-    need(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
-    need(0 <= cfg.momentum < 1, "momentum", cfg.momentum, "must be in [0, 1)")
-    need(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
-    need(cfg.warmup_epochs >= 0, "warmup_epochs", cfg.warmup_epochs, "must be >= 0")
-    need(0 <= cfg.label_noise < 1, "label_noise", cfg.label_noise, "must be in [0, 1)")
-    need(0 <= cfg.val_split < 1, "val_split", cfg.val_split, "must be in [0, 1) (0 = no validation split)")
-    need(cfg.clip_grad is None or cfg.clip_grad > 0, "clip_grad", cfg.clip_grad, "must be > 0")
-    need(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0")
-    need(not cfg.nesterov or cfg.momentum > 0, "nesterov", cfg.nesterov, "needs momentum > 0")
-    need(cfg.sam.rho >= 0, "sam.rho", cfg.sam.rho, "must be >= 0")
-    need(cfg.sam.norm in ("l2", "linf"), "sam.norm", cfg.sam.norm, "use l2 or linf")
-    need(cfg.sam.m >= 0, "sam.m", cfg.sam.m, "must be >= 0 (0 = whole batch)")
-    need(cfg.inner in INNER_METHODS, "inner", cfg.inner, f"use one of {', '.join(INNER_METHODS)}")
-    need(cfg.swa.start > 0, "swa.start", cfg.swa.start, "a fraction in (0, 1) or an epoch >= 1")
-    need(cfg.swa.start < 1 or cfg.swa.start <= cfg.epochs, "swa.start", cfg.swa.start, f"must be <= epochs ({cfg.epochs})")
-    need(cfg.swa.lr > 0, "swa.lr", cfg.swa.lr, "must be > 0")
-    need(cfg.swa.lr_min is None or 0 < cfg.swa.lr_min <= cfg.swa.lr, "swa.lr_min", cfg.swa.lr_min, "must be in (0, swa.lr]")
-    need(cfg.swa.cycle >= 0, "swa.cycle", cfg.swa.cycle, "must be >= 0 (0 = one epoch)")
-    need(cfg.sse.cycles >= 1, "sse.cycles", cfg.sse.cycles, "must be at least 1")
-    need(cfg.sse.keep >= 0, "sse.keep", cfg.sse.keep, "must be >= 0 (0 = all)")
-    need(0 <= cfg.fge.pretrain < 1, "fge.pretrain", cfg.fge.pretrain, "must be in [0, 1)")
-    need(cfg.fge.cycle_epochs > 0, "fge.cycle_epochs", cfg.fge.cycle_epochs, "must be > 0")
-    need(0 < cfg.fge.lr_min <= cfg.fge.lr_max, "fge.lr_min", cfg.fge.lr_min, "must be in (0, fge.lr_max]")
+    for key, f, hint in _fields(TrainConfig):  # generic: closed choices, finite numbers
+        value = _value(cfg, key)
+        if (values := f.metadata.get("choices")) is not None and value not in values.values():
+            hint_bool = " (YAML reads an unquoted no/off/yes/on as a boolean: quote it)" if isinstance(value, bool) else ""
+            need(False, key, f"use one of {', '.join(values.values())}{hint_bool}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            need(False, key, "must be a finite number")
+    if problems:
+        return problems  # the checks below compare numbers: only meaningful once these hold
+    need(0 <= cfg.seed <= SEED_MAX, "seed", f"must be in [0, {SEED_MAX}]")
+    need(cfg.epochs >= 1, "epochs", "must be at least 1")
+    need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
+    need(cfg.lr > 0, "lr", "must be > 0")
+    need(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")
+    need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(cfg.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+    need(0 <= cfg.label_noise < 1, "label_noise", "must be in [0, 1)")
+    need(0 <= cfg.val_split < 1, "val_split", "must be in [0, 1) (0 = no validation split)")
+    need(cfg.clip_grad is None or cfg.clip_grad > 0, "clip_grad", "must be > 0")
+    need(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0")
+    need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "needs momentum > 0")
+    need(cfg.sam.rho >= 0, "sam.rho", "must be >= 0")
+    need(cfg.sam.m >= 0, "sam.m", "must be >= 0 (0 = whole batch)")
+    need(cfg.swa.start > 0, "swa.start", "a fraction in (0, 1) or an epoch >= 1")
+    need(cfg.swa.start < 1 or cfg.swa.start <= cfg.epochs, "swa.start", f"must be <= epochs ({cfg.epochs})")
+    need(cfg.swa.lr > 0, "swa.lr", "must be > 0")
+    need(cfg.swa.lr_min is None or 0 < cfg.swa.lr_min <= cfg.swa.lr, "swa.lr_min", "must be in (0, swa.lr]")
+    need(cfg.swa.cycle >= 0, "swa.cycle", "must be >= 0 (0 = a quarter epoch)")
+    need(cfg.sse.cycles >= 1, "sse.cycles", "must be at least 1")
+    need(0 <= cfg.sse.keep <= cfg.sse.cycles, "sse.keep", f"must be in [0, sse.cycles = {cfg.sse.cycles}] (0 = all)")
+    need(0 <= cfg.fge.pretrain < 1, "fge.pretrain", "must be in [0, 1)")
+    need(cfg.fge.cycle_epochs > 0, "fge.cycle_epochs", "must be > 0")
+    need(0 < cfg.fge.lr_min <= cfg.fge.lr_max, "fge.lr_min", "must be in (0, fge.lr_max]")
     sp = cfg.spartan
-    need(sp.mutation in ("es", "grad"), "spartan.mutation", sp.mutation, "use es or grad")
-    need(sp.mutate_every >= 1, "spartan.mutate_every", sp.mutate_every, "must be at least 1")
-    need(sp.children >= 2 and (not sp.antithetic or sp.children % 2 == 0), "spartan.children", sp.children,
+    need(sp.mutate_every >= 1, "spartan.mutate_every", "must be at least 1")
+    need(sp.children >= 2 and (not sp.antithetic or sp.children % 2 == 0), "spartan.children",
          "must be >= 2, and even with antithetic sampling")
-    need(sp.noise in ("normal", "uniform"), "spartan.noise", sp.noise, "use normal or uniform")
     for key in ("sigma", "es_lr", "grad_lr", "temperature"):
-        need(getattr(sp, key) > 0, f"spartan.{key}", getattr(sp, key), "must be > 0")
-    need(sp.shaping in ("normalize", "ranks"), "spartan.shaping", sp.shaping, "use normalize or ranks")
-    need(sp.fitness in ("loss", "acc"), "spartan.fitness", sp.fitness, "use loss or acc")
-    need(0 < sp.evolution_split < 1 or cfg.method not in ("spartan",), "spartan.evolution_split", sp.evolution_split, "must be in (0, 1)")
-    need(sp.fitness_examples >= 0 and sp.chunk >= 1, "spartan.chunk", sp.chunk, "chunk >= 1, fitness_examples >= 0")
+        need(getattr(sp, key) > 0, f"spartan.{key}", "must be > 0")
+    need(0 < sp.evolution_split < 1 or cfg.method != "spartan", "spartan.evolution_split", "must be in (0, 1)")
+    need(sp.fitness_examples >= 0, "spartan.fitness_examples", "must be >= 0 (0 = the whole split)")
+    need(sp.chunk >= 1, "spartan.chunk", "must be >= 1")
+    return problems
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Convert a YAML/CLI value to the field's type, or raise UserError naming the key."""
+    """Convert a YAML/CLI value to the field's type, or raise ValueError saying what was expected."""
+    if isinstance(value, Choice):
+        value = value.value
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is str:
+        return value if isinstance(value, bool) else str(value)  # a YAML boolean: _check explains
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} = {value!r} is invalid: expected true or false")
+        return value
+    if isinstance(value, bool) or (hint is int and isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{key} = {value!r} is invalid: expected {hint.__name__}")
     try:
-        if hint is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if hint is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        if hint in (int, float) and isinstance(value, bool):
-            raise ValueError
         return hint(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{key} = {value!r} is invalid: expected {hint.__name__}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{key} = {value!r} is invalid: expected {hint.__name__}") from None
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+def _build(cls: type, values: dict[str, Any], problems: list[str], prefix: str = "") -> Any:
+    """cls(**values) with each value coerced; a bad or unknown value is noted in `problems` and
+    the field keeps its default, so the rest can still be checked."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise UserError(f"unknown config key {prefix + unknown[0]!r}; valid keys: {', '.join(sorted(names))}")
+    for unknown in sorted(set(values) - names):
+        problems.append(f"unknown config key {prefix + unknown!r}; valid keys here: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in values.items():
+        if name not in names:
+            continue
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise UserError(f"{prefix + name} must be a mapping of its settings, got {value!r}")
-            kwargs[name] = _build(hint, value, prefix=f"{prefix}{name}.")
-        else:
+            if isinstance(value, dict):
+                kwargs[name] = _build(hint, value, problems, prefix=f"{prefix}{name}.")
+            else:
+                problems.append(f"{prefix + name} must be a mapping of its settings, got {value!r}")
+            continue
+        try:
             kwargs[name] = _coerce(prefix + name, value, hint)
+        except ValueError as e:
+            problems.append(str(e))
     return cls(**kwargs)
+
+
+def _raise_problems(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        raise UserError(f"{len(problems)} config errors: " + "; ".join(problems))
 
 
 def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -224,12 +305,33 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a directory; pass a YAML file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not a text file; pass a YAML file") from None
+    except OSError as e:
+        raise UserError(f"config file {path} cannot be read: {e.strerror}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -242,18 +344,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults <- YAML file <- overrides (dotted keys), then checked."""
-    values = read_yaml(path) if path else {}
-    values = _merge(_nest({k: v for k, v in values.items()}), _nest(overrides or {}))
-    cfg = _build(TrainConfig, values)
-    _check(cfg)
+    """Defaults <- YAML file <- overrides (dotted keys), then checked; every problem in one UserError."""
+    values = _merge(_nest(read_yaml(path) if path else {}), _nest(overrides or {}))
+    problems: list[str] = []
+    cfg = _build(TrainConfig, values, problems)
+    problems += _check(cfg)
+    owner = cfg.method if cfg.method in LR_OWNERS else ("swa" if cfg.swa.enabled else None)
+    for key in ("schedule", "warmup_epochs"):  # the method's own LR would silently replace them
+        if owner and key in values:
+            problems.append(f"{key} cannot be combined with {owner}: it sets its own learning rate "
+                            f"(see --{owner}-* options); drop {key}, or train with --method sgd|sam")
+    _raise_problems(problems)
     return cfg
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     """Rebuild a config saved by `to_dict` (checkpoints, config.yaml)."""
-    cfg = _build(TrainConfig, values)
-    _check(cfg)
+    problems: list[str] = []
+    cfg = _build(TrainConfig, values, problems)
+    _raise_problems(problems + _check(cfg))
     return cfg
 
 

@@ -38,6 +38,7 @@ _IDX_STEMS = {
 _SYNTHETIC_CLASSES, _SYNTHETIC_SIZE = 10, 16
 _SYNTHETIC_TRAIN, _SYNTHETIC_TEST = 1024, 512
 _SYNTHETIC_NOISE = 1.0  # per-pixel noise std, relative to the prototypes' unit std
+_HOLDOUT_SALTS = {"evolution": "holdout"}  # Spartan's split keeps its first salt: older runs resume on it
 
 
 @dataclass
@@ -110,7 +111,8 @@ def split_holdout(split: Split, fraction: float, seed: int, purpose: str = "hold
     if not 0.0 <= fraction < 1.0:
         raise UserError(f"hold-out fraction must be in [0, 1), got {fraction}")
     held_count = round(fraction * len(split))
-    order = torch.randperm(len(split), generator=_seeded_generator(seed, purpose))
+    salt = _HOLDOUT_SALTS.get(purpose, purpose)
+    order = torch.randperm(len(split), generator=_seeded_generator(seed, salt))
     held = order[:held_count].sort().values.to(split.labels.device)
     kept = order[held_count:].sort().values.to(split.labels.device)
     return _subset(split, kept), _subset(split, held)
@@ -302,11 +304,16 @@ def _read_idx_split(directory: Path, part: str) -> Split:
 
 def _read_idx(path: Path) -> Tensor:
     """Parse a (gzipped or plain) uint8 IDX file: header 0, 0, 0x08, ndim, then ndim big-endian uint32 dims."""
-    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, or a gzip stream cut short
+        raise UserError(f"{path} is not a readable gzip file ({e}); re-download it or point --data-dir elsewhere") from None
     if len(data) < 4 or data[:3] != b"\x00\x00\x08":
         raise UserError(f"{path} is not a uint8 IDX file; re-download it or point --data-dir elsewhere")
     ndim = data[3]
     header_size = 4 + 4 * ndim
+    if len(data) < header_size:
+        raise UserError(f"{path} is truncated inside its IDX header; re-download it or point --data-dir elsewhere")
     shape = struct.unpack(f">{ndim}I", data[4:header_size])
     if len(data) != header_size + math.prod(shape):
         raise UserError(f"{path} is truncated; re-download it or point --data-dir elsewhere")

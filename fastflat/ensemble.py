@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from fastflat import data as datasets
 from fastflat.errors import UserError
+from fastflat.rundir import load_weights
 
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017
 
@@ -62,9 +63,11 @@ def load_member(model: nn.Module, path: str | Path, device: torch.device) -> Non
         raise UserError(f"ensemble member {path} is missing") from None
     except Exception as e:  # truncated or foreign file
         raise UserError(f"ensemble member {path} is unreadable ({type(e).__name__})") from None
-    if "format" in state:  # a run's checkpoint.pt: the weights are under "model"
-        state = state["model"]
-    model.load_state_dict(state)
+    if isinstance(state, dict) and "format" in state:  # a run's checkpoint.pt: the weights are under "model"
+        state = state.get("model")
+    if not isinstance(state, dict):
+        raise UserError(f"ensemble member {path} holds no state_dict")
+    load_weights(model, state, f"ensemble member {path}", type(model).__name__)
 
 
 def evaluate_members(model: nn.Module, paths: list[str | Path], split: datasets.Split,

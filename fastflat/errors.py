@@ -1,9 +1,24 @@
-"""Errors a user caused (bad option, malformed config, missing dataset, corrupt checkpoint).
+"""Errors that end a command cleanly, each with its exit code in the CLI.
 
-The CLI prints a UserError as one line on stderr and exits with code 2; anything else is a bug
-and keeps its traceback.
+UserError (exit 2): bad input (option, config, dataset, checkpoint, an unwritable run directory);
+one line on stderr naming the problem. NonFiniteError (exit 3): training produced NaN/inf; the
+last finite checkpoint is kept. Interrupted (exit 130): Ctrl-C or SIGTERM, handled between steps.
+Anything else is a bug and keeps its traceback.
 """
 
 
 class UserError(Exception):
     """Bad input: the message names the problem and, where there is one, the fix."""
+
+
+class NonFiniteError(Exception):
+    """A loss, gradient norm, SAM ascent norm or ES fitness was NaN or infinite."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked for by a signal, honoured between two steps: `saved_step` is the step the
+    checkpoint holds, or None when no checkpoint could be written (nothing was trained yet)."""
+
+    def __init__(self, saved_step: int | None):
+        super().__init__(saved_step)
+        self.saved_step = saved_step

@@ -33,10 +33,18 @@ def backend() -> str:
     return choice
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # kernels do fp32 math; fp64 stays fp64
+
+
+def math_dtype(t: Tensor) -> torch.dtype:
+    """The dtype an op computes in for `t`: fp32, or fp64 for fp64 storage (never less precise than it)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def use_triton(t: Tensor) -> bool:
     """Whether the op on `t` runs the Triton kernel (else the torch twin)."""
     choice = backend()
-    if choice == "torch":
+    if choice == "torch" or t.dtype not in KERNEL_DTYPES:
         return False
     if choice == "triton":
         if not triton_available():
@@ -55,10 +63,10 @@ def _kernels():
 
 # -- squared norm ------------------------------------------------------------------------------------
 def sqnorm_torch(x: Tensor, scale: Tensor | None = None) -> Tensor:
-    """sum((|scale| * x)^2) in fp32, shape (1,)."""
-    x = x.float()
+    """sum((|scale| * x)^2) in fp32 (fp64 for fp64 x), shape (1,)."""
+    x = x.to(math_dtype(x))
     if scale is not None:
-        x = x * scale.float().abs()
+        x = x * scale.to(x.dtype).abs()
     return torch.dot(x, x).reshape(1)
 
 
@@ -69,10 +77,13 @@ def sqnorm(x: Tensor, scale: Tensor | None = None) -> Tensor:
 
 
 def total_sqnorm(xs: list[Tensor], scales: list[Tensor] | None = None) -> Tensor:
-    """Squared L2 norm over several vectors, (1,) fp32 on the first vector's device."""
+    """Squared L2 norm over several vectors, (1,) fp32 (fp64 if any is fp64) on the first one's device."""
     scales = scales if scales is not None else [None] * len(xs)
     parts = [sqnorm(x, s).to(xs[0].device) for x, s in zip(xs, scales)]
-    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+    if len(parts) == 1:
+        return parts[0]
+    widest = torch.promote_types(*{p.dtype for p in parts}) if len({p.dtype for p in parts}) > 1 else parts[0].dtype
+    return torch.stack([p.to(widest) for p in parts]).sum(0)
 
 
 # -- SAM perturb and restore -------------------------------------------------------------------------
@@ -85,10 +96,11 @@ def sam_perturb_torch_(
 ) -> None:
     """Twin of kernels.sam_perturb_: backup <- w; w <- w + e (see kernels/sam.py for e)."""
     backup.copy_(w)
-    if w.dtype == torch.float32 and norm == "l2" and not adaptive:
-        w.addcmul_(g, rho / (sqnorm.sqrt() + eps))  # the common case: one in-place pass, no temporary
+    if w.dtype in (torch.float32, torch.float64) and norm == "l2" and not adaptive:
+        # the common case: one in-place pass, no temporary, in the weights' own precision
+        w.addcmul_(g, (rho / (sqnorm.sqrt() + eps)).to(w.dtype))
         return
-    w32, g32 = w.float(), g.float()
+    w32, g32 = w.to(math_dtype(w)), g.to(math_dtype(w))
     if norm == "l2":
         e = g32 * (rho / (sqnorm.sqrt() + eps))
         if adaptive:
@@ -103,23 +115,22 @@ def sam_perturb_torch_(
 def sam_perturb_(
     ws: list[Tensor], gs: list[Tensor], backups: list[Tensor], rho: float, norm: str = "l2",
     adaptive: bool = False,
-) -> None:
+) -> Tensor:
     """SAM's ascent step over flat vectors: save each w into its backup, then move to w + e.
 
-    For L2 the norm is global over all vectors (one reduction each, summed on the device).
+    For L2 the norm is global over all vectors (one reduction each, summed on the device). Returns
+    the squared norm of the (scaled) gradient that set e, (1,) on the device, so callers can check it
+    is finite; for L-inf, where e needs no norm, it is computed for that check alone.
     """
     if norm not in SAM_NORMS:
         raise ValueError(f"unknown SAM norm {norm!r}: use one of {', '.join(SAM_NORMS)}")
-    total = None
-    if norm == "l2":
-        total = total_sqnorm(gs, ws if adaptive else None)
+    total = total_sqnorm(gs, ws if adaptive else None)
     for w, g, b in zip(ws, gs, backups):
         if use_triton(w):
-            _kernels().sam_perturb_(w, g, b, total.to(w.device) if total is not None else None,
-                                    rho, norm, adaptive)
+            _kernels().sam_perturb_(w, g, b, total.to(w.device, torch.float32), rho, norm, adaptive)
         else:
-            sam_perturb_torch_(w, g, b, total.to(w.device) if total is not None else None,
-                               rho, norm, adaptive)
+            sam_perturb_torch_(w, g, b, total.to(w.device), rho, norm, adaptive)
+    return total
 
 
 def restore_(ws: list[Tensor], backups: list[Tensor]) -> None:
@@ -131,19 +142,20 @@ def restore_(ws: list[Tensor], backups: list[Tensor]) -> None:
 # -- global-norm clipping ----------------------------------------------------------------------------
 def clip_scale_torch_(g: Tensor, total_norm: Tensor, max_norm: float) -> None:
     """Twin of kernels.clip_scale_: g *= min(1, max_norm / (total_norm + 1e-6)), torch's formula."""
-    coef = (max_norm / (total_norm.float() + 1e-6)).clamp(max=1.0)
-    if g.dtype == torch.float32:
+    coef = (max_norm / (total_norm.to(math_dtype(g)) + 1e-6)).clamp(max=1.0)
+    if g.dtype in (torch.float32, torch.float64):
         g.mul_(coef)  # in place, one pass
     else:
         g.copy_(g.float() * coef)
 
 
-def clip_grad_norm_flat_(gs: list[Tensor], max_norm: float) -> Tensor:
-    """Clip flat gradient vectors to a global L2 norm; returns the norm before clipping, () fp32."""
-    total_norm = total_sqnorm(gs).sqrt()
+def clip_grad_norm_flat_(gs: list[Tensor], max_norm: float, sqnorm: Tensor | None = None) -> Tensor:
+    """Clip flat gradient vectors to a global L2 norm; returns the norm before clipping, () fp32
+    (fp64 if any vector is fp64). `sqnorm`: total_sqnorm(gs) when the caller has it already."""
+    total_norm = (total_sqnorm(gs) if sqnorm is None else sqnorm).sqrt()
     for g in gs:
         if use_triton(g):
-            _kernels().clip_scale_(g, total_norm.to(g.device), max_norm)
+            _kernels().clip_scale_(g, total_norm.to(g.device, torch.float32), max_norm)
         else:
             clip_scale_torch_(g, total_norm.to(g.device), max_norm)
     return total_norm.reshape(())

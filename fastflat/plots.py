@@ -5,10 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import io
+
 import matplotlib
+
+from fastflat.rundir import atomic_write_bytes
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Write the PNG whole or not at all (a full disk is one UserError line, the old figure intact)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def _values(history: list[dict[str, Any]], key: str) -> list[float]:
+    """A metric per record; null (a non-finite value, see faults.json_safe) plots as a gap."""
+    return [float("nan") if r.get(key) is None else r[key] for r in history]
 
 
 def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
@@ -18,16 +35,15 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str =
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((ax_loss, "loss", "cross-entropy"), (ax_acc, "acc", "accuracy (%)")):
-        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train")
-        ax.plot(epochs, [r[f"test_{key}"] for r in history], "s-", label="test")
+        ax.plot(epochs, _values(history, f"train_{key}"), "o-", label="train")
+        ax.plot(epochs, _values(history, f"test_{key}"), "s-", label="test")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_ensemble_curve(report: dict[str, Any], path: Path) -> None:
@@ -43,8 +59,7 @@ def plot_ensemble_curve(report: dict[str, Any], path: Path) -> None:
     ax.legend()
     ax.set_title(f"{report['kind']} ensemble")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_budget_view(report: dict[str, Any], path: Path) -> None:
@@ -62,5 +77,4 @@ def plot_budget_view(report: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("error at equal training budget")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)

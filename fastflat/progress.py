@@ -66,6 +66,9 @@ class RichHooks(Hooks):
             f"{val}[bold]test loss {record['test_loss']:.4f} acc {record['test_acc']:5.2f}%[/bold]  "
             f"{record['samples_per_s']:,.0f} samples/s")
 
+    def on_event(self, message: str) -> None:
+        self.console.print(f"[yellow]{message}[/yellow]", highlight=False)
+
     def stop(self) -> None:
         if self.progress is not None:
             self.progress.stop()

@@ -1,18 +1,23 @@
 """A run directory: config.yaml, metrics.jsonl, checkpoint.pt (atomic), summary.json, figures.
 
 Every file a run writes is written whole or not at all (temp file, fsync, os.replace), so a crash
-never leaves a half checkpoint, and a new run never reuses a directory that already holds one.
+never leaves a half checkpoint, and a new run never reuses a directory that already holds one. A
+write that fails (disk full, read-only) is one UserError line; the previous file stays intact.
+One process at a time trains a run (an advisory lock, released by the OS even on SIGKILL).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import io
 import json
 import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +25,34 @@ import torch
 import yaml
 
 from fastflat.errors import UserError
+from fastflat.faults import json_safe
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "fastflat-checkpoint/1"
+CHECKPOINT_KEYS = ("config", "model", "method", "position", "rng_cpu")
+LOCK = ".lock"
+TEMPORARY = ".*.tmp"  # what atomic_write_bytes names its temporary files
+
+
+def _cannot_write(path: Path, error: OSError) -> UserError:
+    return UserError(f"cannot write {path}: {error.strerror or error}; files already there are intact")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _cannot_write(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _cannot_write(path, e) from None
         raise
 
 
@@ -119,6 +137,36 @@ class RunDir:
             raise UserError(f"{path} is not a run directory with a {CHECKPOINT}; pass the folder a run wrote")
         return cls(path)
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run's lock; a second process asking for it gets one UserError line."""
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write in run directory {self.path}: {e.strerror}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"run {self.path} is being trained by another fastflat process; "
+                                f"wait for it to end (or stop it) before resuming") from None
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def remove_temporaries(self) -> None:
+        """Delete the temporary files of writes that a crash cut short (call while holding the lock)."""
+        for folder in (self.path, self.path / "members"):
+            for tmp in folder.glob(TEMPORARY):
+                tmp.unlink(missing_ok=True)
+
+    def remove_if_unused(self) -> None:
+        """After a failed start: remove the directory if it holds nothing but its config and lock."""
+        if {p.name for p in self.path.iterdir()} <= {"config.yaml", LOCK}:
+            for p in self.path.iterdir():
+                p.unlink()
+            self.path.rmdir()
+
     @property
     def checkpoint_path(self) -> Path:
         return self.path / CHECKPOINT
@@ -127,10 +175,28 @@ class RunDir:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     def append_metrics(self, record: dict[str, Any], name: str = "metrics.jsonl") -> None:
-        with open(self.path / name, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        line = json.dumps(json_safe(record), allow_nan=False) + "\n"  # NaN/inf become null: strict JSON
+        try:
+            with open(self.path / name, "a") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise _cannot_write(self.path / name, e) from None
+
+    def log_sizes(self) -> dict[str, int]:
+        """Bytes in each .jsonl log now: a checkpoint keeps these, and resume cuts the logs back to them."""
+        return {p.name: p.stat().st_size for p in self.path.glob("*.jsonl")}
+
+    def truncate_logs(self, sizes: dict[str, int]) -> None:
+        """Drop what was appended after the checkpoint (a line, or half of one, from a killed run)."""
+        for path in self.path.glob("*.jsonl"):
+            keep = sizes.get(path.name, 0)
+            if path.stat().st_size > keep:
+                try:
+                    os.truncate(path, keep)
+                except OSError as e:
+                    raise _cannot_write(path, e) from None
 
     def read_metrics(self, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
         path = self.path / name
@@ -160,7 +226,7 @@ class RunDir:
         return path
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.path / "summary.json", json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -176,4 +242,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); it may be truncated or not a fastflat checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file")
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing or not isinstance(state["config"], dict) or not isinstance(state["model"], dict):
+        what = f"lacks {', '.join(missing)}" if missing else "has a malformed config or model entry"
+        raise UserError(f"checkpoint {path} {what}; it is damaged or was not written by fastflat")
     return state
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict[str, Any], source: str, model_name: str) -> None:
+    """model.load_state_dict, with a mismatch (another architecture, missing keys) as one UserError line."""
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else (first[0] if first else type(e).__name__)
+        raise UserError(f"{source} does not fit model {model_name}: {detail}") from None

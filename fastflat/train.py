@@ -1,126 +1,76 @@
-"""The shared training loop: batches -> closure -> method.step -> schedule -> eval / log / checkpoint.
+"""The shared training loop: batches -> closure -> train_step -> schedule -> eval / log / checkpoint.
 
     summary = fastflat.train.train(load_config(overrides={"method": "sam"}))
 
 Every method plugs in through fastflat.methods.Method; this file knows nothing of any method's math.
-Progress reaches a caller through `Hooks` (the CLI draws it with Rich); results land in a RunDir.
+A step is atomic: signals are honoured between steps, a non-finite step never reaches the weights
+or a checkpoint, and a checkpoint holds the epoch's running tallies and how long each log was, so a
+resumed run writes the same metrics as one that never stopped. Progress reaches a caller through
+`Hooks` (the CLI draws it with Rich); results land in a RunDir.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import datetime as dt
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from fastflat import data as datasets
+from fastflat.closures import BatchClosure
 from fastflat.config import TrainConfig, config_from_dict, to_dict
-from fastflat.errors import UserError
+from fastflat.errors import Interrupted, NonFiniteError, UserError
+from fastflat.evaluation import evaluate, resolve_device
+from fastflat.faults import StopRequests
 from fastflat.flat import FlatParams, flatten
-from fastflat.methods import Method, build_method
+from fastflat.methods import Closure, Method, build_method
 from fastflat.models import build_model
-from fastflat.rundir import RunDir, load_checkpoint, provenance
+from fastflat.rundir import RunDir, load_checkpoint, load_weights, provenance
 from fastflat.schedules import make_schedule
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
-    return device
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
-    """BatchNorm normalises with batch statistics but leaves running stats and counters untouched."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for m in norms:
-        m.track_running_stats = False  # forward then passes no running buffers to F.batch_norm
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
-
-
-class BatchClosure:
-    """The method's view of one batch (see methods.Closure). Also tallies training loss/accuracy
-    from the first pass over each part of the batch, which every method takes at unperturbed weights."""
-
-    def __init__(self, model: nn.Module, flat: FlatParams, x: Tensor, y: Tensor, amp: str):
-        self.model, self.flat, self.x, self.y = model, flat, x, y
-        self.batch_size = x.shape[0]
-        self.amp_dtype = torch.bfloat16 if amp == "bf16" else None
-        self.loss_sum = torch.zeros((), device=x.device)  # summed over examples, fp32
-        self.correct = torch.zeros((), device=x.device, dtype=torch.long)
-        self._tallied: set[tuple[int, int]] = set()
-
-    def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True) -> Tensor:
-        span = (0, self.batch_size) if part is None else (part.start, part.stop)
-        x, y = self.x[span[0] : span[1]], self.y[span[0] : span[1]]
-        bn = contextlib.nullcontext() if update_bn else frozen_bn_stats(self.model)
-        amp = torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-        with torch.set_grad_enabled(backward), bn, amp:
-            logits = self.model(x)  # (B, classes)
-            loss = F.cross_entropy(logits.float(), y)
-        if backward:
-            self.flat.zero_grad_()
-            loss.backward()
-        loss = loss.detach()
-        if span not in self._tallied:
-            self._tallied.add(span)
-            self.loss_sum += loss * (span[1] - span[0])
-            self.correct += (logits.detach().argmax(1) == y).sum()
-        return loss
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, split: datasets.Split, dataset: datasets.Dataset, batch_size: int,
-             amp: str = "none") -> dict[str, float]:
-    """Mean cross-entropy and accuracy (%) of `model` on a whole split, in eval mode."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=split.labels.device)
-    correct = torch.zeros((), device=split.labels.device, dtype=torch.long)
-    amp_dtype = torch.bfloat16 if amp == "bf16" else None
-    for x, y in datasets.iterate_batches(split, batch_size, dataset=dataset, train=False):
-        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    model.train(was_training)
-    n = len(split)
-    return {"loss": loss_sum.item() / n, "acc": 100.0 * correct.item() / n}
+MAX_SKIPS_IN_A_ROW = 20  # --on-nonfinite skip: give up when this many steps in a row are non-finite
+MAX_ROLLBACKS = 3  # --on-nonfinite rollback: each halves the learning rate; then give up
 
 
 class Hooks:
     """Progress callbacks; the defaults do nothing. The CLI subclasses this with a Rich display."""
 
     def on_start(self, info: dict[str, Any]) -> None: ...
-    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_step(self, step: int, metrics: dict[str, Any]) -> None: ...
     def on_epoch(self, record: dict[str, Any]) -> None: ...
+    def on_event(self, message: str) -> None: ...  # a skipped step, a rollback
     def on_end(self, summary: dict[str, Any]) -> None: ...
 
 
 @dataclass
 class Position:
-    """Where the loop is; the whole of the loop's own state that a checkpoint needs."""
+    """Where the loop is: the whole of the loop's own state that a checkpoint needs."""
 
     epoch: int = 0  # current epoch (0-based)
     batch: int = 0  # next batch index inside the epoch
-    step: int = 0  # optimizer steps taken in total
+    step: int = 0  # optimizer steps taken in total (skipped non-finite steps included)
+    loss_sum: float = 0.0  # this epoch so far: training loss summed over examples (fp32 on device)
+    correct: int = 0  # this epoch so far: correct training predictions
+    seen: int = 0  # this epoch so far: training examples
+    seconds: float = 0.0  # this epoch so far: wall time of its steps, across interruptions
+    skipped: int = 0  # non-finite steps skipped (--on-nonfinite skip), whole run
+    lr_scale: float = 1.0  # halved by each rollback (--on-nonfinite rollback)
+    rollbacks: int = 0
+
+
+def train_step(method: Method, flat: FlatParams, closure: Closure, lr: float, step: int) -> dict[str, Any]:
+    """One whole step, shared by the trainer, the benchmarks and the tests: check the flat views
+    (a user's `zero_grad(set_to_none=True)` or `.to()` undoes them), take the method's step at
+    `lr`, then its after-step work (averages, collection) for 0-based `step`."""
+    flat.check_views()
+    metrics = method.step(flat, closure, lr)
+    method.after_step(flat, step + 1)
+    return metrics
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -136,30 +86,33 @@ def default_run_name(cfg: TrainConfig) -> str:
 class Trainer:
     """Builds data, model, flat buffer and method for a config, then runs epochs from a Position."""
 
-    def __init__(self, cfg: TrainConfig, run: RunDir, hooks: Hooks | None = None):
+    def __init__(self, cfg: TrainConfig, run: RunDir, hooks: Hooks | None = None, resuming: bool = False):
         self.cfg, self.run, self.hooks = cfg, run, hooks or Hooks()
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.data = datasets.load_dataset(cfg.dataset, cfg.data_dir, self.device, cfg.label_noise, cfg.seed)
-        self.data, self.validation = datasets.hold_out_validation(self.data, cfg.val_split, cfg.seed)
-        self.evolution: datasets.Split | None = None
-        if cfg.method == "spartan":  # fitness data that SGD never sees, fixed by the seed
-            kept, self.evolution = datasets.split_holdout(self.data.train, cfg.spartan.evolution_split, cfg.seed)
-            self.data = replace(self.data, train=kept)
-        self.model = build_model(cfg.model, self.data.in_channels, self.data.num_classes,
-                                 self.data.image_size).to(self.device)
-        if cfg.init:
-            self.model.load_state_dict(load_checkpoint(cfg.init)["model"])
-        self.flat = flatten(self.model)  # after .to(): moving re-creates parameters
-        self.steps_per_epoch = datasets.num_batches(len(self.data.train), cfg.batch_size, drop_last=True)
-        if self.steps_per_epoch == 0:
-            raise UserError(f"batch_size {cfg.batch_size} is larger than the {len(self.data.train)} training examples")
-        total = self.total_steps = cfg.epochs * self.steps_per_epoch
         self.method: Method = build_method(cfg)
-        self.method.init(self.flat, self)
-        self.schedule = make_schedule(cfg.schedule, cfg.lr, total, round(cfg.warmup_epochs * self.steps_per_epoch))
+        data = datasets.load_dataset(cfg.dataset, cfg.data_dir, self.device, cfg.label_noise, cfg.seed)
+        data, self.validation = datasets.hold_out_validation(data, cfg.val_split, cfg.seed)
+        self.holdouts: dict[str, datasets.Split] = {}
+        if (request := self.method.holdout()) is not None:  # e.g. Spartan's evolution split
+            purpose, fraction = request
+            kept, self.holdouts[purpose] = datasets.split_holdout(data.train, fraction, cfg.seed, purpose)
+            data = replace(data, train=kept)
+        self.data = data
+        self.model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size).to(self.device)
+        if cfg.init and not resuming:  # a resumed run has the weights in its checkpoint already
+            load_weights(self.model, load_checkpoint(cfg.init)["model"], f"--init {cfg.init}", cfg.model)
+        self.flat = flatten(self.model)  # after .to(): moving re-creates parameters
+        self.steps_per_epoch = datasets.num_batches(len(data.train), cfg.batch_size, drop_last=True)
+        if self.steps_per_epoch == 0:
+            raise UserError(f"batch_size {cfg.batch_size} is larger than the {len(data.train)} training examples")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.method.init(self.flat, self)  # may refuse a budget that cannot deliver (UserError)
+        self.schedule = make_schedule(cfg.schedule, cfg.lr, self.total_steps,
+                                      round(cfg.warmup_epochs * self.steps_per_epoch))
         self.position = Position()
-        self.started = time.time()
+        self.saved_step: int | None = None  # the step the checkpoint on disk holds
+        self._reset_tally()
 
     # -- services for methods (methods.RunServices) ---------------------------------------------------
     def update_bn(self) -> None:
@@ -170,8 +123,7 @@ class Trainer:
         return evaluate(self.model, self.data.test, self.data, max(self.cfg.batch_size, 512), self.cfg.amp)
 
     def save_member(self, tag: str) -> str:
-        path = self.run.save_member(tag, self.model.state_dict())
-        return str(path)
+        return str(self.run.save_member(tag, self.model.state_dict()))
 
     def evaluate_ensemble(self, paths: list[str]) -> dict[str, Any]:
         from fastflat.ensemble import evaluate_members
@@ -180,9 +132,10 @@ class Trainer:
                             self.data.image_size).to(self.device)
         return evaluate_members(plain, paths, self.data.test, self.data)
 
-    def evolution_batches(self) -> list[tuple[Tensor, Tensor]]:
-        split = self.evolution if self.evolution is not None else self.data.train
-        n = self.cfg.spartan.fitness_examples or len(split)
+    def holdout_batches(self, purpose: str, limit: int = 0) -> list[tuple[Tensor, Tensor]]:
+        """The split held out for `purpose` (its first `limit` examples; 0 = all), as fixed batches."""
+        split = self.holdouts.get(purpose, self.data.train)
+        n = limit or len(split)
         head = datasets.Split(split.images[:n], split.labels[:n])
         return list(datasets.iterate_batches(head, 256, dataset=self.data, train=False))
 
@@ -191,79 +144,155 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def checkpoint(self) -> None:
+        self._sync_tally()
         self.run.save_checkpoint({
             "config": to_dict(self.cfg),
             "model": self.model.state_dict(),
             "method": self.method.state_dict(),
-            "position": vars(self.position).copy(),
+            "position": dataclasses.asdict(self.position),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "logs": self.run.log_sizes(),  # resume cuts each log back to this: no line twice
         })
+        self.saved_step = self.position.step
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])  # copies into the flat views: they stay intact
-        self.method.load_state_dict(state["method"])
-        self.position = Position(**state["position"])
-        torch.set_rng_state(state["rng_cpu"])
+        where = f"checkpoint {self.run.checkpoint_path}"
+        load_weights(self.model, state["model"], where, self.cfg.model)  # copies into the flat views
+        try:
+            self.method.load_state_dict(state["method"])
+            self.position = Position(**state["position"])
+            torch.set_rng_state(state["rng_cpu"])
+        except (KeyError, RuntimeError, TypeError, ValueError, IndexError) as e:
+            raise UserError(f"{where} does not fit --method {self.cfg.method} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else e}); it was not written by this run") from None
         if state.get("rng_cuda") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["rng_cuda"])
+        if "logs" in state:
+            self.run.truncate_logs(state["logs"])
+        else:  # checkpoints from before log sizes were kept
+            self.run.truncate_metrics(self.position.step)
         self.flat.check_views()
+        self.saved_step = self.position.step
+        self._reset_tally()
+
+    # -- the epoch's running tallies (part of the checkpointed position) ------------------------------
+    def _reset_tally(self) -> None:
+        pos = self.position
+        self.loss_sum = torch.tensor(pos.loss_sum, dtype=torch.float32, device=self.device)
+        self.correct = torch.tensor(pos.correct, dtype=torch.long, device=self.device)
+        self.segment_start = time.time()
+
+    def _sync_tally(self) -> None:
+        """Copy the device tallies and the elapsed time into the Position (a host sync: checkpoints only)."""
+        now = time.time()
+        pos = self.position
+        pos.loss_sum, pos.correct = self.loss_sum.item(), int(self.correct.item())
+        pos.seconds += now - self.segment_start
+        self.segment_start = now
 
     # -- the loop ------------------------------------------------------------------------------------
     def run_epochs(self) -> dict[str, Any]:
         cfg, pos = self.cfg, self.position
         self.hooks.on_start({"run_dir": str(self.run.path), "steps_per_epoch": self.steps_per_epoch,
-                             "total_steps": cfg.epochs * self.steps_per_epoch, "step": pos.step,
+                             "total_steps": self.total_steps, "step": pos.step,
                              "device": str(self.device), "params": self.flat.numel,
                              "train_size": len(self.data.train), "noisy_labels": self.data.noisy_labels})
         self.model.train()
-        try:
-            while pos.epoch < cfg.epochs:
-                self._run_epoch()
-        except KeyboardInterrupt:
-            self.checkpoint()  # keep every finished step; --resume continues from here
-            raise
+        if self.saved_step is None:
+            self.checkpoint()  # the starting point: an interrupt or a rollback always has one to return to
+        with StopRequests() as self.stop:
+            while self.position.epoch < cfg.epochs:
+                try:
+                    self._run_epoch()
+                except NonFiniteError as e:
+                    self._rollback_or_raise(e)
         return self._finish()
 
     def _run_epoch(self) -> None:
         cfg, pos = self.cfg, self.position
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen, epoch_start = 0, time.time()
         batches = datasets.iterate_batches(self.data.train, cfg.batch_size, dataset=self.data, train=True,
                                            generator=epoch_generator(cfg.seed, pos.epoch), drop_last=True)
+        self.skips_in_a_row = 0
         for index, (x, y) in enumerate(batches):
             if index < pos.batch:
                 continue  # resumed mid-epoch: replay the order, skip the work
-            lr = self.method.lr(pos.step, self.schedule(pos.step))
-            closure = BatchClosure(self.model, self.flat, x, y, cfg.amp)
-            metrics = self.method.step(self.flat, closure, lr)
-            loss_sum += closure.loss_sum
-            correct += closure.correct
-            seen += closure.batch_size
-            pos.step, pos.batch = pos.step + 1, index + 1
-            self.method.after_step(self.flat, pos.step)
-            self.hooks.on_step(pos.step, {"lr": lr, "seen": seen, "epoch": pos.epoch,
-                                          "loss_sum": loss_sum, "correct": correct, **metrics})
+            self._step(index, x, y)
+            if self.stop.requested:
+                self.checkpoint()
+                raise Interrupted(self.saved_step)
             if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0:
                 self.checkpoint()
+        self._end_epoch()
+        if self.stop.requested:
+            raise Interrupted(self.saved_step)
+
+    def _step(self, index: int, x: Tensor, y: Tensor) -> None:
+        pos = self.position
+        lr = self.method.lr(pos.step, self.schedule(pos.step)) * pos.lr_scale
+        closure = BatchClosure(self.model, self.flat, x, y, self.cfg.amp)
+        skip = self.cfg.on_nonfinite == "skip"
+        buffers = [b.clone() for b in self.model.buffers()] if skip else None  # BatchNorm statistics
+        try:
+            metrics = train_step(self.method, self.flat, closure, lr, pos.step)
+        except NonFiniteError as e:
+            if not skip or self.skips_in_a_row + 1 >= MAX_SKIPS_IN_A_ROW:
+                raise
+            for b, saved in zip(self.model.buffers(), buffers):
+                b.copy_(saved)  # the weights never moved: base_update refused the step
+            self.skips_in_a_row += 1
+            pos.skipped += 1
+            pos.step, pos.batch = pos.step + 1, index + 1
+            self.hooks.on_event(f"skipped step {pos.step}: {e}")
+            return
+        self.skips_in_a_row = 0
+        self.loss_sum += closure.loss_sum
+        self.correct += closure.correct
+        pos.seen += closure.batch_size
+        pos.step, pos.batch = pos.step + 1, index + 1
+        self.hooks.on_step(pos.step, {"lr": lr, "seen": pos.seen, "epoch": pos.epoch,
+                                      "loss_sum": self.loss_sum, "correct": self.correct, **metrics})
+
+    def _end_epoch(self) -> None:
+        cfg, pos = self.cfg, self.position
         self.method.end_epoch(self.flat, pos.epoch)
-        elapsed = time.time() - epoch_start
+        self._sync_tally()
         test = self.evaluate()
         val: dict[str, float] = {}
         if self.validation is not None:  # for choosing epochs, members, k without the test set
             scored = evaluate(self.model, self.validation, self.data, max(cfg.batch_size, 512), cfg.amp)
             val = {"val_loss": scored["loss"], "val_acc": scored["acc"]}
         last = max(pos.step - 1, 0)
-        record = {"epoch": pos.epoch + 1, "step": pos.step, "lr": self.method.lr(last, self.schedule(last)),
-                  "train_loss": loss_sum.item() / max(seen, 1), "train_acc": 100.0 * correct.item() / max(seen, 1),
-                  "test_loss": test["loss"], "test_acc": test["acc"], "epoch_seconds": elapsed,
-                  **val,
-                  "samples_per_s": seen / max(elapsed, 1e-9)}
-        pos.epoch, pos.batch = pos.epoch + 1, 0
+        seen = max(pos.seen, 1)
+        record = {"epoch": pos.epoch + 1, "step": pos.step,
+                  "lr": self.method.lr(last, self.schedule(last)) * pos.lr_scale,
+                  "train_loss": pos.loss_sum / seen, "train_acc": 100.0 * pos.correct / seen,
+                  "test_loss": test["loss"], "test_acc": test["acc"], "epoch_seconds": pos.seconds, **val,
+                  "samples_per_s": pos.seen / max(pos.seconds, 1e-9)}
+        if pos.skipped or pos.rollbacks:
+            record.update(skipped_steps=pos.skipped, rollbacks=pos.rollbacks, lr_scale=pos.lr_scale)
+        self.position = replace(pos, epoch=pos.epoch + 1, batch=0, loss_sum=0.0, correct=0, seen=0, seconds=0.0)
+        self._reset_tally()
         self.run.append_metrics(record)
         self.checkpoint()
         self.hooks.on_epoch(record)
+
+    def _rollback_or_raise(self, error: NonFiniteError) -> None:
+        """--on-nonfinite rollback: back to the last checkpoint with half the LR; else stop (exit 3)
+        with the last finite checkpoint kept as it is."""
+        pos = self.position
+        where = f" at step {pos.step + 1} (epoch {pos.epoch + 1})"
+        if self.cfg.on_nonfinite == "rollback" and pos.rollbacks < MAX_ROLLBACKS:
+            scale, rollbacks = pos.lr_scale * 0.5, pos.rollbacks + 1
+            self.restore(load_checkpoint(self.run.checkpoint_path))
+            self.position.lr_scale, self.position.rollbacks = scale, rollbacks
+            self.hooks.on_event(f"{error}{where}: back to step {self.saved_step}, learning rate x{scale:g}")
+            return
+        kept = f"the last finite checkpoint (step {self.saved_step}) is kept in {self.run.path}"
+        hint = {"raise": "lower --lr, clip with --clip-grad, or pass --on-nonfinite skip|rollback",
+                "skip": f"{MAX_SKIPS_IN_A_ROW} steps in a row were non-finite",
+                "rollback": f"{MAX_ROLLBACKS} rollbacks did not help"}[self.cfg.on_nonfinite]
+        raise NonFiniteError(f"{error}{where}; {kept}; {hint}") from None
 
     def _finish(self) -> dict[str, Any]:
         extra = self.method.finish(self.flat)
@@ -275,9 +304,9 @@ class Trainer:
             "test_acc": final.get("test_acc"), "test_loss": final.get("test_loss"),
             "train_loss": final.get("train_loss"), "train_seconds": sum(r["epoch_seconds"] for r in history),
             "params": self.flat.numel, "train_size": len(self.data.train),
-            "evolution_split_size": len(self.evolution) if self.evolution is not None else 0,
+            "evolution_split_size": sum(len(s) for s in self.holdouts.values()),
             "val_split_size": len(self.validation) if self.validation is not None else 0,
-            "val_acc": final.get("val_acc"),
+            "val_acc": final.get("val_acc"), "skipped_steps": self.position.skipped,
             "noisy_labels": self.data.noisy_labels, "data_source": self.data.source,
             **extra, "config": to_dict(self.cfg), "provenance": provenance(self.device),
         }
@@ -293,21 +322,29 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
-    """Start a new run in cfg.out / (cfg.name or a generated name) and train it to the end."""
+    """Start a new run in cfg.out / (cfg.name or a generated name) and train it to the end. A start
+    that fails (bad budget, missing data, Ctrl-C while loading) leaves no run directory behind."""
     run = RunDir.create(cfg.out, cfg.name or default_run_name(cfg))
-    if cfg.name is None:
-        cfg = replace(cfg, name=run.path.name)
-    run.write_config(to_dict(cfg))
-    trainer = Trainer(cfg, run, hooks)
-    return trainer.run_epochs()
+    with run.locked():
+        try:
+            if cfg.name is None:
+                cfg = replace(cfg, name=run.path.name)
+            run.write_config(to_dict(cfg))
+            trainer = Trainer(cfg, run, hooks)
+        except BaseException:
+            run.remove_if_unused()
+            raise
+        return trainer.run_epochs()
 
 
 def resume(run_dir: str | Path, hooks: Hooks | None = None) -> dict[str, Any]:
-    """Continue a run from its last checkpoint, with the config it was started with."""
+    """Continue a run from its last checkpoint, with the config it was started with. Refuses while
+    another process trains the same run; clears temporary files that a crash left behind."""
     run = RunDir.open(run_dir)
-    state = load_checkpoint(run.checkpoint_path)
-    cfg = config_from_dict(state["config"])
-    trainer = Trainer(cfg, run, hooks)
-    trainer.restore(state)
-    run.truncate_metrics(trainer.position.step)
-    return trainer.run_epochs()
+    with run.locked():
+        run.remove_temporaries()
+        state = load_checkpoint(run.checkpoint_path)
+        cfg = config_from_dict(state["config"])
+        trainer = Trainer(cfg, run, hooks, resuming=True)
+        trainer.restore(state)
+        return trainer.run_epochs()

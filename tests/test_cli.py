@@ -34,11 +34,11 @@ def test_train_then_eval_a_checkpoint(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["train", "--method", "adam"], "method = 'adam'"),
+    (["train", "--method", "adam"], "'adam' is not one of 'sgd', 'sam'"),
     (["train", "--rho", "-1"], "sam.rho = -1.0"),
     (["train", "--lr", "0"], "lr = 0.0"),
     (["train", "--model", "resnet9000", *TINY], "resnet9000"),
-    (["train", "--dataset", "imagenet"], "imagenet"),
+    (["train", "--dataset", "imagenet"], "'imagenet' is not one of"),
     (["train", "--no-such-option"], "--no-such-option"),
     (["train", "--epochs", "many"], "--epochs"),
 ])

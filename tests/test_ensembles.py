@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
+import fastflat
 from fastflat.config import load_config
+from fastflat.errors import UserError
 from fastflat.ensemble import evaluate_members, mean_pairwise_disagreement, metrics_from_probs, validation_choice
 from fastflat.methods import build_method
 from fastflat.schedules import fge_triangular, snapshot_cosine, swa_cyclic
@@ -118,17 +120,17 @@ def test_validation_choice_scores_last_k_ensembles_and_members_on_the_validation
 # -- runs -------------------------------------------------------------------------------------------------
 def test_swa_run_reports_final_and_averaged_weights(tmp_path):
     summary = train(tiny(tmp_path, method="swa", **{"swa.start": 2, "swa.lr": 0.02}))
-    assert summary["swa_models_averaged"] == 2  # epochs 3 and 4, one average per epoch
+    assert summary["swa_models_averaged"] == 8  # epochs 3 and 4, an average every quarter epoch (2 steps)
     assert summary["swa_acc"] > 50 and summary["test_acc"] > 50
     assert (tmp_path / "run" / "members" / "swa.pt").exists()
 
 
 def test_swa_over_sam_is_one_flag(tmp_path):
     summary = train(tiny(tmp_path, method="sam", epochs=2, **{"swa.enabled": True, "swa.start": 1}))
-    assert summary["swa_models_averaged"] == 1 and summary["method"] == "sam"
+    assert summary["swa_models_averaged"] == 4 and summary["method"] == "sam"  # epoch 2, every 2 steps
 
 
-@pytest.mark.parametrize("method, pattern, count", [("sse", "snapshot-*.pt", 2), ("fge", "fge-*.pt", 1)])
+@pytest.mark.parametrize("method, pattern, count", [("sse", "snapshot-*.pt", 2), ("fge", "fge-*.pt", 4)])
 def test_ensemble_methods_collect_members_and_report(tmp_path, method, pattern, count):
     summary = train(tiny(tmp_path, method=method))
     members = sorted((tmp_path / "run" / "members").glob(pattern))
@@ -148,3 +150,83 @@ def test_killed_mid_cycle_resumes_to_the_same_result(tmp_path, method, extra):
         assert resumed["ensemble"]["ensemble"] == straight["ensemble"]["ensemble"]
     saved = json.loads((tmp_path / "b" / "run" / "summary.json").read_text())
     assert saved["steps"] == straight["steps"]
+
+
+# -- budgets that cannot deliver are refused, defaults deliver ---------------------------------------------
+class Budget:
+    """What a wrapper's init reads of the trainer: the budget alone."""
+
+    def __init__(self, steps_per_epoch, epochs):
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, steps_per_epoch * epochs
+
+
+def planned(method, steps_per_epoch, epochs, **overrides):
+    wrapper = build_method(load_config(overrides={"method": method, "epochs": epochs, **overrides}))
+    wrapper.init(fastflat.flatten(torch.nn.Linear(2, 2)), Budget(steps_per_epoch, epochs))
+    return wrapper
+
+
+@pytest.mark.parametrize("method", ["swa", "sse", "fge"])
+def test_defaults_deliver_what_the_method_promises_on_real_data_sizes(method):
+    """Fashion-MNIST with the default batch (468 steps an epoch) and the default 2 epochs:
+    last round, SWA's defaults averaged 0 models and said nothing."""
+    wrapper = planned(method, 468, 2)
+    promised = {"swa": lambda w: w.planned >= 2, "fge": lambda w: w.planned >= 2, "sse": lambda w: True}
+    assert promised[method](wrapper)
+
+
+def test_swa_defaults_average_several_models_in_a_real_run(tmp_path):
+    summary = train(tiny(tmp_path, method="swa", epochs=2))  # every default but the data
+    assert summary["swa_models_averaged"] == 2 and (tmp_path / "run" / "members" / "swa.pt").exists()
+
+
+def test_fge_pretraining_is_counted_in_steps_not_rounded_to_whole_epochs():
+    wrapper = planned("fge", 8, 1, **{"fge.pretrain": 0.5, "fge.cycle_epochs": 0.25})
+    assert wrapper.start_step == 4 and wrapper.planned == 2  # was: round(0.5 epochs) = 0 epochs of pretraining
+
+
+def test_fge_readme_protocol_collects_the_8_models_it_promises():
+    """16 epochs, --val-split 0.1 (54,000 examples: 421 steps an epoch), pretrain 0.5, cycles of 1 epoch."""
+    assert planned("fge", 421, 16, **{"fge.pretrain": 0.5, "fge.cycle_epochs": 1}).planned == 8
+
+
+@pytest.mark.parametrize("method, overrides, says", [
+    ("swa", {"swa.start": 0.99}, "SWA would average 0 model(s)"),
+    ("swa", {"swa.start": 1, "swa.cycle": 8}, "use --swa-cycle 4 or --epochs 3"),
+    ("fge", {"fge.cycle_epochs": 2}, "FGE would collect 1 model(s)"),
+    ("sse", {"sse.cycles": 6}, "use --sse-cycles 4"),
+])
+def test_a_budget_that_cannot_deliver_is_refused_with_settings_that_work(method, overrides, says):
+    with pytest.raises(UserError) as raised:
+        planned(method, 2, 2, **overrides) if method == "sse" else planned(method, 8, 2, **overrides)
+    assert says in str(raised.value)
+
+
+@pytest.mark.parametrize("overrides", [{"swa.start": 0.99}, {"swa.start": 1, "swa.cycle": 8},
+                                       {"swa.start": 0.5, "swa.cycle": 6}])
+def test_every_settings_swa_suggests_for_a_refused_budget_works(overrides):
+    with pytest.raises(UserError) as raised:
+        planned("swa", 8, 2, **overrides)
+    suggestions = str(raised.value).split("; use ")[1].split(" or ")
+    assert suggestions
+    for suggestion in suggestions:
+        flag, value = suggestion.split()
+        key = {"--swa-start": "swa.start", "--swa-cycle": "swa.cycle", "--epochs": "epochs"}[flag]
+        fixed = {**overrides, key: float(value) if key == "swa.start" else int(value)}
+        epochs = fixed.pop("epochs", 2)
+        assert planned("swa", 8, epochs, **fixed).planned >= 2, suggestion
+
+
+def test_fge_suggested_cycle_works():
+    with pytest.raises(UserError) as raised:
+        planned("fge", 8, 2, **{"fge.cycle_epochs": 2})
+    cycle = float(str(raised.value).split("--fge-cycle-epochs ")[1].split(",")[0])
+    assert planned("fge", 8, 2, **{"fge.cycle_epochs": cycle}).planned >= 2
+
+
+@pytest.mark.parametrize("key", ["schedule", "warmup_epochs"])
+@pytest.mark.parametrize("method", ["swa", "sse", "fge"])
+def test_schedule_and_warmup_are_refused_where_the_method_owns_the_lr(method, key):
+    with pytest.raises(UserError) as raised:
+        load_config(overrides={"method": method, key: "step" if key == "schedule" else 1.0})
+    assert f"{key} cannot be combined with {method}" in str(raised.value)

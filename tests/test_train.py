@@ -9,7 +9,8 @@ from torch import nn
 import fastflat
 from fastflat.config import load_config
 from fastflat.rundir import RunDir
-from fastflat.train import BatchClosure, Trainer, frozen_bn_stats, resume, train
+from fastflat.closures import BatchClosure, frozen_bn_stats
+from fastflat.train import Trainer, resume, train
 
 from helpers import StopAt
 
@@ -34,7 +35,7 @@ def test_val_split_is_held_out_of_training_and_scored_every_epoch(tmp_path):
     # the split rebuilt from the saved config (as `fastflat ensemble` does) is the one training scored
     from fastflat import data as datasets
     from fastflat.models import build_model
-    from fastflat.train import evaluate
+    from fastflat.evaluation import evaluate
 
     data = datasets.load_dataset("synthetic", seed=0)
     _, validation = datasets.hold_out_validation(data, 0.25, seed=0)

@@ -38,7 +38,7 @@ def _names(text: str, allowed: tuple[str, ...] | None, option: str) -> list[str]
 
 
 def _device(name: str) -> torch.device:
-    from fastflat.train import resolve_device
+    from fastflat.evaluation import resolve_device
 
     return resolve_device(name)
 

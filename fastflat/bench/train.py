@@ -23,7 +23,8 @@ from fastflat.config import SWAConfig, TrainConfig
 from fastflat.flat import flatten
 from fastflat.methods import METHODS, WRAPPERS, build_method
 from fastflat.models import build_model
-from fastflat.train import BatchClosure
+from fastflat.closures import BatchClosure
+from fastflat.train import train_step
 
 IMAGE_SHAPE, NUM_CLASSES = (3, 32, 32), 10
 TRAIN_FIELDS = ("method", "model", "batch_size", "steps", "params", "status", "reason", "step_ms", "iqr_ms",
@@ -90,7 +91,7 @@ class BenchServices:
     def evaluate_ensemble(self, paths: list[str]) -> dict[str, Any]:
         return {}
 
-    def evolution_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def holdout_batches(self, purpose: str, limit: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self.batches
 
     def log_event(self, record: dict[str, Any]) -> None: ...
@@ -109,9 +110,8 @@ def _bench_method(name: str, settings: TrainSettings, x: torch.Tensor, y: torch.
 
     def step() -> None:
         closure = CountingClosure(BatchClosure(model, flat, x, y, cfg.amp))
-        method.step(flat, closure, cfg.lr)
+        train_step(method, flat, closure, cfg.lr, done[0])  # the trainer's own step
         done[0] += 1
-        method.after_step(flat, done[0])
         passes[0] = closure.calls
 
     def fwd_bwd() -> None:

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from fastflat import ops
 from fastflat.config import TrainConfig
+from fastflat.faults import finite_or_raise
 from fastflat.flat import FlatParams
 
 
@@ -38,15 +39,15 @@ class RunServices(Protocol):
     total_steps: int
 
     def update_bn(self) -> None: ...  # re-estimate BatchNorm statistics at the current weights
+    def holdout_batches(self, purpose: str, limit: int = 0) -> list[tuple[Tensor, Tensor]]: ...  # split from holdout()
     def evaluate(self) -> dict[str, float]: ...  # test loss/accuracy at the current weights
     def save_member(self, tag: str) -> str: ...  # current model as an ensemble member file; its path
     def evaluate_ensemble(self, paths: list[str]) -> dict[str, Any]: ...  # members loaded one at a time
-    def evolution_batches(self) -> list[tuple[Tensor, Tensor]]: ...  # fixed fitness batches (held out)
     def log_event(self, record: dict[str, Any]) -> None: ...  # one line of evolution.jsonl
 
 
 class Method:
-    """Base class: a plain gradient step with torch.optim.SGD on the flat vectors, plus clipping.
+    """Base class: a plain gradient step with torch.optim.SGD on flat vectors, plus clipping.
 
     The optimizer sees one tensor per (device, dtype) group, so its step is a handful of launches
     whatever the model, and its state (momentum) is one vector too.
@@ -58,25 +59,49 @@ class Method:
         self.cfg = cfg
         self.optimizer: torch.optim.Optimizer | None = None
 
+    def holdout(self) -> tuple[str, float] | None:
+        """(purpose, fraction) of the training set this method needs held out of SGD, or None.
+        The trainer splits it off (seeded by purpose) and serves it as services.holdout_batches."""
+        return None
+
     def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
         self.services = services
-        self.optimizer = torch.optim.SGD(
-            flat.params, lr=self.cfg.lr, momentum=self.cfg.momentum, nesterov=self.cfg.nesterov,
-            weight_decay=self.cfg.weight_decay,
-        )
+        self.optimizer = self.make_optimizer(flat.params)
+
+    def make_optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
+        """SGD over `params`: the model's flat vectors, or any vectors a method trains (a curve's bend)."""
+        return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum, nesterov=self.cfg.nesterov,
+                               weight_decay=self.cfg.weight_decay)
 
     def step(self, flat: FlatParams, closure: Closure, lr: float) -> dict[str, Any]:
         raise NotImplementedError
 
-    def base_update(self, flat: FlatParams, lr: float) -> dict[str, Any]:
-        """Clip (if asked) the gradient in flat.grads, then take the optimizer step at `lr`."""
+    def base_update(self, params: list[Tensor], grads: list[Tensor], lr: float,
+                    checks: dict[str, Tensor] | None = None) -> dict[str, Any]:
+        """Refuse a non-finite step, clip (if asked), then step the optimizer over `params` at `lr`.
+
+        `params` are the optimizer's vectors with `grads` their gradients (param.grad is grad for
+        flat vectors). The gradient norm and `checks` (the loss, SAM's ascent norm) are tested
+        with one host sync; NonFiniteError is raised before anything moves, so the weights and the
+        optimizer state stay those of the last good step.
+        """
+        sqnorm = ops.total_sqnorm(grads)  # (1,) fp32 (fp64 for fp64 grads): one read of N
+        finite_or_raise({**(checks or {}), "gradient norm": sqnorm})
         metrics: dict[str, Any] = {}
         if self.cfg.clip_grad is not None:
-            metrics["grad_norm"] = ops.clip_grad_norm_flat_(flat.grads, self.cfg.clip_grad)
+            metrics["grad_norm"] = ops.clip_grad_norm_flat_(grads, self.cfg.clip_grad, sqnorm)
+        for p, g in zip(params, grads):
+            if p.grad is not g:
+                p.grad = g
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         return metrics
+
+    def weights(self, flat: FlatParams) -> list[Tensor]:
+        """What to evaluate as "the model" of this method: the current weights (an average, a point
+        on a curve for methods that override), one (N,) vector per flat group."""
+        return flat.params
 
     def lr(self, step: int, scheduled: float) -> float:
         """The LR for 0-based `step`; methods that own their cycle (SWA, FGE, snapshots) override."""

@@ -29,34 +29,41 @@ class SAM(Method):
         self.backups = [torch.empty_like(w) for w in flat.params]  # (N,) per group: w before ascent
         self.grad_sums: list[Tensor] | None = None  # (N,) per group, allocated if m-sharpness is on
 
-    def _ascend_and_grad(self, flat: FlatParams, closure: Closure, part: slice | None) -> Tensor:
-        """Steps 1-3 on one part of the batch; leaves g' in flat.grads and w restored."""
+    def _ascend_and_grad(self, flat: FlatParams, closure: Closure, part: slice | None) -> tuple[Tensor, Tensor]:
+        """Steps 1-3 on one part of the batch; leaves g' in flat.grads and w restored, whatever
+        happens in the second pass (an exception there must not leave the weights at w + e).
+        Returns (loss at w, squared norm of the ascent gradient)."""
         sam = self.cfg.sam
         loss = closure(backward=True, part=part)
-        ops.sam_perturb_(flat.params, flat.grads, self.backups, sam.rho, sam.norm, sam.adaptive)
-        closure(backward=True, part=part, update_bn=False)
-        ops.restore_(flat.params, self.backups)
-        return loss
+        ascent_sqnorm = ops.sam_perturb_(flat.params, flat.grads, self.backups, sam.rho, sam.norm, sam.adaptive)
+        try:
+            closure(backward=True, part=part, update_bn=False)
+        finally:
+            ops.restore_(flat.params, self.backups)
+        return loss, ascent_sqnorm
 
     def step(self, flat: FlatParams, closure: Closure, lr: float) -> dict[str, Any]:
         m, batch = self.cfg.sam.m, closure.batch_size
         if m == 0 or m >= batch:
-            loss = self._ascend_and_grad(flat, closure, None)
+            loss, ascent = self._ascend_and_grad(flat, closure, None)
         else:
-            loss = self._m_sharpness_grad(flat, closure, m, batch)
-        return {"loss": loss, **self.base_update(flat, lr)}
+            loss, ascent = self._m_sharpness_grad(flat, closure, m, batch)
+        checks = {"loss": loss, "SAM ascent gradient norm": ascent}
+        return {"loss": loss, **self.base_update(flat.params, flat.grads, lr, checks)}
 
-    def _m_sharpness_grad(self, flat: FlatParams, closure: Closure, m: int, batch: int) -> Tensor:
+    def _m_sharpness_grad(self, flat: FlatParams, closure: Closure, m: int, batch: int) -> tuple[Tensor, Tensor]:
         if self.grad_sums is None:
             self.grad_sums = [torch.empty_like(g) for g in flat.grads]
         for s in self.grad_sums:
             s.zero_()
         loss = torch.zeros((), device=flat.params[0].device)
+        ascent = torch.zeros(1, device=flat.params[0].device)  # sum of the chunks' squared norms: finite iff each is
         for start in range(0, batch, m):
             part = slice(start, min(start + m, batch))
             weight = (part.stop - part.start) / batch  # chunks may be uneven: weight by size
-            loss = loss + weight * self._ascend_and_grad(flat, closure, part)
+            part_loss, part_ascent = self._ascend_and_grad(flat, closure, part)
+            loss, ascent = loss + weight * part_loss, ascent + part_ascent.to(ascent.dtype)
             torch._foreach_add_(self.grad_sums, flat.grads, alpha=weight)
         for g, s in zip(flat.grads, self.grad_sums):
             g.copy_(s)
-        return loss
+        return loss, ascent

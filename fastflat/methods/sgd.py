@@ -13,4 +13,4 @@ class SGD(Method):
 
     def step(self, flat: FlatParams, closure: Closure, lr: float) -> dict[str, Any]:
         loss = closure(backward=True)
-        return {"loss": loss, **self.base_update(flat, lr)}
+        return {"loss": loss, **self.base_update(flat.params, flat.grads, lr, {"loss": loss})}

@@ -21,6 +21,7 @@ from torch import Tensor
 from fastflat import noise
 from fastflat.config import TrainConfig
 from fastflat.errors import UserError
+from fastflat.faults import finite_or_raise
 from fastflat.flat import FlatParams
 from fastflat.methods.base import Closure, Method, RunServices
 from fastflat.methods.population import population_scores
@@ -33,13 +34,19 @@ def round_seed(seed: int, round_index: int) -> int:
 
 
 def shape_rewards(rewards: Tensor, how: str) -> Tensor:
-    """(K,) fp32: (r - mean) / std, or centered ranks in [-0.5, 0.5]; a constant r gives all zeros."""
+    """(K,) fp32: (r - mean) / std, or centered ranks in [-0.5, 0.5]; a constant r gives exact zeros.
+
+    Normalisation runs in fp64: in fp32 the mean of K equal values can differ from them by an ulp,
+    and dividing that by a std of ~0 (+1e-8) turned "no signal" into a step of order one."""
+    constant = rewards.max() == rewards.min()
     if how == "ranks":
         ranks = torch.empty_like(rewards)
         ranks[rewards.argsort()] = torch.arange(len(rewards), device=rewards.device, dtype=rewards.dtype)
         shaped = ranks / max(len(rewards) - 1, 1) - 0.5
-        return torch.where(rewards.max() == rewards.min(), torch.zeros_like(shaped), shaped)
-    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-8)
+    else:
+        r = rewards.double()
+        shaped = ((r - r.mean()) / (r.std(unbiased=False) + 1e-8)).to(rewards.dtype)
+    return torch.where(constant, torch.zeros_like(shaped), shaped)
 
 
 def es_update_(flat: FlatParams, cfg: TrainConfig, seed: int, batches: list[tuple[Tensor, Tensor]]) -> dict[str, Any]:
@@ -60,6 +67,7 @@ def es_update_(flat: FlatParams, cfg: TrainConfig, seed: int, batches: list[tupl
         noise.perturb_into_(out, parent, seed, member_ids[i], sp.sigma, sp.noise, signs[i])
 
     loss, acc = population_scores(flat, write_child, k, batches, sp.chunk)
+    finite_or_raise({"ES fitness": loss})  # before w moves: a NaN child must not poison the update
     rewards = -loss if sp.fitness == "loss" else acc
     shaped = shape_rewards(rewards.float(), sp.shaping)
     if sp.antithetic:  # -eps for the second child of a pair: sum_k r_k (s_k eps_k) = sum_pairs (r+ - r-) eps
@@ -87,6 +95,9 @@ class Spartan(Wrapper):
         self.rounds = 0
         self.first_parent_loss: float | None = None
 
+    def holdout(self) -> tuple[str, float]:
+        return "evolution", self.cfg.spartan.evolution_split  # fitness data that SGD never sees
+
     def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
         if len(flat.vectors) != 1:
             raise UserError("spartan/es need all trainable parameters in one dtype on one device")
@@ -99,7 +110,7 @@ class Spartan(Wrapper):
 
     @torch.no_grad()
     def mutate(self, flat: FlatParams, epoch: int) -> None:
-        batches = self.services.evolution_batches()
+        batches = self.services.holdout_batches("evolution", self.cfg.spartan.fitness_examples)
         seed = round_seed(self.cfg.seed, self.rounds)
         before_loss, before_acc = parent_scores(flat, batches)
         if self.cfg.spartan.mutation == "es":

@@ -3,7 +3,9 @@
     SWA(cfg, SAM(cfg))     # SWA over SAM: the inner method takes the steps, the wrapper averages
 
 Each formula is in fastflat.schedules, next to its paper. Averages and collected members are part
-of state_dict, so a run killed mid-cycle resumes to the same result.
+of state_dict, so a run killed mid-cycle resumes to the same result. A budget that cannot deliver
+what the method promises (SWA averaging fewer than 2 models, FGE collecting fewer than 2, fewer
+snapshots than --sse-cycles) is refused at the start with the settings that would work.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import torch
 
 from fastflat import ops
 from fastflat.config import TrainConfig
+from fastflat.errors import UserError
 from fastflat.flat import FlatParams
 from fastflat.methods.base import Closure, Method, RunServices
 from fastflat.schedules import fge_triangular, pre_phase, snapshot_cosine, swa_cyclic
+
+MIN_MODELS = 2  # an average or an ensemble of one model is that model: the method did nothing
 
 
 class Wrapper(Method):
@@ -51,9 +56,22 @@ class SWA(Wrapper):
 
     def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
         super().init(flat, services)
-        swa, spe = self.cfg.swa, services.steps_per_epoch
-        self.start_step = round(swa.start * services.total_steps) if swa.start < 1 else round(swa.start * spe)
-        self.cycle = swa.cycle or spe
+        swa, spe, total = self.cfg.swa, services.steps_per_epoch, services.total_steps
+        self.start_step = round(swa.start * total) if swa.start < 1 else round(swa.start * spe)
+        self.cycle = swa.cycle or max(1, spe // 4)
+        self.planned = (total - self.start_step) // self.cycle  # averages at start + k * cycle <= total
+        if self.planned < MIN_MODELS:
+            fixes = []
+            latest = total - MIN_MODELS * self.cycle  # the last start step that still averages 2 models
+            if latest >= 1:
+                fixes.append(f"--swa-start {math.floor(1000 * latest / total) / 1000:g}")
+            if (total - self.start_step) // MIN_MODELS >= 1:
+                fixes.append(f"--swa-cycle {(total - self.start_step) // MIN_MODELS}")
+            if swa.start >= 1:  # an epoch-based start stays put: more epochs make room after it
+                fixes.append(f"--epochs {math.ceil((self.start_step + MIN_MODELS * self.cycle) / spe)}")
+            raise UserError(f"SWA would average {self.planned} model(s): averaging starts at step {self.start_step} of "
+                            f"{total} and takes one every {self.cycle} steps (swa.cycle); use "
+                            f"{' or '.join(fixes) or 'more --epochs'}")
         self.pre = pre_phase(self.cfg.lr, swa.lr, self.start_step)
         self.cyclic = swa_cyclic(swa.lr, swa.lr_min if swa.lr_min is not None else swa.lr, self.cycle)
         self.average = [torch.zeros_like(w) for w in flat.params]  # (N,) per group
@@ -68,10 +86,11 @@ class SWA(Wrapper):
             ops.average_(self.average, flat.params, self.count, None)
             self.count += 1
 
+    def weights(self, flat: FlatParams) -> list[torch.Tensor]:
+        return self.average if int(self.count) > 0 else flat.params
+
     def finish(self, flat: FlatParams) -> dict[str, Any]:
         """Evaluate the SWA weights (BatchNorm re-estimated for them), then put the SGD weights back."""
-        if int(self.count) == 0:
-            return {"swa_models_averaged": 0}
         model = flat.model
         saved = {k: v.clone() for k, v in model.state_dict().items()}
         flat.copy_params_(self.average)
@@ -98,9 +117,15 @@ class SnapshotEnsemble(Wrapper):
 
     def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
         super().init(flat, services)
-        total = services.total_steps
-        self.period = math.ceil(total / self.cfg.sse.cycles)
-        self.schedule = snapshot_cosine(self.cfg.lr, total, self.cfg.sse.cycles)
+        total, cycles = services.total_steps, self.cfg.sse.cycles
+        self.period = math.ceil(total / cycles)
+        snapshots = math.ceil(total / self.period)  # one at each period's end, and one at the last step
+        if snapshots != cycles:
+            most = max(m for m in range(1, cycles + 1) if math.ceil(total / math.ceil(total / m)) == m)
+            raise UserError(f"sse.cycles = {cycles} cannot fit {total} steps ({self.cfg.epochs} epochs x "
+                            f"{services.steps_per_epoch}): cycles of {self.period} steps give {snapshots} snapshots; "
+                            f"use --sse-cycles {most}, or more --epochs")
+        self.schedule = snapshot_cosine(self.cfg.lr, total, cycles)
 
     def lr(self, step: int, scheduled: float) -> float:
         return self.schedule(step)
@@ -123,10 +148,16 @@ class FGE(Wrapper):
 
     def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
         super().init(flat, services)
-        fge, spe = self.cfg.fge, services.steps_per_epoch
-        pretrain_epochs = 0 if self.cfg.init else round(fge.pretrain * services.total_steps / spe)
-        self.start_step = pretrain_epochs * spe
+        fge, spe, total = self.cfg.fge, services.steps_per_epoch, services.total_steps
+        self.start_step = 0 if self.cfg.init else round(fge.pretrain * total)  # in steps: never rounded to 0 epochs
         self.cycle = max(2, 2 * round(fge.cycle_epochs * spe / 2))  # c iterations, even: t = 1/2 is a step
+        self.planned = fge_collections(total - self.start_step, self.cycle)
+        if self.planned < MIN_MODELS:
+            after = total - self.start_step
+            cycle_fit = max(2, 2 * (after // (2 * MIN_MODELS)))  # 2 middles: 1.5 cycles must fit in `after`
+            raise UserError(f"FGE would collect {self.planned} model(s): {after} steps after {self.start_step} of "
+                            f"pretraining, cycles of {self.cycle} steps, one model each cycle's middle; use "
+                            f"--fge-cycle-epochs {cycle_fit / spe:.3g}, a smaller --fge-pretrain, or more --epochs")
         self.pre = pre_phase(self.cfg.lr, fge.lr_max, self.start_step)
         self.triangle = fge_triangular(fge.lr_max, fge.lr_min, self.cycle)
 
@@ -140,6 +171,9 @@ class FGE(Wrapper):
             self.members.append(self.services.save_member(f"fge-{len(self.members) + 1:02d}"))
 
     def finish(self, flat: FlatParams) -> dict[str, Any]:
-        if not self.members:
-            return {"ensemble": None, "fge_note": "no cycle reached its middle: raise --epochs"}
         return {"ensemble": self.services.evaluate_ensemble(self.members)}
+
+
+def fge_collections(steps: int, cycle: int) -> int:
+    """Models FGE collects in `steps` steps of cycles of `cycle` (even) steps: one at each middle."""
+    return 0 if steps < cycle // 2 else (steps - cycle // 2) // cycle + 1

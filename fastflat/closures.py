@@ -1,0 +1,123 @@
+"""Closures: a method's view of "the loss here" (see methods.Closure), built by the trainer per step.
+
+    closure = BatchClosure(model, flat, x, y, amp="none")          # one batch
+    closure = SplitClosure(model, flat, [(x1, y1), (x2, y2)], amp)   # a whole split, in chunks
+
+Calling one with backward=True zeroes the flat gradient once and fills it; both tally the training
+loss and accuracy of the first pass over each part, which every method takes at unperturbed weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastflat.evaluation import autocast
+from fastflat.flat import FlatParams
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+    """BatchNorm normalises with batch statistics but leaves running stats and counters untouched."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False  # forward then passes no running buffers to F.batch_norm
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+class _Tally:
+    """Training loss (summed over examples, fp32) and correct predictions, on the device: no host sync."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self._seen: set[tuple[int, int]] = set()
+
+    def add_once(self, span: tuple[int, int], loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        if span in self._seen:  # SAM's second pass, or a re-scored part: the first pass counts
+            return
+        self._seen.add(span)
+        self.loss_sum += loss * (span[1] - span[0])
+        self.correct += (logits.argmax(1) == y).sum()
+
+
+class BatchClosure:
+    """Loss on one batch (methods.Closure). `part` restricts a pass to a slice of the batch
+    (m-sharpness); update_bn=False keeps BatchNorm running statistics unchanged (SAM's second pass)."""
+
+    def __init__(self, model: nn.Module, flat: FlatParams, x: Tensor, y: Tensor, amp: str = "none"):
+        self.model, self.flat, self.x, self.y, self.amp = model, flat, x, y, amp
+        self.batch_size = x.shape[0]
+        self.tally = _Tally(x.device)
+
+    @property
+    def loss_sum(self) -> Tensor:
+        return self.tally.loss_sum
+
+    @property
+    def correct(self) -> Tensor:
+        return self.tally.correct
+
+    def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True) -> Tensor:
+        span = (0, self.batch_size) if part is None else (part.start, part.stop)
+        x, y = self.x[span[0] : span[1]], self.y[span[0] : span[1]]
+        if backward:
+            self.flat.zero_grad_()
+        loss, logits = _forward(self.model, x, y, self.amp, backward, update_bn, weight=1.0)
+        self.tally.add_once(span, loss, logits, y)
+        return loss
+
+
+class SplitClosure:
+    """Mean loss over a whole split given as chunks [(x, y), ...]; its gradient is the gradient of
+    that mean, accumulated chunk by chunk into the flat buffer (zeroed once per call, not per chunk).
+    Chunk sizes change speed and memory, never the result beyond float rounding (without BatchNorm;
+    with it, each chunk normalises by its own statistics: ghost batches)."""
+
+    def __init__(self, model: nn.Module, flat: FlatParams, chunks: list[tuple[Tensor, Tensor]], amp: str = "none"):
+        self.model, self.flat, self.chunks, self.amp = model, flat, chunks, amp
+        self.batch_size = sum(len(y) for _, y in chunks)
+        self.tally = _Tally(chunks[0][0].device)
+
+    @property
+    def loss_sum(self) -> Tensor:
+        return self.tally.loss_sum
+
+    @property
+    def correct(self) -> Tensor:
+        return self.tally.correct
+
+    def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True) -> Tensor:
+        if part is not None:
+            raise ValueError("a SplitClosure covers its whole split; it takes no part")
+        if backward:
+            self.flat.zero_grad_()
+        total = torch.zeros((), device=self.chunks[0][0].device)
+        start = 0
+        for x, y in self.chunks:
+            weight = len(y) / self.batch_size  # mean over the split = sum of chunk means x size share
+            loss, logits = _forward(self.model, x, y, self.amp, backward, update_bn, weight)
+            self.tally.add_once((start, start + len(y)), loss, logits, y)
+            total += loss * weight
+            start += len(y)
+        return total
+
+
+def _forward(model: nn.Module, x: Tensor, y: Tensor, amp: str, backward: bool, update_bn: bool,
+             weight: float) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy of one chunk (detached) and its logits; backward adds weight * its gradient."""
+    bn = contextlib.nullcontext() if update_bn else frozen_bn_stats(model)
+    with torch.set_grad_enabled(backward), bn, autocast(x.device, amp):
+        logits = model(x)  # (B, classes)
+        loss = F.cross_entropy(logits.float(), y)
+    if backward:
+        (loss * weight if weight != 1.0 else loss).backward()
+    return loss.detach(), logits.detach()

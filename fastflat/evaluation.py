@@ -1,0 +1,50 @@
+"""Evaluate weights on a split, and resolve a device name: shared by train, cli, bench, ensemble.
+
+    device = resolve_device("auto")
+    scores = evaluate(model, data.test, data, batch_size=512)      # {"loss": ..., "acc": ...}
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastflat import data as datasets
+from fastflat.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def autocast(device: torch.device, amp: str):
+    """The forward pass's autocast context for `--amp` (none | bf16); weights stay fp32."""
+    dtype = torch.bfloat16 if amp == "bf16" else None
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: datasets.Split, dataset: datasets.Dataset, batch_size: int,
+             amp: str = "none") -> dict[str, float]:
+    """Mean cross-entropy and accuracy (%) of `model` on a whole split, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=split.labels.device)
+    correct = torch.zeros((), device=split.labels.device, dtype=torch.long)
+    for x, y in datasets.iterate_batches(split, batch_size, dataset=dataset, train=False):
+        with autocast(x.device, amp):
+            logits = model(x).float()  # (B, classes)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    n = len(split)
+    return {"loss": loss_sum.item() / n, "acc": 100.0 * correct.item() / n}
