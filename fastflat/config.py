@@ -175,9 +175,11 @@ def _value(cfg: Any, key: str) -> Any:
 def _check(cfg: TrainConfig) -> list[str]:
     """Value checks; returns every failure, each naming the key, the value, and what is allowed."""
     problems: list[str] = []
+    reported: set[str] = set()  # one problem per key: the first says what is wrong with it
 
     def need(ok: bool, key: str, allowed: str) -> None:
-        if not ok:
+        if not ok and key not in reported:
+            reported.add(key)
             problems.append(f"{key} = {_value(cfg, key)!r} is invalid: {allowed}")
 
     for key, f, hint in _fields(TrainConfig):  # generic: closed choices, finite numbers
@@ -187,8 +189,6 @@ def _check(cfg: TrainConfig) -> list[str]:
             need(False, key, f"use one of {', '.join(values.values())}{hint_bool}")
         elif isinstance(value, float) and not math.isfinite(value):
             need(False, key, "must be a finite number")
-    if problems:
-        return problems  # the checks below compare numbers: only meaningful once these hold
     need(0 <= cfg.seed <= SEED_MAX, "seed", f"must be in [0, {SEED_MAX}]")
     need(cfg.epochs >= 1, "epochs", "must be at least 1")
     need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
