@@ -11,6 +11,7 @@ params in place, never `p.data = other`; flatten again after `model.to(...)`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,8 @@ class FlatParams:
         self.vectors = [self._flatten_group(members) for members in groups.values()]
         self._params = [p for members in groups.values() for _, p in members]
         self._expected_ptrs = [p.data_ptr() for p in self._params]
+        for p in self._params:
+            p._fastflat_buffer = self  # lets drop-ins find these views and check them (see __deepcopy__)
 
     @staticmethod
     def _flatten_group(members: list[tuple[str, nn.Parameter]]) -> FlatVector:
@@ -70,6 +73,11 @@ class FlatParams:
             offset += n
         param_buf.grad = grad_buf
         return vector
+
+    def __deepcopy__(self, memo: dict) -> None:
+        """A deep copy of a flattened parameter (AveragedModel copies the model) is not flattened:
+        its `_fastflat_buffer` becomes None instead of a copy of every buffer."""
+        return None
 
     # -- the flat views ------------------------------------------------------------------------------
     @property
@@ -114,6 +122,17 @@ class FlatParams:
                 "a parameter or gradient no longer points into the flat buffer: after model.to(...), "
                 "zero_grad(set_to_none=True) or p.data = ..., call fastflat.flatten(model) again"
             )
+
+
+def check_flattened_views(params: Iterable[Tensor]) -> None:
+    """Raise (check_views' message) if any of `params` was flattened and has left its buffer since:
+    torch's default zero_grad(set_to_none=True), model.to(dtype), or p.data = ... do that silently."""
+    seen: set[int] = set()
+    for p in params:
+        flat = getattr(p, "_fastflat_buffer", None)
+        if flat is not None and id(flat) not in seen:
+            seen.add(id(flat))
+            flat.check_views()
 
 
 def flatten(model: nn.Module) -> FlatParams:

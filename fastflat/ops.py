@@ -149,15 +149,20 @@ def clip_scale_torch_(g: Tensor, total_norm: Tensor, max_norm: float) -> None:
         g.copy_(g.float() * coef)
 
 
-def clip_grad_norm_flat_(gs: list[Tensor], max_norm: float, sqnorm: Tensor | None = None) -> Tensor:
-    """Clip flat gradient vectors to a global L2 norm; returns the norm before clipping, () fp32
-    (fp64 if any vector is fp64). `sqnorm`: total_sqnorm(gs) when the caller has it already."""
-    total_norm = (total_sqnorm(gs) if sqnorm is None else sqnorm).sqrt()
+def clip_scale_(gs: list[Tensor], total_norm: Tensor, max_norm: float) -> None:
+    """Scale each vector by min(1, max_norm / (total_norm + 1e-6)), torch's formula, in place."""
     for g in gs:
         if use_triton(g):
             _kernels().clip_scale_(g, total_norm.to(g.device, torch.float32), max_norm)
         else:
             clip_scale_torch_(g, total_norm.to(g.device), max_norm)
+
+
+def clip_grad_norm_flat_(gs: list[Tensor], max_norm: float, sqnorm: Tensor | None = None) -> Tensor:
+    """Clip flat gradient vectors to a global L2 norm; returns the norm before clipping, () fp32
+    (fp64 if any vector is fp64). `sqnorm`: total_sqnorm(gs) when the caller has it already."""
+    total_norm = (total_sqnorm(gs) if sqnorm is None else sqnorm).sqrt()
+    clip_scale_(gs, total_norm, max_norm)
     return total_norm.reshape(())
 
 

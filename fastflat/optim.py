@@ -13,13 +13,16 @@ copies the saved weights back in place (never `p.data = old`, which would detach
 
 from __future__ import annotations
 
+import types
+import warnings
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from fastflat import ops
-from fastflat.flat import flatten, paired_covers
+from fastflat.flat import check_flattened_views, flatten, paired_covers
 
 
 def _with_grads(params: Iterable[Tensor]) -> list[Tensor]:
@@ -31,21 +34,35 @@ def clip_grad_norm_(
     parameters: Tensor | Iterable[Tensor], max_norm: float, norm_type: float = 2.0,
     error_if_nonfinite: bool = False, foreach: bool | None = None,
 ) -> Tensor:
-    """Like torch.nn.utils.clip_grad_norm_ (same arguments, same return: the norm before clipping).
+    """torch.nn.utils.clip_grad_norm_, on the one-launch path when the gradients tile flat buffers.
 
-    Flat L2 case: one reduction and one scale launch per buffer, no host synchronisation. Other
-    norms, or grads that are not views of a flat buffer, go to torch's own (foreach) implementation.
+    Same arguments, return, dtypes, warning and error as torch's (its own tests run against this in
+    tests/test_optim_torch.py): each buffer's norm is accumulated in fp32 (fp64 for fp64) and
+    returned in the buffer's dtype (an fp16 norm above 65504 is inf, as torch's), the total in the
+    widest of them; with error_if_nonfinite the gradients are untouched when it raises. Norms other
+    than L2, or gradients that are not views of a flat buffer, go to torch's own implementation.
     """
-    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-    params = _with_grads(params)
-    grads = [p.grad for p in params]
+    if isinstance(parameters, Tensor):
+        params = [parameters]
+    else:
+        generator = isinstance(parameters, types.GeneratorType)
+        params = list(parameters)
+        if generator and not params:  # torch warns here; it cannot once we pass it a list
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    grads = [p.grad for p in params if p.grad is not None]
     covers = paired_covers(grads, grads) if grads and float(norm_type) == 2.0 else None
     if covers is None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
-    total_norm = ops.clip_grad_norm_flat_([g for g, _ in covers], float(max_norm))
-    if error_if_nonfinite and not torch.isfinite(total_norm):
-        raise RuntimeError(f"the total norm of order {norm_type} for gradients is non-finite")
-    return total_norm.to(grads[0].dtype)
+    vectors = [g for g, _ in covers]
+    norms = [ops.sqnorm(v).sqrt().to(v.dtype) for v in vectors]  # (1,) each, like torch._foreach_norm
+    total_norm = torch.linalg.vector_norm(torch.stack([n.reshape(()).to(vectors[0].device) for n in norms]))
+    if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
+            "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`")
+    ops.clip_scale_(vectors, total_norm, float(max_norm))
+    return total_norm
 
 
 class SAM(torch.optim.Optimizer):
@@ -74,8 +91,31 @@ class SAM(torch.optim.Optimizer):
         params = _with_grads(p for g in self.param_groups for p in g["params"])
         return paired_covers(params, [p.grad for p in params]) if params else None
 
+    # -- state: the base optimizer's is carried too, so momentum survives a resume ---------------
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "base_optimizer": self.base_optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Also takes the popular SAM optimizer's state_dicts (no `norm`, no base state). Afterwards
+        param_groups are still the base optimizer's, so a loaded lr, and a scheduler attached later,
+        reach the step that uses them."""
+        state_dict = dict(state_dict)
+        base_state = state_dict.pop("base_optimizer", None)
+        super().load_state_dict(state_dict)
+        if base_state is not None:  # its momentum; the hyperparameters are the top-level groups'
+            self.base_optimizer.load_state_dict({"state": base_state["state"], "param_groups": state_dict["param_groups"]})
+        else:  # keep the loaded hyperparameters in the groups the base optimizer steps with
+            self.base_optimizer.param_groups = self.param_groups
+        self.param_groups = self.base_optimizer.param_groups
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)  # e.g. `norm`, unknown to the original SAM
+        for p in list(self.state):
+            self.state[p].pop("old_p", None)  # a perturbation in flight when saved: meaningless now
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
+        check_flattened_views(p for g in self.param_groups for p in g["params"])
         covers = self._flat_covers()
         if covers is not None:
             group = self.param_groups[0]
@@ -99,6 +139,7 @@ class SAM(torch.optim.Optimizer):
                     if "old_p" in self.state[p]:
                         p.copy_(self.state[p].pop("old_p"))
         self.base_optimizer.step()
+        self._opt_called = True  # what an LR scheduler checks: the optimizer did step before it
         if zero_grad:
             self.zero_grad()
 

@@ -225,3 +225,15 @@ def test_resume_of_an_init_run_does_not_need_the_init_source(tmp_path):
         train(tiny(tmp_path / "fge", method="fge", init=str(tmp_path / "source" / "run")), hooks=StopAt(step=5))
     (tmp_path / "source" / "run" / "checkpoint.pt").unlink()
     assert resume(tmp_path / "fge" / "run")["steps"] == 16
+
+
+@pytest.mark.parametrize("undo", ["zero_grad", "to_bf16"])
+def test_a_step_on_views_that_left_the_flat_buffer_is_refused(tmp_path, undo):
+    from fastflat.closures import BatchClosure
+    from fastflat.train import Trainer, train_step
+
+    trainer = Trainer(tiny(tmp_path), RunDir.create(tmp_path, "t"))
+    trainer.model.zero_grad() if undo == "zero_grad" else trainer.model.to(torch.bfloat16)
+    x, y = trainer.data.train.images[:8].float(), trainer.data.train.labels[:8]
+    with pytest.raises(RuntimeError, match="no longer points into the flat buffer"):
+        train_step(trainer.method, trainer.flat, BatchClosure(trainer.model, trainer.flat, x, y), 0.1, 0)
