@@ -114,11 +114,15 @@ def test_synthetic_has_the_documented_shapes(synthetic):
     assert set(synthetic.train.labels.tolist()) == set(range(10))
 
 
-def test_synthetic_is_deterministic_in_the_seed(synthetic):
-    again, other = load_dataset("synthetic", seed=0), load_dataset("synthetic", seed=1)
-    assert torch.equal(again.train.images, synthetic.train.images)
-    assert torch.equal(again.test.labels, synthetic.test.labels)
-    assert not torch.equal(other.train.images, synthetic.train.images)
+def test_synthetic_is_one_dataset_whatever_the_run_seed(synthetic):
+    """Runs of seeds 0, 1, 2 ensembled together must share their data (they did not: members scored
+    9-11% on each other's test sets). Label noise still follows the run's seed."""
+    for seed in (0, 1, 12345):
+        other = load_dataset("synthetic", seed=seed)
+        assert torch.equal(other.train.images, synthetic.train.images)
+        assert torch.equal(other.test.labels, synthetic.test.labels)
+    noisy = [load_dataset("synthetic", seed=s, label_noise=0.2).train.labels for s in (0, 1)]
+    assert not torch.equal(noisy[0], noisy[1])
 
 
 def test_synthetic_classes_are_separable_by_nearest_class_mean(synthetic):
