@@ -142,22 +142,30 @@ def iterate_batches(
     train: bool,
     generator: torch.Generator | None = None,
     drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (x, y): x (B, C, H, W) float32 normalised, y (B,) int64; shuffled and augmented if `train`.
 
     All randomness is drawn from the CPU `generator` and then moved, so the order and the
-    augmentations are identical on every device.
+    augmentations are identical on every device. With world_size > 1 each rank gets its
+    batch_size / world_size rows of every global batch (rank r: the r-th slice), augmented exactly as
+    the single-process batch would be: the ranks together see the same examples, step by step.
     """
+    if batch_size % world_size:
+        raise UserError(f"batch size {batch_size} does not split evenly over {world_size} processes")
     device = split.images.device
     scale, shift = _normalisation(dataset, device)
     order = torch.randperm(len(split), generator=generator).to(device) if train else None
+    share = batch_size // world_size
     for batch in range(num_batches(len(split), batch_size, drop_last)):
         rows = slice(batch * batch_size, (batch + 1) * batch_size)
         index = order[rows] if order is not None else rows
         images, labels = split.images[index], split.labels[index]
         if train and dataset.augment == "crop_flip":
-            images = _random_crop_flip(images, generator)
-        yield images.float() * scale + shift, labels
+            images = _random_crop_flip(images, generator)  # drawn for the global batch: same on every rank
+        mine = slice(rank * share, (rank + 1) * share) if world_size > 1 else slice(None)
+        yield images[mine].float() * scale + shift, labels[mine]
 
 
 def _normalisation(dataset: Dataset, device: torch.device) -> tuple[Tensor, Tensor]:

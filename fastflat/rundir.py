@@ -111,14 +111,21 @@ def provenance(device: torch.device) -> dict[str, Any]:
 
 
 class RunDir:
-    """The folder of one run. `create` makes a new one; `open` an existing one (resume, eval)."""
+    """The folder of one run. `create` makes a new one; `open` an existing one (resume, eval).
 
-    def __init__(self, path: Path):
+    In a distributed job every rank holds a RunDir for the same path, but only rank 0 (writes=True)
+    touches the disk: the others' writes are no-ops, so there is one copy of every file, not one per rank.
+    """
+
+    def __init__(self, path: Path, writes: bool = True):
         self.path = Path(path)
+        self.writes = writes
 
     @classmethod
-    def create(cls, parent: str | Path, name: str) -> RunDir:
+    def create(cls, parent: str | Path, name: str, rank: int = 0) -> RunDir:
         parent = Path(parent)
+        if rank != 0:  # rank 0 names and makes the directory; the job passes that name to the others
+            return cls(parent / name, writes=False)
         path = parent / name
         suffix = 1
         while path.exists():  # never write into an existing run: nothing saved gets overwritten
@@ -131,15 +138,18 @@ class RunDir:
         return cls(path)
 
     @classmethod
-    def open(cls, path: str | Path) -> RunDir:
+    def open(cls, path: str | Path, rank: int = 0) -> RunDir:
         path = Path(path)
         if not (path / CHECKPOINT).is_file():
             raise UserError(f"{path} is not a run directory with a {CHECKPOINT}; pass the folder a run wrote")
-        return cls(path)
+        return cls(path, writes=rank == 0)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the run's lock; a second process asking for it gets one UserError line."""
+        if not self.writes:
+            yield
+            return
         try:
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -156,12 +166,16 @@ class RunDir:
 
     def remove_temporaries(self) -> None:
         """Delete the temporary files of writes that a crash cut short (call while holding the lock)."""
+        if not self.writes:
+            return
         for folder in (self.path, self.path / "members"):
             for tmp in folder.glob(TEMPORARY):
                 tmp.unlink(missing_ok=True)
 
     def remove_if_unused(self) -> None:
         """After a failed start: remove the directory if it holds nothing but its config and lock."""
+        if not self.writes:
+            return
         if {p.name for p in self.path.iterdir()} <= {"config.yaml", LOCK}:
             for p in self.path.iterdir():
                 p.unlink()
@@ -172,9 +186,13 @@ class RunDir:
         return self.path / CHECKPOINT
 
     def write_config(self, config: dict[str, Any]) -> None:
+        if not self.writes:
+            return
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     def append_metrics(self, record: dict[str, Any], name: str = "metrics.jsonl") -> None:
+        if not self.writes:
+            return
         line = json.dumps(json_safe(record), allow_nan=False) + "\n"  # NaN/inf become null: strict JSON
         try:
             with open(self.path / name, "a") as f:
@@ -190,6 +208,8 @@ class RunDir:
 
     def truncate_logs(self, sizes: dict[str, int]) -> None:
         """Drop what was appended after the checkpoint (a line, or half of one, from a killed run)."""
+        if not self.writes:
+            return
         for path in self.path.glob("*.jsonl"):
             keep = sizes.get(path.name, 0)
             if path.stat().st_size > keep:
@@ -211,6 +231,8 @@ class RunDir:
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        if not self.writes:
+            return
         buffer = io.BytesIO()
         torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
         atomic_write_bytes(self.checkpoint_path, buffer.getvalue())
@@ -218,6 +240,8 @@ class RunDir:
     def save_member(self, tag: str, state_dict: dict[str, Any]) -> Path:
         """An ensemble member (or averaged model) as a plain state_dict in members/<tag>.pt."""
         folder = self.path / "members"
+        if not self.writes:
+            return folder / f"{tag}.pt"
         folder.mkdir(exist_ok=True)
         buffer = io.BytesIO()
         torch.save({k: v.detach().clone() for k, v in state_dict.items()}, buffer)
@@ -226,6 +250,8 @@ class RunDir:
         return path
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        if not self.writes:
+            return
         atomic_write_text(self.path / "summary.json", json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
 
 

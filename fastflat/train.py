@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fastflat import data as datasets
+from fastflat import dist
 from fastflat.closures import BatchClosure
 from fastflat.config import TrainConfig, config_from_dict, to_dict
 from fastflat.errors import Interrupted, NonFiniteError, UserError
@@ -312,6 +313,8 @@ class Trainer:
         }
         self.run.write_summary(summary)
         try:
+            if not self.run.writes:
+                raise ImportError  # another rank draws nothing: rank 0 has the figure
             from fastflat.plots import plot_training_curves
 
             plot_training_curves(history, self.run.path / "curves.png", title=self.run.path.name)
@@ -324,7 +327,7 @@ class Trainer:
 def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
     """Start a new run in cfg.out / (cfg.name or a generated name) and train it to the end. A start
     that fails (bad budget, missing data, Ctrl-C while loading) leaves no run directory behind."""
-    run = RunDir.create(cfg.out, cfg.name or default_run_name(cfg))
+    run = RunDir.create(cfg.out, cfg.name or default_run_name(cfg), rank=dist.rank())
     with run.locked():
         try:
             if cfg.name is None:
@@ -340,7 +343,7 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
 def resume(run_dir: str | Path, hooks: Hooks | None = None) -> dict[str, Any]:
     """Continue a run from its last checkpoint, with the config it was started with. Refuses while
     another process trains the same run; clears temporary files that a crash left behind."""
-    run = RunDir.open(run_dir)
+    run = RunDir.open(run_dir, rank=dist.rank())
     with run.locked():
         run.remove_temporaries()
         state = load_checkpoint(run.checkpoint_path)

@@ -237,3 +237,33 @@ def test_a_step_on_views_that_left_the_flat_buffer_is_refused(tmp_path, undo):
     x, y = trainer.data.train.images[:8].float(), trainer.data.train.labels[:8]
     with pytest.raises(RuntimeError, match="no longer points into the flat buffer"):
         train_step(trainer.method, trainer.flat, BatchClosure(trainer.model, trainer.flat, x, y), 0.1, 0)
+
+
+# -- seams for distributed runs --------------------------------------------------------------------------
+def test_a_run_directory_of_rank_1_writes_nothing(tmp_path):
+    run = RunDir.create(tmp_path, "r", rank=1)
+    with run.locked():
+        run.write_config({"a": 1})
+        run.append_metrics({"step": 1})
+        run.save_checkpoint({"x": torch.zeros(1)})
+        run.save_member("m", {"w": torch.zeros(1)})
+        run.write_summary({"s": 1})
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_split_every_global_batch_and_together_see_the_single_process_batch(world):
+    data = datasets.load_dataset("synthetic")
+    data = datasets.Dataset(**{**vars(data), "augment": "crop_flip"})  # randomness must match too
+
+    def batches(rank, world_size):
+        g = torch.Generator().manual_seed(3)
+        return list(datasets.iterate_batches(data.train, 64, dataset=data, train=True, generator=g,
+                                             drop_last=True, rank=rank, world_size=world_size))
+
+    single = batches(0, 1)
+    shards = [batches(r, world) for r in range(world)]
+    for i, (x, y) in enumerate(single):
+        assert torch.equal(torch.cat([s[i][0] for s in shards]), x) and torch.equal(torch.cat([s[i][1] for s in shards]), y)
+    with pytest.raises(UserError, match="does not split evenly over 3 processes"):
+        next(datasets.iterate_batches(data.train, 64, dataset=data, train=True, rank=0, world_size=3))

@@ -142,3 +142,16 @@ def test_es_generations_lower_the_loss_without_gradients():
         for generation in range(60):
             sp.es_update_(flat, cfg, sp.round_seed(0, generation), [(x, y)])
     assert loss() < 0.9 * before and all(g.abs().sum() == 0 for g in flat.grads)  # 1.44 -> 1.15
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_constant_fitness_leaves_the_weights_bitwise_unchanged(monkeypatch, antithetic):
+    """The documented contract: no signal, no step (without pairs it moved weights by up to 1.9e-3)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4)
+    flat = fastflat.flatten(model)
+    before = flat.params[0].clone()
+    monkeypatch.setattr(sp, "population_scores", _fixed_scores([0.7310585786] * 16))
+    cfg = load_config(overrides={"spartan.children": 16, "spartan.antithetic": antithetic, "spartan.es_lr": 1.0})
+    sp.es_update_(flat, cfg, 3, [(torch.randn(4, 16), torch.zeros(4, dtype=torch.long))])
+    assert torch.equal(flat.params[0], before)
