@@ -60,7 +60,7 @@ def train(
     swa_lr_min: Annotated[float | None, _opt("Cyclic SWA: cycle minimum alpha2 (unset = constant LR).", AVG)] = None,
     swa_cycle: Annotated[int | None, _opt("SWA cycle c in iterations; average at each cycle end (0 = an epoch).", AVG, W.cycle)] = None,
     sse_cycles: Annotated[int | None, _opt("Snapshot ensembles: cosine cycles M (one snapshot each).", AVG, E.cycles)] = None,
-    sse_keep: Annotated[int | None, _opt("Snapshot ensembles: ensemble the last k (0 = all).", AVG, E.keep)] = None,
+    sse_keep: Annotated[str | None, _opt("Snapshot ensembles: ensemble the last k (0 = all; auto = the k best on --val-split).", AVG, E.keep)] = None,
     fge_pretrain: Annotated[float | None, _opt("FGE: share of the budget spent pretraining (ignored with --init).", AVG, F.pretrain)] = None,
     fge_cycle_epochs: Annotated[float | None, _opt("FGE: cycle length c in epochs (may be fractional; c is rounded to an even number of iterations).", AVG, F.cycle_epochs)] = None,
     fge_lr_max: Annotated[float | None, _opt("FGE: alpha1.", AVG, F.lr_max)] = None,
@@ -201,13 +201,7 @@ def ensemble_command(
     """Evaluate an ensemble: accuracy, NLL, ECE of the ensemble and each member, disagreement, and a plot.
 
     With --budgets: the papers' budget table, test error of Ind, SSE and FGE at 1, 2, 3... budgets."""
-    from fastflat import data as datasets
-    from fastflat.ensemble import budget_view, ensemble_report, run_members
-    from fastflat.models import build_model
-    from fastflat.plots import plot_budget_view, plot_ensemble_curve
-    from fastflat.faults import json_safe
-    from fastflat.rundir import atomic_write_text, provenance
-    from fastflat.evaluation import resolve_device
+    from fastflat.ensemble import budget_report, runs_report, write_report
 
     groups = {"ind": runs or [], "sse": sse or [], "fge": fge or []}
     keep = _parse_keep(sse_keep)
@@ -218,42 +212,21 @@ def ensemble_command(
             raise UserError("--budgets takes --from, --sse and --fge runs, not --swa")
         if keep == "auto":
             raise UserError("--sse-keep auto chooses k for one --sse run; the budget view takes a number")
-        chosen = [("budgets", r) for rs in groups.values() for r in rs]
-        if not chosen:
+        if not any(groups.values()):
             raise UserError("--budgets needs runs: --from RUN (Ind), --sse RUN, --fge RUN, each repeatable")
+        report = budget_report(groups, keep, device, data_dir)
+        first = next(r for rs in groups.values() for r in rs)
+        target = out or Path(first) / "ensemble-budgets.json"
     else:
         chosen = [(k, r) for k, rs in (("fge", fge or []), ("sse", sse or [])) for r in rs] + (
             [("swa", swa)] if swa is not None else []) + [("final", r) for r in runs or []]
         kinds = {k for k, _ in chosen}
         if not chosen or len(kinds) > 1 or (kinds != {"final"} and len(chosen) > 1):
             raise UserError("give exactly one of --fge RUN, --sse RUN, --swa RUN, or --from RUN (repeatable)")
-    kind = chosen[0][0]
-    # each run's checkpoint is read once here (UserError if it is not a run): config and member files
-    if budgets:
-        resolved = {g: [(Path(r), *run_members(r, "final" if g == "ind" else g)) for r in rs]
-                    for g, rs in groups.items()}
-        configs = [config for entries in resolved.values() for _, config, _ in entries]
-    else:
-        configs, paths = zip(*(run_members(run, kind) for _, run in chosen))
-    cfg = configs[0]
-    if any((c["model"], c["dataset"]) != (cfg["model"], cfg["dataset"]) for c in configs):
-        raise UserError("the runs must share one model and dataset")
-    val_split = cfg.get("val_split", 0.0) if kind in ("sse", "fge") else 0.0  # older runs have no such key
-    dev = resolve_device(device)
-    # the run's own label noise and seed: its validation split is rebuilt exactly as training held it out
-    data = datasets.load_dataset(cfg["dataset"], data_dir or cfg["data_dir"], dev, cfg["label_noise"], cfg["seed"])
-    data, validation = datasets.hold_out_validation(data, val_split, cfg["seed"])
-    model = build_model(cfg["model"], data.in_channels, data.num_classes, data.image_size).to(dev)
-    target = out or Path(chosen[0][1]) / f"ensemble-{kind}.json"
-    if budgets:
-        report = {**budget_view(model, resolved, data.test, data, keep), "dataset": cfg["dataset"], "model": cfg["model"]}
-    else:
-        members = [p for group in paths for p in group]
-        report = {"kind": kind, "runs": [str(r) for _, r in chosen],
-                  **ensemble_report(model, kind, members, cfg, keep, data, validation)}
-    report["provenance"] = provenance(dev)
-    atomic_write_text(target, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
-    (plot_budget_view if budgets else plot_ensemble_curve)(report, target.with_suffix(".png"))
+        kind = chosen[0][0]
+        report = runs_report(kind, [r for _, r in chosen], keep, device, data_dir)
+        target = out or Path(chosen[0][1]) / f"ensemble-{kind}.json"
+    write_report(report, target)
     if as_json:
         print(json.dumps(report))
     elif budgets:

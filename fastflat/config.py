@@ -80,7 +80,7 @@ class SWAConfig:
 @dataclass(frozen=True)
 class SSEConfig:
     cycles: int = 2  # M: cosine restarts over the budget, one snapshot at the end of each
-    keep: int = 0  # ensemble the last k snapshots; 0 = all
+    keep: int | str = 0  # ensemble the last k snapshots; 0 = all; "auto" = the k best on --val-split
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,10 @@ def _check(cfg: TrainConfig) -> list[str]:
     need(cfg.swa.lr_min is None or 0 < cfg.swa.lr_min <= cfg.swa.lr, "swa.lr_min", "must be in (0, swa.lr]")
     need(cfg.swa.cycle >= 0, "swa.cycle", "must be >= 0 (0 = a quarter epoch)")
     need(cfg.sse.cycles >= 1, "sse.cycles", "must be at least 1")
-    need(0 <= cfg.sse.keep <= cfg.sse.cycles, "sse.keep", f"must be in [0, sse.cycles = {cfg.sse.cycles}] (0 = all)")
+    keep = cfg.sse.keep
+    need(keep == "auto" or (isinstance(keep, int) and 0 <= keep <= cfg.sse.cycles), "sse.keep",
+         f"a count in [0, sse.cycles = {cfg.sse.cycles}] (0 = all), or auto")
+    need(keep != "auto" or cfg.val_split > 0, "sse.keep", "auto chooses k on a validation split: add --val-split 0.1")
     need(0 <= cfg.fge.pretrain < 1, "fge.pretrain", "must be in [0, 1)")
     need(cfg.fge.cycle_epochs > 0, "fge.cycle_epochs", "must be > 0")
     need(0 < cfg.fge.lr_min <= cfg.fge.lr_max, "fge.lr_min", "must be in (0, fge.lr_max]")
@@ -230,9 +233,16 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if isinstance(value, Choice):
         value = value.value
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(options) < len(typing.get_args(hint)) and (
+                value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
             return None
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        for option in options[:-1]:  # int | str: a count if it reads as one, else the word (checked later)
+            try:
+                return _coerce(key, value, option)
+            except ValueError:
+                pass
+        hint = options[-1]
     if hint is str:
         return value if isinstance(value, bool) else str(value)  # a YAML boolean: _check explains
     if hint is bool:

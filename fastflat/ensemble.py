@@ -133,9 +133,9 @@ def run_members(run_dir: str | Path, kind: str) -> tuple[dict[str, Any], list[Pa
     return config, members
 
 
-def snapshots_kept(config: dict[str, Any], sse_keep: int | None) -> int:
-    """How many last snapshots a snapshot ensemble uses: the override, else the run's --sse-keep (0 = all).
-    A snapshot ensemble is its last k snapshots because later cycles trained longest."""
+def snapshots_kept(config: dict[str, Any], sse_keep: int | str | None) -> int | str:
+    """How many last snapshots a snapshot ensemble uses: the override, else the run's --sse-keep (0 = all;
+    "auto": chosen on validation). A snapshot ensemble is its last k snapshots: later cycles trained longest."""
     return sse_keep if sse_keep is not None else config["sse"]["keep"]
 
 
@@ -146,11 +146,12 @@ def ensemble_report(model: nn.Module, kind: str, members: list[Path], config: di
     its last k (sse_keep as in snapshots_kept, or 'auto': the k best on validation). With a
     validation split, the report also carries validation_choice over every member, and the test
     metrics of the member it picks to use alone."""
-    if sse_keep == "auto" and validation is None:
+    keep = snapshots_kept(config, sse_keep) if kind == "sse" else 0
+    if keep == "auto" and validation is None:
         raise UserError("--sse-keep auto chooses k on a validation split; the run was trained without --val-split")
     choice = validation_choice(model, members, validation, dataset) if validation is not None else None
     if kind == "sse":
-        k = choice["best_k"] if sse_keep == "auto" else snapshots_kept(config, sse_keep)
+        k = choice["best_k"] if keep == "auto" else keep
         members = members[-k:] if k else members
     report = evaluate_members(model, members, dataset.test, dataset)
     if choice is not None:  # the picked member's test metrics: from the report, else one more pass
@@ -199,6 +200,8 @@ def budget_view(model: nn.Module, members: dict[str, Resolved], split: datasets.
             # every collected member, newest first: the curve's k-th point is the ensemble of the last k
             paths = collected[::-1]
             keep = snapshots_kept(config, sse_keep) if kind == "sse" else 0
+            if keep == "auto":
+                raise UserError(f"{run} was trained with --sse-keep auto; the budget view takes a number: --sse-keep K")
             keep = min(keep or len(paths), len(paths))
             report = evaluate_members(model, paths, split, dataset)
             by_budget.setdefault(times, []).append({"run": str(run), "error": 100.0 - report["accuracy_by_size"][keep - 1],
@@ -210,3 +213,59 @@ def budget_view(model: nn.Module, members: dict[str, Resolved], split: datasets.
                               "runs": [e["run"] for e in entries], "per_run": entries}
                           for k, entries in sorted(by_budget.items())}
     return {"kind": "budgets", "budget_epochs": budget, "rows": rows}
+
+
+# -- the `fastflat ensemble` command's work, for any caller ------------------------------------------------
+def _data_and_model(configs: list[dict[str, Any]], kind: str, device: str, data_dir: str | None):
+    """The runs' shared dataset (with the first run's label noise, seed and validation split, rebuilt
+    exactly as training held it out), a model of their architecture, and the device."""
+    from fastflat.evaluation import resolve_device
+    from fastflat.models import build_model
+
+    cfg = configs[0]
+    if any((c["model"], c["dataset"]) != (cfg["model"], cfg["dataset"]) for c in configs):
+        raise UserError("the runs must share one model and dataset")
+    val_split = cfg.get("val_split", 0.0) if kind in ("sse", "fge") else 0.0  # older runs have no such key
+    dev = resolve_device(device)
+    data = datasets.load_dataset(cfg["dataset"], data_dir or cfg["data_dir"], dev, cfg["label_noise"], cfg["seed"])
+    data, validation = datasets.hold_out_validation(data, val_split, cfg["seed"])
+    model = build_model(cfg["model"], data.in_channels, data.num_classes, data.image_size).to(dev)
+    return data, validation, model, dev
+
+
+def runs_report(kind: str, runs: list[str | Path], sse_keep: int | str | None = None, device: str = "auto",
+                data_dir: str | None = None) -> dict[str, Any]:
+    """The ensemble report of `runs` (kind 'fge' | 'sse' | 'swa': one run; 'final': independent runs)."""
+    from fastflat.rundir import provenance
+
+    configs, paths = zip(*(run_members(run, kind) for run in runs))  # each checkpoint read once
+    data, validation, model, dev = _data_and_model(list(configs), kind, device, data_dir)
+    members = [p for group in paths for p in group]
+    return {"kind": kind, "runs": [str(r) for r in runs],
+            **ensemble_report(model, kind, members, configs[0], sse_keep, data, validation),
+            "provenance": provenance(dev)}
+
+
+def budget_report(groups: dict[str, list[str | Path]], sse_keep: int | None = None, device: str = "auto",
+                  data_dir: str | None = None) -> dict[str, Any]:
+    """budget_view over runs given by group: {"ind": [...], "sse": [...], "fge": [...]}."""
+    from fastflat.rundir import provenance
+
+    resolved = {g: [(Path(r), *run_members(r, "final" if g == "ind" else g)) for r in rs] for g, rs in groups.items()}
+    configs = [config for entries in resolved.values() for _, config, _ in entries]
+    data, _, model, dev = _data_and_model(configs, "budgets", device, data_dir)
+    return {**budget_view(model, resolved, data.test, data, sse_keep), "dataset": configs[0]["dataset"],
+            "model": configs[0]["model"], "provenance": provenance(dev)}
+
+
+def write_report(report: dict[str, Any], target: Path) -> None:
+    """The JSON (strict: non-finite values become null) and its PNG beside it, each written atomically."""
+    import json
+
+    from fastflat.faults import json_safe
+    from fastflat.plots import plot_budget_view, plot_ensemble_curve
+    from fastflat.rundir import atomic_write_text
+
+    atomic_write_text(target, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+    plot = plot_budget_view if report["kind"] == "budgets" else plot_ensemble_curve
+    plot(report, target.with_suffix(".png"))

@@ -126,12 +126,20 @@ class Trainer:
     def save_member(self, tag: str) -> str:
         return str(self.run.save_member(tag, self.model.state_dict()))
 
+    def _plain_model(self) -> torch.nn.Module:
+        """A fresh, unflattened model of the run's architecture, to load members into."""
+        return build_model(self.cfg.model, self.data.in_channels, self.data.num_classes,
+                           self.data.image_size).to(self.device)
+
     def evaluate_ensemble(self, paths: list[str]) -> dict[str, Any]:
         from fastflat.ensemble import evaluate_members
 
-        plain = build_model(self.cfg.model, self.data.in_channels, self.data.num_classes,
-                            self.data.image_size).to(self.device)
-        return evaluate_members(plain, paths, self.data.test, self.data)
+        return evaluate_members(self._plain_model(), paths, self.data.test, self.data)
+
+    def validation_best_k(self, paths: list[str]) -> int:
+        from fastflat.ensemble import validation_choice
+
+        return validation_choice(self._plain_model(), [Path(p) for p in paths], self.validation, self.data)["best_k"]
 
     def holdout_batches(self, purpose: str, limit: int = 0) -> list[tuple[Tensor, Tensor]]:
         """The split held out for `purpose` (its first `limit` examples; 0 = all), as fixed batches."""

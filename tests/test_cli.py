@@ -187,3 +187,16 @@ def test_ensemble_of_a_run_without_members_is_one_line(capsys, tmp_path):
 def test_bare_command_shows_the_commands_once(capsys):
     code, out, err = run_cli(capsys)
     assert code == 0 and out.count("Usage:") == 1 and "ensemble" in out and "bench" in out and not err
+
+
+def test_train_takes_sse_keep_auto_and_matches_the_ensemble_command(capsys, tmp_path):
+    """Last round `train --sse-keep auto` was refused while `ensemble --sse-keep auto` took it."""
+    assert run_cli(capsys, "train", "--dataset", "synthetic", "--epochs", "3", "--method", "sse", "--sse-cycles", "3",
+                   "--sse-keep", "auto", "--val-split", "0.2", "--out", str(tmp_path), "--name", "auto")[0] == 0
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    code, out, _ = run_cli(capsys, "ensemble", "--sse", str(tmp_path / "auto"), "--json")
+    report = json.loads(out)
+    assert code == 0 and summary["sse_keep"] == report["validation"]["best_k"] == len(report["members"])
+    assert summary["ensemble"]["ensemble"]["acc"] == pytest.approx(report["ensemble"]["acc"])
+    code, _, err = run_cli(capsys, "train", *TINY, "--method", "sse", "--sse-keep", "auto", "--out", str(tmp_path))
+    assert code == 2 and "add --val-split" in err and err.count("\n") == 1

@@ -43,6 +43,7 @@ class RunServices(Protocol):
     def evaluate(self) -> dict[str, float]: ...  # test loss/accuracy at the current weights
     def save_member(self, tag: str) -> str: ...  # current model as an ensemble member file; its path
     def evaluate_ensemble(self, paths: list[str]) -> dict[str, Any]: ...  # members loaded one at a time
+    def validation_best_k(self, paths: list[str]) -> int: ...  # best last-k ensemble on --val-split
     def log_event(self, record: dict[str, Any]) -> None: ...  # one line of evolution.jsonl
 
 

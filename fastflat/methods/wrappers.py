@@ -135,8 +135,11 @@ class SnapshotEnsemble(Wrapper):
             self.members.append(self.services.save_member(f"snapshot-{len(self.members) + 1:02d}"))
 
     def finish(self, flat: FlatParams) -> dict[str, Any]:
-        keep = self.cfg.sse.keep or len(self.members)
-        return {"ensemble": self.services.evaluate_ensemble(self.members[-keep:])}
+        keep = self.cfg.sse.keep
+        if keep == "auto":  # the k whose last-k ensemble is best on the validation split, never the test set
+            keep = self.services.validation_best_k(self.members)
+        keep = keep or len(self.members)
+        return {"ensemble": self.services.evaluate_ensemble(self.members[-keep:]), "sse_keep": keep}
 
 
 class FGE(Wrapper):
