@@ -169,3 +169,26 @@ def test_es_memory_writes_one_row_per_k(tmp_path, capsys):
     assert [r["children"] for r in rows] == [2, 6]
     assert all(r["peak_extra_bytes"] >= 0 and r["stored_noise_bytes"] == r["children"] * 2**12 * 4 and r["git_sha"] is not None
                for r in rows)
+
+
+def test_gpu_check_script_runs_end_to_end_in_cpu_smoke_mode(tmp_path):
+    """scripts/gpu_check.sh is what a borrowed GPU's few minutes go to: it must not rot untested."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "RESULTS_ROOT": str(tmp_path / "results"), "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-smoke"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (results,) = (tmp_path / "results").iterdir()
+    status = (results / "status.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in status] == ["tests", "bench-kernels", "bench-train", "bench-es-memory"]
+    assert all(": exit 0 " in line for line in status), status
+    assert "device: cpu" in (results / "provenance.txt").read_text()
+    assert len(list(results.glob("*.json"))) == 3
+    with tarfile.open(next(tmp_path.glob("*.tar.gz"))) as packed:
+        assert f"{results.name}/status.txt" in packed.getnames()
