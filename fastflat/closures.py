@@ -33,38 +33,31 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
-class _Tally:
-    """Training loss (summed over examples, fp32) and correct predictions, on the device: no host sync."""
+class _Tallied:
+    """Training loss (summed over examples, fp32) and correct predictions of the first pass over
+    each part, on the device: no host sync. SAM's second pass over a part does not count again."""
 
     def __init__(self, device: torch.device):
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
-        self._seen: set[tuple[int, int]] = set()
+        self._tallied: set[tuple[int, int]] = set()
 
-    def add_once(self, span: tuple[int, int], loss: Tensor, logits: Tensor, y: Tensor) -> None:
-        if span in self._seen:  # SAM's second pass, or a re-scored part: the first pass counts
+    def _tally_once(self, span: tuple[int, int], loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        if span in self._tallied:
             return
-        self._seen.add(span)
+        self._tallied.add(span)
         self.loss_sum += loss * (span[1] - span[0])
         self.correct += (logits.argmax(1) == y).sum()
 
 
-class BatchClosure:
+class BatchClosure(_Tallied):
     """Loss on one batch (methods.Closure). `part` restricts a pass to a slice of the batch
     (m-sharpness); update_bn=False keeps BatchNorm running statistics unchanged (SAM's second pass)."""
 
     def __init__(self, model: nn.Module, flat: FlatParams, x: Tensor, y: Tensor, amp: str = "none"):
+        super().__init__(x.device)
         self.model, self.flat, self.x, self.y, self.amp = model, flat, x, y, amp
         self.batch_size = x.shape[0]
-        self.tally = _Tally(x.device)
-
-    @property
-    def loss_sum(self) -> Tensor:
-        return self.tally.loss_sum
-
-    @property
-    def correct(self) -> Tensor:
-        return self.tally.correct
 
     def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True) -> Tensor:
         span = (0, self.batch_size) if part is None else (part.start, part.stop)
@@ -72,28 +65,20 @@ class BatchClosure:
         if backward:
             self.flat.zero_grad_()
         loss, logits = _forward(self.model, x, y, self.amp, backward, update_bn, weight=1.0)
-        self.tally.add_once(span, loss, logits, y)
+        self._tally_once(span, loss, logits, y)
         return loss
 
 
-class SplitClosure:
+class SplitClosure(_Tallied):
     """Mean loss over a whole split given as chunks [(x, y), ...]; its gradient is the gradient of
     that mean, accumulated chunk by chunk into the flat buffer (zeroed once per call, not per chunk).
     Chunk sizes change speed and memory, never the result beyond float rounding (without BatchNorm;
     with it, each chunk normalises by its own statistics: ghost batches)."""
 
     def __init__(self, model: nn.Module, flat: FlatParams, chunks: list[tuple[Tensor, Tensor]], amp: str = "none"):
+        super().__init__(chunks[0][0].device)
         self.model, self.flat, self.chunks, self.amp = model, flat, chunks, amp
         self.batch_size = sum(len(y) for _, y in chunks)
-        self.tally = _Tally(chunks[0][0].device)
-
-    @property
-    def loss_sum(self) -> Tensor:
-        return self.tally.loss_sum
-
-    @property
-    def correct(self) -> Tensor:
-        return self.tally.correct
 
     def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True) -> Tensor:
         if part is not None:
@@ -105,7 +90,7 @@ class SplitClosure:
         for x, y in self.chunks:
             weight = len(y) / self.batch_size  # mean over the split = sum of chunk means x size share
             loss, logits = _forward(self.model, x, y, self.amp, backward, update_bn, weight)
-            self.tally.add_once((start, start + len(y)), loss, logits, y)
+            self._tally_once((start, start + len(y)), loss, logits, y)
             total += loss * weight
             start += len(y)
         return total

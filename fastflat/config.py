@@ -210,7 +210,7 @@ def _check(cfg: TrainConfig) -> list[str]:
     need(cfg.swa.cycle >= 0, "swa.cycle", "must be >= 0 (0 = a quarter epoch)")
     need(cfg.sse.cycles >= 1, "sse.cycles", "must be at least 1")
     keep = cfg.sse.keep
-    need(keep == "auto" or (isinstance(keep, int) and 0 <= keep <= cfg.sse.cycles), "sse.keep",
+    need(keep == "auto" or (type(keep) is int and 0 <= keep <= cfg.sse.cycles), "sse.keep",
          f"a count in [0, sse.cycles = {cfg.sse.cycles}] (0 = all), or auto")
     need(keep != "auto" or cfg.val_split > 0, "sse.keep", "auto chooses k on a validation split: add --val-split 0.1")
     need(0 <= cfg.fge.pretrain < 1, "fge.pretrain", "must be in [0, 1)")

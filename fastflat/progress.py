@@ -49,7 +49,8 @@ class RichHooks(Hooks):
             return
         seen = metrics["seen"]
         now = time.perf_counter()
-        rate = (seen - self.tick_seen) / max(now - self.tick, 1e-9) if seen > self.tick_seen else 0.0
+        fresh = seen if seen < self.tick_seen else seen - self.tick_seen  # a new epoch restarts the count
+        rate = fresh / max(now - self.tick, 1e-9)
         self.tick, self.tick_seen = now, seen
         loss = metrics["loss_sum"].item() / max(seen, 1)
         acc = 100.0 * metrics["correct"].item() / max(seen, 1)
