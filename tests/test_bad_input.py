@@ -214,7 +214,7 @@ def test_a_full_disk_under_resume_is_one_line_and_the_checkpoint_survives(capsys
     assert not list(run.glob(".*.tmp"))
 
 
-def test_a_read_only_run_directory_under_resume_is_one_line(capsys, trained, monkeypatch):
+def test_a_read_only_run_directory_under_resume_and_ensemble_is_one_line(capsys, trained, monkeypatch):
     real_open = os.open
 
     def read_only(path, flags, *args):
@@ -223,9 +223,12 @@ def test_a_read_only_run_directory_under_resume_is_one_line(capsys, trained, mon
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", read_only)
-    code, _, err = run_cli(capsys, "train", "--resume", trained)
-    assert code == 2
-    one_line(err, "Read-only file system")
+    before = (trained / "checkpoint.pt").read_bytes()
+    for args in (["train", "--resume", trained], ["ensemble", "--from", trained]):
+        code, _, err = run_cli(capsys, *args)
+        assert code == 2, args
+        one_line(err, "Read-only file system")
+    assert (trained / "checkpoint.pt").read_bytes() == before
 
 
 # -- runs that end early ---------------------------------------------------------------------------------

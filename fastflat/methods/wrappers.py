@@ -93,7 +93,7 @@ class SWA(Wrapper):
         """Evaluate the SWA weights (BatchNorm re-estimated for them), then put the SGD weights back."""
         model = flat.model
         saved = {k: v.clone() for k, v in model.state_dict().items()}
-        flat.copy_params_(self.average)
+        flat.copy_params_(self.weights(flat))  # the average: what this method offers as its model
         self.services.update_bn()
         result = {f"swa_{k}": v for k, v in self.services.evaluate().items()}
         result["swa_checkpoint"] = self.services.save_member("swa")
