@@ -18,9 +18,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from fastflat.config import (Amp, Dataset, FGEConfig, Fitness, InnerMethod, Method, Mutation, Noise, OnNonFinite,
-                             SAMConfig, SAMNorm, Schedule, Shaping, SpartanConfig, SSEConfig, SWAConfig, TrainConfig,
-                             load_config, option_keys)
+from fastflat.config import (Amp, Dataset, FGEConfig, Fitness, FullBatchConfig, GradReg, InnerMethod, Method,
+                             Mutation, Noise, OnNonFinite, SAMConfig, SAMNorm, Schedule, Shaping, SpartanConfig,
+                             SSEConfig, SWAConfig, TrainConfig, load_config, option_keys)
 from fastflat.errors import Interrupted, NonFiniteError, UserError
 
 try:  # typer >= 0.29 vendors click; older typer depends on it
@@ -36,7 +36,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 D = TrainConfig()  # defaults shown in --help come from the config itself
-S, W, E, F, P = SAMConfig(), SWAConfig(), SSEConfig(), FGEConfig(), SpartanConfig()
+S, W, E, F, P, B = SAMConfig(), SWAConfig(), SSEConfig(), FGEConfig(), SpartanConfig(), FullBatchConfig()
 
 
 def _opt(help: str, panel: str, default: Any = None, **kw) -> Any:
@@ -47,6 +47,7 @@ def _opt(help: str, panel: str, default: Any = None, **kw) -> Any:
 METHOD, SAM_P, OPTIM, DATA, RUN = "Method", "SAM", "Optimisation", "Data and model", "Run"
 AVG = "SWA, snapshot ensembles, FGE"
 EVO = "Spartan and ES"
+FULL = "Full batch (--method fullbatch)"
 
 
 @app.command()
@@ -79,6 +80,14 @@ def train(
     temperature: Annotated[float | None, _opt("grad mutation temperature T0.", EVO, P.temperature)] = None,
     fitness_examples: Annotated[int | None, _opt("Examples of the evolution split scored per round (0 = all).", EVO, P.fitness_examples)] = None,
     chunk: Annotated[int | None, _opt("Children scored at once with vmap (1 = one at a time).", EVO, P.chunk)] = None,
+    chunk_size: Annotated[int | None, _opt("Examples per forward/backward chunk of the full-batch pass (memory, not result).", FULL, B.chunk_size)] = None,
+    gradreg: Annotated[GradReg | None, _opt("Gradient-norm penalty (tau/4)||grad L||^2: finite differences, or exact double backward.", FULL, B.gradreg)] = None,
+    gradreg_strength: Annotated[float | None, _opt("s: tau = s * lr / 2 (the paper's code: 0.5).", FULL, B.strength)] = None,
+    tau: Annotated[float | None, _opt("Set tau directly instead of tying it to the step size.", FULL)] = None,
+    gradreg_eps: Annotated[float | None, _opt("Finite-difference step along g/||g||.", FULL, B.eps)] = None,
+    gradreg_block: Annotated[int | None, _opt("Penalty per block of b examples, averaged (0 = whole set; the paper's strong reg.: 32).", FULL, B.block)] = None,
+    shuffle_blocks: Annotated[bool | None, _opt("Re-draw which examples form the blocks every step.", FULL, B.shuffle)] = None,
+    fixed_augment: Annotated[int | None, _opt("K > 0: K augmented copies of the training set, made once.", FULL, B.fixed_augment)] = None,
     rho: Annotated[float | None, _opt("SAM radius (>= 0).", SAM_P, S.rho)] = None,
     sam_norm: Annotated[SAMNorm | None, _opt("SAM ball.", SAM_P, S.norm)] = None,
     sam_adaptive: Annotated[bool | None, _opt("ASAM: scale the ball by |w|.", SAM_P, S.adaptive)] = None,
@@ -104,6 +113,8 @@ def train(
     out: Annotated[str | None, _opt("Parent folder of the run directory.", RUN, D.out)] = None,
     name: Annotated[str | None, _opt("Run directory name (default: method-dataset-model-seed-time).", RUN)] = None,
     checkpoint_every: Annotated[int | None, _opt("Also checkpoint every N steps (0 = each epoch).", RUN, D.checkpoint_every)] = None,
+    eval_every: Annotated[int | None, _opt("Evaluate and checkpoint every N epochs (full batch: steps), and after the last.", RUN, D.eval_every)] = None,
+    subset: Annotated[int | None, _opt("Train on a seeded random N training examples (0 = all).", DATA, D.subset)] = None,
     config: Annotated[Path | None, _opt("YAML file of settings; options given here override it.", RUN)] = None,
     resume: Annotated[Path | None, _opt("Continue the run in this directory from its last checkpoint.", RUN)] = None,
 ) -> None:

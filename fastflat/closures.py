@@ -81,8 +81,15 @@ class SplitClosure(_Tallied):
         self.batch_size = sum(len(y) for _, y in chunks)
 
     def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True) -> Tensor:
+        """The whole split's mean loss, or with `part` (global example indices, inside one chunk) that
+        block's mean loss and gradient alone: the gradient-norm penalty per block of b examples."""
         if part is not None:
-            raise ValueError("a SplitClosure covers its whole split; it takes no part")
+            x, y = self._block(part)
+            if backward:
+                self.flat.zero_grad_()
+            loss, logits = _forward(self.model, x, y, self.amp, backward, update_bn, weight=1.0)
+            self._tally_once((part.start, part.stop), loss, logits, y)
+            return loss
         if backward:
             self.flat.zero_grad_()
         total = torch.zeros((), device=self.chunks[0][0].device)
@@ -94,6 +101,17 @@ class SplitClosure(_Tallied):
             total += loss * weight
             start += len(y)
         return total
+
+
+    def _block(self, part: slice) -> tuple[Tensor, Tensor]:
+        start = 0
+        for x, y in self.chunks:
+            if part.start < start + len(y):
+                if part.stop > start + len(y):
+                    raise ValueError(f"block {part.start}:{part.stop} crosses a chunk boundary at {start + len(y)}")
+                return x[part.start - start : part.stop - start], y[part.start - start : part.stop - start]
+            start += len(y)
+        raise ValueError(f"block {part.start}:{part.stop} is past the split's {start} examples")
 
 
 def _forward(model: nn.Module, x: Tensor, y: Tensor, amp: str, backward: bool, update_bn: bool,

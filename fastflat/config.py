@@ -33,7 +33,7 @@ class Choice(str, enum.Enum):
         return tuple(c.value for c in cls)
 
 
-Method = Choice("Method", {m: m for m in ("sgd", "sam", "es", "swa", "sse", "fge", "spartan")})
+Method = Choice("Method", {m: m for m in ("sgd", "sam", "es", "fullbatch", "swa", "sse", "fge", "spartan")})
 InnerMethod = Choice("InnerMethod", {m: m for m in ("sgd", "sam")})
 Schedule = Choice("Schedule", {m: m for m in ("constant", "step", "cosine")})
 Amp = Choice("Amp", {m: m for m in ("none", "bf16")})
@@ -44,6 +44,7 @@ Mutation = Choice("Mutation", {m: m for m in ("es", "grad")})
 Noise = Choice("Noise", {m: m for m in ("normal", "uniform")})
 Shaping = Choice("Shaping", {m: m for m in ("normalize", "ranks")})
 Fitness = Choice("Fitness", {m: m for m in ("loss", "acc")})
+GradReg = Choice("GradReg", {m: m for m in ("off", "finite", "exact")})
 
 METHODS, INNER_METHODS, SCHEDULES, AMP_MODES = Method.values(), InnerMethod.values(), Schedule.values(), Amp.values()
 LR_OWNERS = ("swa", "sse", "fge")  # methods that set the learning rate themselves
@@ -112,6 +113,22 @@ class SpartanConfig:
 
 
 @dataclass(frozen=True)
+class FullBatchConfig:
+    """Full-batch GD with an explicit gradient-norm penalty (Geiping et al. 2022, "Stochastic training is
+    not necessary for generalization"): one step = one pass over the training set."""
+
+    chunk_size: int = option(1024, "chunk_size")  # examples per forward/backward chunk: memory, not result
+    gradreg: str = choice("off", GradReg, "gradreg")  # penalty (tau/4)||grad L||^2: off | finite | exact
+    strength: float = option(0.5, "gradreg_strength")  # s: tau = s * lr / 2, i.e. the update adds
+    #                    (lr/4) s H g, the reference code's rule (its block_strength, 0.5 in its tables)
+    tau: float | None = option(None, "tau")  # set tau itself instead of tying it to the step size
+    eps: float = option(0.01, "gradreg_eps")  # finite-difference step along g/||g||, in weight units
+    block: int = option(0, "gradreg_block")  # b: penalty per block of b examples, averaged; 0 = whole set
+    shuffle: bool = option(False, "shuffle_blocks")  # re-draw which examples form the blocks every step
+    fixed_augment: int = option(0, "fixed_augment")  # K > 0: K augmented copies made once; none after
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     method: str = choice("sgd", Method)  # swa/sse/fge/spartan wrap `inner`
     inner: str = choice("sgd", InnerMethod)  # the method swa/sse/fge/spartan wrap
@@ -139,11 +156,14 @@ class TrainConfig:
     out: str = "runs"  # parent folder of the run directory
     name: str | None = None  # run directory name; None = method-dataset-model-seed-time
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch; 0 = epoch ends only
+    eval_every: int = 1  # evaluate (and checkpoint) every N epochs, and after the last; fullbatch: N steps
+    subset: int = 0  # train on a seeded random N of the training examples (0 = all of them)
     sam: SAMConfig = field(default_factory=SAMConfig)
     swa: SWAConfig = field(default_factory=SWAConfig)
     sse: SSEConfig = field(default_factory=SSEConfig)
     fge: FGEConfig = field(default_factory=FGEConfig)
     spartan: SpartanConfig = field(default_factory=SpartanConfig)
+    fullbatch: FullBatchConfig = field(default_factory=FullBatchConfig)
 
 
 def _fields(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field, Any]]:
@@ -225,6 +245,16 @@ def _check(cfg: TrainConfig) -> list[str]:
     need(0 < sp.evolution_split < 1 or cfg.method != "spartan", "spartan.evolution_split", "must be in (0, 1)")
     need(sp.fitness_examples >= 0, "spartan.fitness_examples", "must be >= 0 (0 = the whole split)")
     need(sp.chunk >= 1, "spartan.chunk", "must be >= 1")
+    need(cfg.eval_every >= 1, "eval_every", "must be at least 1")
+    need(cfg.subset >= 0, "subset", "must be >= 0 (0 = the whole training set)")
+    fb = cfg.fullbatch
+    need(fb.chunk_size >= 1, "fullbatch.chunk_size", "must be at least 1")
+    need(fb.strength >= 0, "fullbatch.strength", "must be >= 0")
+    need(fb.tau is None or fb.tau >= 0, "fullbatch.tau", "must be >= 0")
+    need(fb.eps > 0, "fullbatch.eps", "must be > 0")
+    need(fb.block >= 0 and (fb.block == 0 or (fb.block <= fb.chunk_size and fb.chunk_size % fb.block == 0)),
+         "fullbatch.block", f"must be 0 (the whole set) or divide fullbatch.chunk_size = {fb.chunk_size}")
+    need(fb.fixed_augment >= 0, "fullbatch.fixed_augment", "must be >= 0")
     return problems
 
 
@@ -360,6 +390,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     cfg = _build(TrainConfig, values, problems)
     problems += _check(cfg)
     owner = cfg.method if cfg.method in LR_OWNERS else ("swa" if cfg.swa.enabled else None)
+    given = values.get("fullbatch", {})
+    if given and cfg.method != "fullbatch":
+        problems.append(f"fullbatch settings ({', '.join(sorted(given))}) apply to --method fullbatch only")
     for key in ("schedule", "warmup_epochs"):  # the method's own LR would silently replace them
         if owner and key in values:
             problems.append(f"{key} cannot be combined with {owner}: it sets its own learning rate "

@@ -130,6 +130,22 @@ def hold_out_validation(data: Dataset, fraction: float, seed: int) -> tuple[Data
     return replace(data, train=kept), validation
 
 
+def random_subset(split: Split, count: int, seed: int) -> Split:
+    """A seeded random `count` examples of `split` (all of it when count is 0 or too large), in order."""
+    if count == 0 or count >= len(split):
+        return split
+    chosen = torch.randperm(len(split), generator=_seeded_generator(seed, "subset"))[:count].sort().values
+    return _subset(split, chosen.to(split.labels.device))
+
+
+def augmented_copies(split: Split, copies: int, seed: int) -> Split:
+    """The split enlarged `copies`-fold once, each copy randomly cropped and flipped (uint8, seeded): a
+    fixed dataset with augmentation, as full-batch training compares against fresh augmentation."""
+    generator = _seeded_generator(seed, "fixed-augment")
+    images = [_random_crop_flip(split.images, generator) for _ in range(copies)]
+    return Split(torch.cat(images), split.labels.repeat(copies))
+
+
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
@@ -144,11 +160,13 @@ def iterate_batches(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    shuffle: bool = True,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (x, y): x (B, C, H, W) float32 normalised, y (B,) int64; shuffled and augmented if `train`.
 
     All randomness is drawn from the CPU `generator` and then moved, so the order and the
-    augmentations are identical on every device. With world_size > 1 each rank gets its
+    augmentations are identical on every device. shuffle=False keeps the split's order (still
+    augmented when `train`: full-batch training without reshuffling). With world_size > 1 each rank gets its
     batch_size / world_size rows of every global batch (rank r: the r-th slice), augmented exactly as
     the single-process batch would be: the ranks together see the same examples, step by step.
     """
@@ -156,7 +174,7 @@ def iterate_batches(
         raise UserError(f"batch size {batch_size} does not split evenly over {world_size} processes")
     device = split.images.device
     scale, shift = _normalisation(dataset, device)
-    order = torch.randperm(len(split), generator=generator).to(device) if train else None
+    order = torch.randperm(len(split), generator=generator).to(device) if train and shuffle else None
     share = batch_size // world_size
     for batch in range(num_batches(len(split), batch_size, drop_last)):
         rows = slice(batch * batch_size, (batch + 1) * batch_size)

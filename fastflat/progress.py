@@ -17,6 +17,11 @@ from rich.table import Table
 from fastflat.train import Hooks
 
 
+def _num(value: float | None, spec: str) -> str:
+    """A metric for display; None (a non-finite value, stored as null) shows as n/a."""
+    return "n/a" if value is None else format(value, spec)
+
+
 class RichHooks(Hooks):
     def __init__(self, console: Console, refreshes_per_epoch: int = 50):
         self.console = console
@@ -33,13 +38,14 @@ class RichHooks(Hooks):
         self.console.print(f"[bold]run[/bold] {self.run_dir}  [dim]({info['params']:,} params on "
                            f"{info['device']}, {info['train_size']:,} training examples{noisy})[/dim]")
         self.progress = Progress(
-            TextColumn("[bold blue]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("[bold blue]{task.fields[unit]} {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
             console=self.console, transient=False,
         )
         if self.console.is_terminal:
             self.progress.start()
-        self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["step"],
+        self.unit = info.get("unit", "epoch")
+        self.task = self.progress.add_task("train", total=info["total_steps"], completed=info["step"], unit=self.unit,
                                            epoch=1 + info["step"] // info["steps_per_epoch"], stats="")
         self.tick = time.perf_counter()
         self.tick_seen = 0
@@ -49,7 +55,7 @@ class RichHooks(Hooks):
             return
         seen = metrics["seen"]
         now = time.perf_counter()
-        fresh = seen if seen < self.tick_seen else seen - self.tick_seen  # a new epoch restarts the count
+        fresh = seen if seen <= self.tick_seen else seen - self.tick_seen  # a new epoch restarts the count
         rate = fresh / max(now - self.tick, 1e-9)
         self.tick, self.tick_seen = now, seen
         loss = metrics["loss_sum"].item() / max(seen, 1)
@@ -57,14 +63,17 @@ class RichHooks(Hooks):
         stats = f"loss {loss:.4f}  acc {acc:5.2f}%  lr {metrics['lr']:.4g}  {rate:,.0f} samples/s"
         self.progress.update(self.task, completed=step, epoch=metrics["epoch"] + 1, stats=stats)
         if not self.console.is_terminal:
-            self.console.print(f"epoch {metrics['epoch'] + 1} step {step}/{self.total}  {stats}", highlight=False)
+            where = f"epoch {metrics['epoch'] + 1} " if self.unit == "epoch" else ""
+            self.console.print(f"{where}step {step}/{self.total}  {stats}", highlight=False)
 
     def on_epoch(self, record: dict[str, Any]) -> None:
         self.progress.update(self.task, completed=record["step"])
+        if "test_acc" not in record:  # not an evaluation epoch (--eval-every): the bar says enough
+            return
         val = f"val acc {record['val_acc']:5.2f}%  " if "val_acc" in record else ""
         self.progress.console.print(
-            f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f} acc {record['train_acc']:5.2f}%  "
-            f"{val}[bold]test loss {record['test_loss']:.4f} acc {record['test_acc']:5.2f}%[/bold]  "
+            f"{self.unit} {record['epoch']:>3}  train loss {record['train_loss']:.4f} acc {record['train_acc']:5.2f}%  "
+            f"{val}[bold]test loss {_num(record['test_loss'], '.4f')} acc {_num(record['test_acc'], '5.2f')}%[/bold]  "
             f"{record['samples_per_s']:,.0f} samples/s")
 
     def on_event(self, message: str) -> None:
@@ -81,7 +90,7 @@ class RichHooks(Hooks):
         table = Table(title=f"{summary['method']} / {summary['model']} / {summary['dataset']}", show_header=False)
         table.add_column(style="dim")
         table.add_column(justify="right")
-        rows = [("test accuracy", f"{summary['test_acc']:.2f}%"), ("test loss", f"{summary['test_loss']:.4f}"),
+        rows = [("test accuracy", f"{_num(summary['test_acc'], '.2f')}%"), ("test loss", _num(summary["test_loss"], ".4f")),
                 ("train loss", f"{summary['train_loss']:.4f}"), ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
                 ("training time", f"{summary['train_seconds']:.1f} s"), ("device", summary["provenance"]["device"]),
                 ("run directory", summary["run_dir"])]

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastflat import data as datasets
 from fastflat import dist
-from fastflat.closures import BatchClosure
+from fastflat.closures import BatchClosure, SplitClosure
 from fastflat.config import TrainConfig, config_from_dict, to_dict
 from fastflat.errors import Interrupted, NonFiniteError, UserError
 from fastflat.evaluation import evaluate, resolve_device
@@ -99,12 +99,20 @@ class Trainer:
             purpose, fraction = request
             kept, self.holdouts[purpose] = datasets.split_holdout(data.train, fraction, cfg.seed, purpose)
             data = replace(data, train=kept)
+        data = replace(data, train=datasets.random_subset(data.train, cfg.subset, cfg.seed))
+        if cfg.method == "fullbatch" and cfg.fullbatch.fixed_augment:  # K copies once, none afterwards
+            data = replace(data, train=datasets.augmented_copies(data.train, cfg.fullbatch.fixed_augment, cfg.seed),
+                           augment="none")
         self.data = data
         self.model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size).to(self.device)
         if cfg.init and not resuming:  # a resumed run has the weights in its checkpoint already
             load_weights(self.model, load_checkpoint(cfg.init)["model"], f"--init {cfg.init}", cfg.model)
         self.flat = flatten(self.model)  # after .to(): moving re-creates parameters
-        self.steps_per_epoch = datasets.num_batches(len(data.train), cfg.batch_size, drop_last=True)
+        self.full_batch = cfg.method == "fullbatch"  # an epoch is one step over the whole training set
+        if self.full_batch and cfg.fullbatch.chunk_size > len(data.train):
+            raise UserError(f"fullbatch.chunk_size {cfg.fullbatch.chunk_size} is larger than the "
+                            f"{len(data.train)} training examples")
+        self.steps_per_epoch = 1 if self.full_batch else datasets.num_batches(len(data.train), cfg.batch_size, drop_last=True)
         if self.steps_per_epoch == 0:
             raise UserError(f"batch_size {cfg.batch_size} is larger than the {len(data.train)} training examples")
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -206,7 +214,8 @@ class Trainer:
         self.hooks.on_start({"run_dir": str(self.run.path), "steps_per_epoch": self.steps_per_epoch,
                              "total_steps": self.total_steps, "step": pos.step,
                              "device": str(self.device), "params": self.flat.numel,
-                             "train_size": len(self.data.train), "noisy_labels": self.data.noisy_labels})
+                             "train_size": len(self.data.train), "noisy_labels": self.data.noisy_labels,
+                             "unit": "step" if self.full_batch else "epoch"})
         self.model.train()
         if self.saved_step is None:
             self.checkpoint()  # the starting point: an interrupt or a rollback always has one to return to
@@ -220,13 +229,11 @@ class Trainer:
 
     def _run_epoch(self) -> None:
         cfg, pos = self.cfg, self.position
-        batches = datasets.iterate_batches(self.data.train, cfg.batch_size, dataset=self.data, train=True,
-                                           generator=epoch_generator(cfg.seed, pos.epoch), drop_last=True)
         self.skips_in_a_row = 0
-        for index, (x, y) in enumerate(batches):
+        for index, closure in enumerate(self._closures(pos.epoch)):
             if index < pos.batch:
                 continue  # resumed mid-epoch: replay the order, skip the work
-            self._step(index, x, y)
+            self._step(index, closure)
             if self.stop.requested:
                 self.checkpoint()
                 raise Interrupted(self.saved_step)
@@ -236,10 +243,23 @@ class Trainer:
         if self.stop.requested:
             raise Interrupted(self.saved_step)
 
-    def _step(self, index: int, x: Tensor, y: Tensor) -> None:
+    def _closures(self, epoch: int):
+        """The epoch's closures: one per batch; or, full batch, one over the whole split in chunks
+        (augmented afresh every step; in a fixed order unless --shuffle-blocks)."""
+        cfg = self.cfg
+        generator = epoch_generator(cfg.seed, epoch)
+        if self.full_batch:
+            chunks = datasets.iterate_batches(self.data.train, cfg.fullbatch.chunk_size, dataset=self.data, train=True,
+                                              generator=generator, shuffle=cfg.fullbatch.shuffle)
+            yield SplitClosure(self.model, self.flat, list(chunks), cfg.amp)
+            return
+        for x, y in datasets.iterate_batches(self.data.train, cfg.batch_size, dataset=self.data, train=True,
+                                             generator=generator, drop_last=True):
+            yield BatchClosure(self.model, self.flat, x, y, cfg.amp)
+
+    def _step(self, index: int, closure: Closure) -> None:
         pos = self.position
         lr = self.method.lr(pos.step, self.schedule(pos.step)) * pos.lr_scale
-        closure = BatchClosure(self.model, self.flat, x, y, self.cfg.amp)
         skip = self.cfg.on_nonfinite == "skip"
         buffers = [b.clone() for b in self.model.buffers()] if skip else None  # BatchNorm statistics
         try:
@@ -266,24 +286,26 @@ class Trainer:
         cfg, pos = self.cfg, self.position
         self.method.end_epoch(self.flat, pos.epoch)
         self._sync_tally()
-        test = self.evaluate()
-        val: dict[str, float] = {}
-        if self.validation is not None:  # for choosing epochs, members, k without the test set
-            scored = evaluate(self.model, self.validation, self.data, max(cfg.batch_size, 512), cfg.amp)
-            val = {"val_loss": scored["loss"], "val_acc": scored["acc"]}
+        scored = (pos.epoch + 1) % cfg.eval_every == 0 or pos.epoch + 1 == cfg.epochs
+        test: dict[str, float] = {}
+        if scored:
+            test = {f"test_{k}": v for k, v in self.evaluate().items()}
+        if scored and self.validation is not None:  # for choosing epochs, members, k without the test set
+            val = evaluate(self.model, self.validation, self.data, max(cfg.batch_size, 512), cfg.amp)
+            test.update(val_loss=val["loss"], val_acc=val["acc"])
         last = max(pos.step - 1, 0)
         seen = max(pos.seen, 1)
         record = {"epoch": pos.epoch + 1, "step": pos.step,
                   "lr": self.method.lr(last, self.schedule(last)) * pos.lr_scale,
-                  "train_loss": pos.loss_sum / seen, "train_acc": 100.0 * pos.correct / seen,
-                  "test_loss": test["loss"], "test_acc": test["acc"], "epoch_seconds": pos.seconds, **val,
-                  "samples_per_s": pos.seen / max(pos.seconds, 1e-9)}
+                  "train_loss": pos.loss_sum / seen, "train_acc": 100.0 * pos.correct / seen, **test,
+                  "epoch_seconds": pos.seconds, "samples_per_s": pos.seen / max(pos.seconds, 1e-9)}
         if pos.skipped or pos.rollbacks:
             record.update(skipped_steps=pos.skipped, rollbacks=pos.rollbacks, lr_scale=pos.lr_scale)
         self.position = replace(pos, epoch=pos.epoch + 1, batch=0, loss_sum=0.0, correct=0, seen=0, seconds=0.0)
         self._reset_tally()
         self.run.append_metrics(record)
-        self.checkpoint()
+        if scored:  # a record past the last checkpoint is cut and written again on resume: still exact
+            self.checkpoint()
         self.hooks.on_epoch(record)
 
     def _rollback_or_raise(self, error: NonFiniteError) -> None:
@@ -306,7 +328,7 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         extra = self.method.finish(self.flat)
         history = self.run.read_metrics()
-        final = history[-1] if history else {}
+        final = next((r for r in reversed(history) if "test_acc" in r), {})
         summary = {
             "run_dir": str(self.run.path), "method": self.cfg.method, "model": self.cfg.model,
             "dataset": self.cfg.dataset, "epochs": self.cfg.epochs, "steps": self.position.step,
