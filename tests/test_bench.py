@@ -192,3 +192,18 @@ def test_gpu_check_script_runs_end_to_end_in_cpu_smoke_mode(tmp_path):
     assert len(list(results.glob("*.json"))) == 3
     with tarfile.open(next(tmp_path.glob("*.tar.gz"))) as packed:
         assert f"{results.name}/status.txt" in packed.getnames()
+
+
+def test_train_full_batch_rows_compare_with_an_sgd_epoch_over_the_same_data(tmp_path):
+    from fastflat.bench.train import FULL_BATCHES
+
+    code = main(["bench", "train", "--model", "cnn", "--methods", "sgd,fullbatch,fullbatch-finite,fullbatch-exact",
+                 "--steps", "2", "--warmup", "0", "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path)])
+    rows, _ = read_results(tmp_path)
+    sgd, plain, finite, exact = rows
+    assert code == 0 and all(r["status"] == "ok" for r in rows)
+    assert [r["batches_per_step"] for r in rows] == [1, FULL_BATCHES, FULL_BATCHES, FULL_BATCHES]
+    assert (plain["passes_per_step"], finite["passes_per_step"]) == (FULL_BATCHES, 2 * FULL_BATCHES)
+    for r in (plain, finite, exact):  # per batch of data: against an SGD epoch over the same batches
+        assert r["ratio_to_sgd"] == pytest.approx(r["step_ms"] / (FULL_BATCHES * sgd["step_ms"]))
+        assert r["samples_per_s"] == pytest.approx(FULL_BATCHES * 8 * r["steps_per_s"])

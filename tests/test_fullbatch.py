@@ -158,3 +158,21 @@ def test_a_chunk_larger_than_the_training_set_is_refused(tmp_path):
     with pytest.raises(UserError, match="chunk_size 4096 is larger than the 256"):
         train(tiny(tmp_path, **{"fullbatch.chunk_size": 4096}))
     assert not (tmp_path / "run").exists()
+
+
+def test_every_ready_config_loads_and_the_cpu_rows_train(tmp_path):
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "fullbatch"
+    configs = sorted(folder.glob("*.yaml"))
+    assert {c.stem for c in configs} >= {f"cifar10-{r}" for r in ("baseline", "longer", "clipped", "regularized",
+                                                                   "strong-reg", "in-practice")}
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.method in ("fullbatch", "sgd")
+        if path.stem.startswith("fmnist"):  # 2 steps on the synthetic set: the same code path as the real row
+            quick = {"dataset": "synthetic", "epochs": 2, "subset": 128, "out": str(tmp_path), "name": path.stem}
+            if cfg.method == "fullbatch":
+                quick["fullbatch.chunk_size"] = 128  # the whole 128-example subset; blocks of 128 or 32 fit
+            summary = train(load_config(path, quick))
+            assert summary["steps"] == (2 if cfg.method == "fullbatch" else 2 * (128 // cfg.batch_size))

@@ -2,12 +2,15 @@
 
     rows = run_train(TrainSettings(model="resnet18", methods=["sgd", "sam"], steps=20, batch_size=128))
 
-Each method gets a fresh model (same seed), the trainer's own BatchClosure and its real `step`, and is
+Each method gets a fresh model (same seed), the trainer's own closures and its real `train_step`, and is
 timed two ways in the same run: whole steps, and forward+backward passes alone. What a step costs
 beyond its passes (step - passes x fwd_bwd) is the method's own work: norms, perturb, restore,
 optimizer. SAM takes two passes, so its ideal step time is 2.0x SGD's. SWA averages after every step
 here (cycle of one step, its worst case; ideal 1.0x SGD); Spartan's steps are its inner SGD's, and one
 mutation round (K children scored on the batch, then the fused ES update) is timed on its own.
+Full batch (`fullbatch`, `fullbatch-finite`, `fullbatch-exact`: the gradient-norm penalty off, by
+finite differences, by double backward) steps over FULL_BATCHES batches at once; `ratio_to_sgd` is per
+batch of data, i.e. against an SGD epoch over the same batches (ideal: 1.0, 2.0 with the penalty).
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ from fastflat.config import SWAConfig, TrainConfig
 from fastflat.flat import flatten
 from fastflat.methods import METHODS, WRAPPERS, build_method
 from fastflat.models import build_model
-from fastflat.closures import BatchClosure
+from fastflat.closures import BatchClosure, SplitClosure
+from fastflat.config import FullBatchConfig
 from fastflat.train import train_step
 
 IMAGE_SHAPE, NUM_CLASSES = (3, 32, 32), 10
-TRAIN_FIELDS = ("method", "model", "batch_size", "steps", "params", "status", "reason", "step_ms", "iqr_ms",
+FULL_BATCHES = 8  # batches in one full-batch step (its "training set")
+FULL_BATCH_VARIANTS = {"fullbatch": "off", "fullbatch-finite": "finite", "fullbatch-exact": "exact"}
+TRAIN_FIELDS = ("method", "model", "batch_size", "batches_per_step", "steps", "params", "status", "reason", "step_ms", "iqr_ms",
                 "steps_per_s", "samples_per_s", "fwd_bwd_ms", "passes_per_step", "outside_fwd_bwd_ms",
                 "ratio_to_sgd", "round_ms")
 
@@ -45,12 +51,17 @@ class TrainSettings:
 class CountingClosure:
     """Passes calls through to a BatchClosure, counting forward passes (SAM takes two per step)."""
 
-    def __init__(self, closure: BatchClosure):
+    def __init__(self, closure: BatchClosure | SplitClosure, passes_per_call: int = 1):
         self.closure, self.batch_size, self.calls = closure, closure.batch_size, 0
+        self.passes_per_call = passes_per_call  # a SplitClosure call is one pass per chunk
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self.calls += 1
+        part = kwargs.get("part")
+        self.calls += 1 if part is not None else self.passes_per_call
         return self.closure(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # chunks, x, y, amp: what methods read of a closure
+        return getattr(self.closure, name)
 
 
 def _times_ms(fn: Callable[[], None], n: int, device: torch.device) -> list[float]:
@@ -102,14 +113,21 @@ def _bench_method(name: str, settings: TrainSettings, x: torch.Tensor, y: torch.
     model = build_model(settings.model, IMAGE_SHAPE[0], NUM_CLASSES, IMAGE_SHAPE[1]).to(settings.device)
     model.train()
     flat = flatten(model)  # after .to(): moving re-creates parameters
-    cfg = TrainConfig(method=name, model=settings.model, batch_size=settings.batch_size,
-                      swa=SWAConfig(start=1, cycle=1))
+    gradreg = FULL_BATCH_VARIANTS.get(name)
+    cfg = TrainConfig(method="fullbatch" if gradreg else name, model=settings.model, batch_size=settings.batch_size,
+                      swa=SWAConfig(start=1, cycle=1),
+                      fullbatch=FullBatchConfig(chunk_size=settings.batch_size, gradreg=gradreg or "off"))
     method = build_method(cfg)
     method.init(flat, BenchServices(x, y))
     passes, done = [0], [0]
 
+    def new_closure() -> CountingClosure:
+        if gradreg:  # the same batch FULL_BATCHES times: one full-batch step over that much data
+            return CountingClosure(SplitClosure(model, flat, [(x, y)] * FULL_BATCHES, cfg.amp), FULL_BATCHES)
+        return CountingClosure(BatchClosure(model, flat, x, y, cfg.amp))
+
     def step() -> None:
-        closure = CountingClosure(BatchClosure(model, flat, x, y, cfg.amp))
+        closure = new_closure()
         train_step(method, flat, closure, cfg.lr, done[0])  # the trainer's own step
         done[0] += 1
         passes[0] = closure.calls
@@ -124,8 +142,10 @@ def _bench_method(name: str, settings: TrainSettings, x: torch.Tensor, y: torch.
     round_ms = None
     if hasattr(method, "mutate"):  # Spartan: one mutation round, timed apart from the steps
         round_ms, _ = median_iqr(_times_ms(lambda: method.mutate(flat, 0), max(2, settings.steps // 5), settings.device))
+    batches = FULL_BATCHES if gradreg else 1
     return {"params": flat.numel, "status": "ok", "round_ms": round_ms, "step_ms": step_ms, "iqr_ms": iqr_ms,
-            "steps_per_s": 1e3 / step_ms, "samples_per_s": settings.batch_size * 1e3 / step_ms,
+            "batches_per_step": batches,
+            "steps_per_s": 1e3 / step_ms, "samples_per_s": batches * settings.batch_size * 1e3 / step_ms,
             "fwd_bwd_ms": fwd_bwd_ms, "passes_per_step": passes[0],
             "outside_fwd_bwd_ms": step_ms - passes[0] * fwd_bwd_ms}
 
@@ -139,8 +159,9 @@ def run_train(settings: TrainSettings, on_method: Callable[[str], None] | None =
     for name in settings.methods:
         row = {**dict.fromkeys(TRAIN_FIELDS), "method": name, "model": settings.model,
                "batch_size": settings.batch_size, "steps": settings.steps}
-        if name not in METHODS and name not in WRAPPERS:
-            row.update(status="unavailable", reason=f"not a fastflat method ({', '.join([*METHODS, *WRAPPERS])})")
+        known = [*METHODS, *WRAPPERS, *FULL_BATCH_VARIANTS]
+        if name not in known:
+            row.update(status="unavailable", reason=f"not a fastflat method ({', '.join(known)})")
         else:
             if on_method is not None:
                 on_method(name)
@@ -149,5 +170,5 @@ def run_train(settings: TrainSettings, on_method: Callable[[str], None] | None =
     sgd = next((r for r in rows if r["method"] == "sgd" and r["status"] == "ok"), None)
     for r in rows:
         if sgd is not None and r["status"] == "ok":
-            r["ratio_to_sgd"] = r["step_ms"] / sgd["step_ms"]
+            r["ratio_to_sgd"] = r["step_ms"] / (r["batches_per_step"] * sgd["step_ms"])  # per batch of data
     return rows
