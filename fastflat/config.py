@@ -48,6 +48,7 @@ GradReg = Choice("GradReg", {m: m for m in ("off", "finite", "exact")})
 
 METHODS, INNER_METHODS, SCHEDULES, AMP_MODES = Method.values(), InnerMethod.values(), Schedule.values(), Amp.values()
 LR_OWNERS = ("swa", "sse", "fge")  # methods that set the learning rate themselves
+METHOD_DEFAULTS = {"fullbatch": {"nesterov": True}}  # the paper's GD: momentum 0.9, Nesterov, wd 5e-4
 SEED_MAX = 2**32 - 1  # torch's CPU generator keeps 32 bits of a seed; larger ones would collide
 
 
@@ -386,6 +387,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults <- YAML file <- overrides (dotted keys), then checked; every problem in one UserError."""
     values = _merge(_nest(read_yaml(path) if path else {}), _nest(overrides or {}))
+    values = _merge(METHOD_DEFAULTS.get(str(values.get("method", "")), {}), values)  # given values win
     problems: list[str] = []
     cfg = _build(TrainConfig, values, problems)
     problems += _check(cfg)

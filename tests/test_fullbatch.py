@@ -176,3 +176,23 @@ def test_every_ready_config_loads_and_the_cpu_rows_train(tmp_path):
                 quick["fullbatch.chunk_size"] = 128  # the whole 128-example subset; blocks of 128 or 32 fit
             summary = train(load_config(path, quick))
             assert summary["steps"] == (2 if cfg.method == "fullbatch" else 2 * (128 // cfg.batch_size))
+
+
+def test_full_batch_takes_the_papers_optimizer_settings_unless_told_otherwise():
+    cfg = load_config(overrides={"method": "fullbatch"})
+    assert (cfg.momentum, cfg.nesterov, cfg.weight_decay) == (0.9, True, 5e-4)
+    assert load_config(overrides={"method": "fullbatch", "nesterov": False}).nesterov is False
+    assert load_config(overrides={"method": "sgd"}).nesterov is False
+
+
+def test_fixed_augment_enlarges_the_training_set_once(tmp_path):
+    from fastflat import data as datasets
+
+    data = datasets.load_dataset("synthetic")
+    copies = datasets.augmented_copies(data.train, 3, seed=0)
+    assert len(copies) == 3 * len(data.train) and torch.equal(copies.labels[: len(data.train)], data.train.labels)
+    assert not torch.equal(copies.images[: len(data.train)], copies.images[len(data.train):2 * len(data.train)])
+    again = datasets.augmented_copies(data.train, 3, seed=0)
+    assert torch.equal(again.images, copies.images)  # made once, from the seed: resumable
+    summary = train(tiny(tmp_path, epochs=1, **{"fullbatch.fixed_augment": 2, "fullbatch.chunk_size": 128}))
+    assert summary["train_size"] == 2 * 256
