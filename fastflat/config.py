@@ -387,7 +387,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults <- YAML file <- overrides (dotted keys), then checked; every problem in one UserError."""
     values = _merge(_nest(read_yaml(path) if path else {}), _nest(overrides or {}))
-    values = _merge(METHOD_DEFAULTS.get(str(values.get("method", "")), {}), values)  # given values win
+    defaults = dict(METHOD_DEFAULTS.get(str(values.get("method", "")), {}))
+    if values.get("momentum", TrainConfig.momentum) in (0, "0", 0.0):
+        defaults.pop("nesterov", None)  # a default must not turn the user's --momentum 0 into an error
+    values = _merge(defaults, values)  # given values win
     problems: list[str] = []
     cfg = _build(TrainConfig, values, problems)
     problems += _check(cfg)

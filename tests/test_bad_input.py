@@ -98,7 +98,7 @@ def test_a_config_that_is_not_a_yaml_file_is_one_line(capsys, tmp_path, make, fr
 def test_help_lists_every_choice(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")  # no wrapping inside a choice list
     _, out, _ = run_cli(capsys, "train", "--help")
-    for choices in ("sgd|sam|es|swa|sse|fge|spartan", "constant|step|cosine", "raise|skip|rollback", "l2|linf",
+    for choices in ("sgd|sam|es|fullbatch|swa|sse|fge|spartan", "constant|step|cosine", "raise|skip|rollback", "l2|linf",
                     "normalize|ranks", "fashion-mnist|mnist|cifar10|cifar100|synthetic"):
         assert choices in out.replace(" ", ""), choices
 

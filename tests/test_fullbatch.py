@@ -183,6 +183,7 @@ def test_full_batch_takes_the_papers_optimizer_settings_unless_told_otherwise():
     assert (cfg.momentum, cfg.nesterov, cfg.weight_decay) == (0.9, True, 5e-4)
     assert load_config(overrides={"method": "fullbatch", "nesterov": False}).nesterov is False
     assert load_config(overrides={"method": "sgd"}).nesterov is False
+    assert load_config(overrides={"method": "fullbatch", "momentum": 0.0}).nesterov is False  # no clash
 
 
 def test_fixed_augment_enlarges_the_training_set_once(tmp_path):
