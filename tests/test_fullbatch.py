@@ -197,3 +197,9 @@ def test_fixed_augment_enlarges_the_training_set_once(tmp_path):
     assert torch.equal(again.images, copies.images)  # made once, from the seed: resumable
     summary = train(tiny(tmp_path, epochs=1, **{"fullbatch.fixed_augment": 2, "fullbatch.chunk_size": 128}))
     assert summary["train_size"] == 2 * 256
+
+
+def test_swa_over_full_batch_averages_full_batch_steps(tmp_path):
+    """The one wrapper full batch takes: SWA counts its cycles in (full-batch) steps."""
+    summary = train(tiny(tmp_path, epochs=8, **{"swa.enabled": True}))
+    assert summary["swa_models_averaged"] == 2 and summary["steps"] == 8  # steps 7 and 8: start 0.75, cycle 1
