@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastflat.evaluation import autocast
+from fastflat.evaluation import at_least_fp32, autocast
 from fastflat.flat import FlatParams
 
 
@@ -120,7 +120,7 @@ def _forward(model: nn.Module, x: Tensor, y: Tensor, amp: str, backward: bool, u
     bn = contextlib.nullcontext() if update_bn else frozen_bn_stats(model)
     with torch.set_grad_enabled(backward), bn, autocast(x.device, amp):
         logits = model(x)  # (B, classes)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = F.cross_entropy(at_least_fp32(logits), y)
     if backward:
         (loss * weight if weight != 1.0 else loss).backward()
     return loss.detach(), logits.detach()

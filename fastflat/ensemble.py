@@ -56,7 +56,8 @@ def mean_pairwise_disagreement(predictions: Tensor) -> float:
     return 100.0 * torch.stack(differ).mean().item()
 
 
-def load_member(model: nn.Module, path: str | Path, device: torch.device) -> None:
+def load_member_state(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The state_dict in a member file (or a run's checkpoint.pt), or one UserError line."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)  # never unpickle code
     except FileNotFoundError:
@@ -67,7 +68,11 @@ def load_member(model: nn.Module, path: str | Path, device: torch.device) -> Non
         state = state.get("model")
     if not isinstance(state, dict):
         raise UserError(f"ensemble member {path} holds no state_dict")
-    load_weights(model, state, f"ensemble member {path}", type(model).__name__)
+    return state
+
+
+def load_member(model: nn.Module, path: str | Path, device: torch.device) -> None:
+    load_weights(model, load_member_state(path, device), f"ensemble member {path}", type(model).__name__)
 
 
 def evaluate_members(model: nn.Module, paths: list[str | Path], split: datasets.Split,

@@ -26,6 +26,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss: bf16/fp16 (autocast) upcast to fp32, fp32 and fp64 kept as they are."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
 def autocast(device: torch.device, amp: str):
     """The forward pass's autocast context for `--amp` (none | bf16); weights stay fp32."""
     dtype = torch.bfloat16 if amp == "bf16" else None
@@ -42,7 +47,7 @@ def evaluate(model: nn.Module, split: datasets.Split, dataset: datasets.Dataset,
     correct = torch.zeros((), device=split.labels.device, dtype=torch.long)
     for x, y in datasets.iterate_batches(split, batch_size, dataset=dataset, train=False):
         with autocast(x.device, amp):
-            logits = model(x).float()  # (B, classes)
+            logits = at_least_fp32(model(x))  # (B, classes)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
     model.train(was_training)

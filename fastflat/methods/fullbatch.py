@@ -18,13 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastflat import ops
-from fastflat.closures import frozen_bn_stats
-from fastflat.evaluation import autocast
 from fastflat.flat import FlatParams
+from fastflat.hessian import hvp
 from fastflat.methods.base import Closure, Method
 
 
@@ -86,22 +84,8 @@ class FullBatch(Method):
 
 
 def exact_hvp(flat: FlatParams, closure: Closure, part: slice | None, v: list[Tensor]) -> list[Tensor]:
-    """H v by double backward over the closure's data (the block `part`, or every chunk weighted by
-    its share), BatchNorm statistics frozen. Left in flat.grads, also returned (cloned)."""
-    model = flat.model
-    chunks = _chunks_of(closure, part)
-    total = sum(len(y) for _, y in chunks)
-    flat.zero_grad_()
-    params = [model.get_parameter(name) for vec in flat.vectors for name in vec.names]
-    pieces = [v_i[off : off + p.numel()].view_as(p) for vec, v_i in zip(flat.vectors, v)
-              for off, p in zip(vec.offsets, (model.get_parameter(n) for n in vec.names))]
-    with torch.enable_grad(), frozen_bn_stats(model):
-        for x, y in chunks:
-            with autocast(x.device, getattr(closure, "amp", "none")):
-                loss = F.cross_entropy(model(x).float(), y) * (len(y) / total)
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            torch.stack([(gp * vp).sum() for gp, vp in zip(grads, pieces)]).sum().backward()
-    return [g.clone() for g in flat.grads]
+    """H v by double backward over the closure's data (the block `part`, or the whole split)."""
+    return hvp(flat, _chunks_of(closure, part), v, getattr(closure, "amp", "none"))
 
 
 def _chunks_of(closure: Closure, part: slice | None) -> list[tuple[Tensor, Tensor]]:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, vmap
 
+from fastflat.evaluation import at_least_fp32
 from fastflat.flat import FlatParams
 
 WriteChild = Callable[[int, Tensor], None]
@@ -61,7 +62,7 @@ def _scores_vmap(flat, write_child, count, batches, chunk):
             return functional_call(model, (p, buffers), (x,))
 
         for x, y in batches:
-            logits = vmap(forward, in_dims=(0, None))(params, x).float()  # (C, B, classes)
+            logits = at_least_fp32(vmap(forward, in_dims=(0, None))(params, x))  # (C, B, classes)
             loss_sum[start : start + size] += F.cross_entropy(
                 logits.flatten(0, 1), y.repeat(size), reduction="none").view(size, -1).sum(1)
             correct[start : start + size] += (logits.argmax(2) == y).sum(1)
@@ -79,7 +80,7 @@ def _scores_sequential(flat, write_child, count, batches):
         for i in range(count):
             write_child(i, flat.params[0])  # one group: the child goes straight into the model
             for x, y in batches:
-                logits = flat.model(x).float()
+                logits = at_least_fp32(flat.model(x))
                 loss_sum[i] += F.cross_entropy(logits, y, reduction="sum")
                 correct[i] += (logits.argmax(1) == y).sum()
     finally:

@@ -21,6 +21,7 @@ from torch import Tensor
 from fastflat import noise
 from fastflat.config import TrainConfig
 from fastflat.errors import UserError
+from fastflat.evaluation import at_least_fp32
 from fastflat.faults import finite_or_raise
 from fastflat.flat import FlatParams
 from fastflat.methods.base import Closure, Method, RunServices
@@ -157,7 +158,7 @@ class Spartan(Wrapper):
         total = sum(len(y) for _, y in batches)
         with torch.enable_grad():
             for x, y in batches:
-                (F.cross_entropy(model(x).float(), y, reduction="sum") / total).backward()
+                (F.cross_entropy(at_least_fp32(model(x)), y, reduction="sum") / total).backward()
         model.train(was_training)
         return flat.grads[0].detach().clone()
 

@@ -1,0 +1,147 @@
+"""Sharpness measures against matrices with known spectra, a tiny network's dense Hessian, and quadratics."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastflat
+from fastflat.errors import UserError
+from fastflat.sharpness import ascend_in_ball, hutchinson, lanczos, m_sharpness, model_operator, power_iteration
+
+
+def matrix_with_spectrum(eigenvalues, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=g, dtype=torch.float64))
+    return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+
+
+SPECTRUM = [10.0, 7.0, 5.0, 2.0] + [0.5] * 20 + [-3.0] + [0.01] * 35  # 60: one negative, a flat bulk
+
+
+def test_lanczos_finds_the_top_eigenvalues_of_a_known_spectrum():
+    a = matrix_with_spectrum(SPECTRUM)
+    result = lanczos(lambda v: a @ v, len(SPECTRUM), k=3, tol=1e-8, dtype=torch.float64)
+    assert result["eigenvalues"] == pytest.approx([10.0, 7.0, 5.0], rel=1e-6)
+    assert result["hvps"] < len(SPECTRUM)  # converged before building the whole space
+
+
+def test_power_iteration_finds_the_largest_eigenvalue():
+    a = matrix_with_spectrum(SPECTRUM)
+    result = power_iteration(lambda v: a @ v, len(SPECTRUM), tol=1e-10, max_iters=500, dtype=torch.float64)
+    assert result["converged"] and result["eigenvalue"] == pytest.approx(10.0, rel=1e-6)
+
+
+def test_hutchinson_is_unbiased_on_a_known_matrix():
+    a = matrix_with_spectrum(SPECTRUM)
+    result = hutchinson(lambda v: a @ v, len(SPECTRUM), probes=400, dtype=torch.float64)
+    assert abs(result["trace"] - sum(SPECTRUM)) < 3 * result["trace_stderr"] and result["trace_stderr"] > 0
+
+
+def tiny_net():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    flat = fastflat.flatten(model)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(40, 1, 2, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
+    return model, flat, x, y
+
+
+def dense_hessian(model, flat, x, y):
+    names = flat.vectors[0].names
+    shapes = [model.get_parameter(n).shape for n in names]
+    w0 = flat.params[0].detach().clone()
+
+    def loss(w):
+        params, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = w[offset : offset + shape.numel()].view(shape)
+            offset += shape.numel()
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    return torch.autograd.functional.hessian(loss, w0)
+
+
+def test_hessian_vector_products_are_exact_against_the_dense_hessian():
+    model, flat, x, y = tiny_net()
+    h = dense_hessian(model, flat, x, y)
+    op = model_operator(flat, [(x[:13], y[:13]), (x[13:], y[13:])])  # chunks of unequal size
+    v = torch.randn(flat.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(op(v), h @ v, rtol=1e-10, atol=1e-12)
+    assert op.calls == 1
+
+
+def test_lanczos_and_power_agree_with_the_dense_hessian_of_a_tiny_network():
+    model, flat, x, y = tiny_net()
+    top = torch.linalg.eigvalsh(dense_hessian(model, flat, x, y)).flip(0)
+    op = model_operator(flat, [(x, y)])
+    assert lanczos(op, flat.numel, k=2, tol=1e-9, dtype=torch.float64)["eigenvalues"] == pytest.approx(top[:2].tolist(), rel=1e-6)
+    if top[0] > abs(top[-1]):  # power iteration finds the largest magnitude
+        assert power_iteration(op, flat.numel, tol=1e-10, max_iters=1000, dtype=torch.float64)["eigenvalue"] == pytest.approx(top[0].item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("ball", ["l2", "linf"])
+def test_ascent_never_leaves_the_ball_and_finds_the_maximum_of_a_quadratic(ball):
+    a = matrix_with_spectrum([4.0, 1.0, 0.5, 0.2, 0.1], seed=3)
+    rho = 0.3
+    seen = []
+
+    def loss_grad(e):
+        seen.append(e.clone())
+        return float(0.5 * e @ a @ e), a @ e
+
+    result = ascend_in_ball(loss_grad, torch.zeros(5, dtype=torch.float64), rho, ball, steps=200)
+    bound = [e.norm() for e in seen] if ball == "l2" else [e.abs().max() for e in seen]
+    assert max(bound) <= rho * (1 + 1e-9)
+    if ball == "l2":  # the maximum is at rho times the top eigenvector: rho^2 * 4 / 2
+        assert result["sharpness"] == pytest.approx(0.5 * 4.0 * rho**2, rel=1e-3)
+    else:  # a vertex of the cube: the exact maximum over the 32 sign patterns
+        corners = torch.cartesian_prod(*[torch.tensor([-rho, rho], dtype=torch.float64)] * 5)
+        assert result["sharpness"] == pytest.approx(max(float(0.5 * c @ a @ c) for c in corners), rel=1e-6)
+
+
+def test_m_sharpness_restores_the_weights_and_is_positive_at_a_trained_point():
+    model, flat, x, y = tiny_net()
+    before = flat.params[0].clone()
+    value = m_sharpness(flat, [(x[:20], y[:20]), (x[20:], y[20:])], rho=0.05)
+    assert value > 0 and torch.equal(flat.params[0], before)
+
+
+@pytest.mark.parametrize("call", [lambda: lanczos(lambda v: v, 5, k=0), lambda: hutchinson(lambda v: v, 5, probes=1),
+                                  lambda: ascend_in_ball(lambda e: (0.0, e), torch.zeros(3), rho=0.0)])
+def test_bad_settings_are_user_errors(call):
+    with pytest.raises(UserError):
+        call()
+
+
+def test_sharpness_command_compares_checkpoints_and_writes_json(capsys, tmp_path):
+    import json
+
+    from fastflat.cli import main
+
+    for method in ("sgd", "sam"):
+        assert main(["train", "--dataset", "synthetic", "--epochs", "1", "--method", method, "--out", str(tmp_path),
+                     "--name", method]) == 0
+    capsys.readouterr()
+    code = main(["sharpness", str(tmp_path / "sgd"), str(tmp_path / "sam"), "--examples", "128", "--top", "2",
+                 "--trace-probes", "2", "--m", "64", "--ball", "l2,linf", "--out", str(tmp_path), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and (tmp_path / "sharpness.json").exists() and len(report["checkpoints"]) == 2
+    for r in report["checkpoints"]:
+        assert len(r["top_eigenvalues"]) == 2 and r["top_eigenvalues"][0] >= r["top_eigenvalues"][1]
+        assert r["hvps"] >= 2 + 2 and r["trace_stderr"] >= 0 and set(r["sharpness"]) == {"l2_m64", "linf_m64"}
+        assert r["examples"] == 128 and "eval" in r["mode"]
+
+
+@pytest.mark.parametrize("args, says", [(["--examples", "5000"], "larger than the 1024 training examples"),
+                                        (["--rho", "0"], "--rho > 0"), (["--top", "0"], "--top >= 1"),
+                                        (["--ball", "l3"], "--ball takes l2")])
+def test_sharpness_bad_input_is_one_line(capsys, tmp_path, args, says):
+    from fastflat.cli import main
+
+    assert main(["train", "--dataset", "synthetic", "--epochs", "1", "--out", str(tmp_path), "--name", "r"]) == 0
+    capsys.readouterr()
+    code = main(["sharpness", str(tmp_path / "r"), "--trace-probes", "0", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and err.count("\n") == 1 and "Traceback" not in err
