@@ -246,61 +246,6 @@ def ensemble_command(
         _print_ensemble(report, target)
 
 
-@app.command("sharpness")
-def sharpness_command(
-    checkpoints: Annotated[list[Path], typer.Argument(help="Run directories or checkpoint files, compared side by side.")],
-    examples: Annotated[int, typer.Option(min=1, help="First N training examples (no augmentation).")] = 2048,
-    top: Annotated[int, typer.Option(help="Top-K Hessian eigenvalues (Lanczos).")] = 1,
-    trace_probes: Annotated[int, typer.Option(help="Rademacher probes for the Hutchinson trace (0 = skip).")] = 32,
-    m: Annotated[str, typer.Option(help="Batch sizes m for SAM's m-sharpness, e.g. 8,32,128 (empty = skip).")] = "",
-    rho: Annotated[float, typer.Option(help="Radius of the sharpness ball.")] = 0.05,
-    ball: Annotated[str, typer.Option(help="Balls for m-sharpness: l2, linf or l2,linf.")] = "l2",
-    adaptive: Annotated[bool, typer.Option(help="Scale the ball by |w| (adaptive sharpness).")] = False,
-    tol: Annotated[float, typer.Option(help="Lanczos tolerance on each Ritz value's relative residual.")] = 1e-3,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
-    data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset files.")] = None,
-    out: Annotated[Path, typer.Option(help="Folder for sharpness.json.")] = Path("."),
-    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of a table.")] = False,
-) -> None:
-    """Sharpness of trained weights: top Hessian eigenvalues, Hessian trace, SAM's m-sharpness."""
-    from fastflat.faults import json_safe
-    from fastflat.rundir import atomic_write_text, provenance
-    from fastflat.sharpness import measure_checkpoint
-
-    ms = tuple(int(v) for v in m.split(",") if v.strip()) if m.strip() else ()
-    balls = tuple(b.strip() for b in ball.split(","))
-    if any(b not in ("l2", "linf") for b in balls) or any(v < 1 for v in ms) or rho <= 0 or top < 1:
-        raise UserError(f"--ball takes l2 and/or linf, --m counts >= 1, --rho > 0 and --top >= 1 (got {ball!r}, {m!r}, {rho}, {top})")
-    say = (lambda message: None) if as_json else (lambda message: err_console.print(message, highlight=False))
-    results = [measure_checkpoint(str(c), examples, top, trace_probes, ms, rho, balls, adaptive, tol,
-                                  device=device, data_dir=data_dir, progress=say) for c in checkpoints]
-    if len({(r["dataset"], r["model"]) for r in results}) > 1:
-        raise UserError("the checkpoints must share one dataset and model to be compared")
-    report = {"checkpoints": results, "provenance": provenance(torch_device(device))}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "sharpness.json", json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
-    if as_json:
-        print(json.dumps(json_safe(report)))
-        return
-    from rich.table import Table
-
-    table = Table(title=f"sharpness on {examples} training examples ({results[0]['mode']})")
-    for column in ("checkpoint", "top eigenvalues", "HVPs", "trace (± s.e.)", *sorted(results[0].get("sharpness", {}))):
-        table.add_column(column, justify="left" if column == "checkpoint" else "right")
-    for r in results:
-        trace = f"{r['trace']:.4g} ± {r['trace_stderr']:.2g}" if "trace" in r else "-"
-        table.add_row(r["checkpoint"], ", ".join(f"{v:.4g}" for v in r["top_eigenvalues"]), str(r["hvps"]), trace,
-                      *(f"{v:.4g}" for _, v in sorted(r.get("sharpness", {}).items())))
-    console.print(table)
-    console.print(f"report: {out / 'sharpness.json'}")
-
-
-def torch_device(name: str):
-    from fastflat.evaluation import resolve_device
-
-    return resolve_device(name)
-
-
 def _parse_keep(value: str | None) -> int | str | None:
     """--sse-keep: None (the run's own), 'auto', or a count >= 0."""
     if value is None or value == "auto":
@@ -349,6 +294,7 @@ def _print_budgets(report: dict[str, Any], target: Path) -> None:
     console.print(f"report: {target} and {target.with_suffix('.png')}")
 
 
+from fastflat import analysis_cli  # noqa: E402, F401  (registers sharpness and toy on `app`)
 from fastflat.bench.cli import bench_app  # noqa: E402  (mounted after the commands above)
 
 app.add_typer(bench_app, name="bench", help="Benchmark the fused kernels and training steps (results in benchmarks/results).")
