@@ -23,6 +23,7 @@ def sharpness_command(
     rho: Annotated[float, typer.Option(help="Radius of the sharpness ball.")] = 0.05,
     ball: Annotated[str, typer.Option(help="Balls for m-sharpness: l2, linf or l2,linf.")] = "l2",
     adaptive: Annotated[bool, typer.Option(help="Scale the ball by |w| (adaptive sharpness).")] = False,
+    density: Annotated[int, typer.Option(help="SLQ probes for the spectral density, drawn to density.png (0 = skip).")] = 0,
     tol: Annotated[float, typer.Option(help="Lanczos tolerance on each Ritz value's relative residual.")] = 1e-3,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset files.")] = None,
@@ -37,16 +38,20 @@ def sharpness_command(
 
     ms = tuple(int(v) for v in m.split(",") if v.strip()) if m.strip() else ()
     balls = tuple(b.strip() for b in ball.split(","))
-    if any(b not in ("l2", "linf") for b in balls) or any(v < 1 for v in ms) or rho <= 0 or top < 1:
+    if any(b not in ("l2", "linf") for b in balls) or any(v < 1 for v in ms) or rho <= 0 or top < 1 or density < 0:
         raise UserError(f"--ball takes l2 and/or linf, --m counts >= 1, --rho > 0 and --top >= 1 (got {ball!r}, {m!r}, {rho}, {top})")
     say = (lambda message: None) if as_json else (lambda message: err_console.print(message, highlight=False))
     results = [measure_checkpoint(str(c), examples, top, trace_probes, ms, rho, balls, adaptive, tol,
-                                  device=device, data_dir=data_dir, progress=say) for c in checkpoints]
+                                  device=device, data_dir=data_dir, density=density, progress=say) for c in checkpoints]
     if len({(r["dataset"], r["model"]) for r in results}) > 1:
         raise UserError("the checkpoints must share one dataset and model to be compared")
     report = {"checkpoints": results, "provenance": provenance(resolve_device(device))}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "sharpness.json", json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+    if density:
+        from fastflat.plots import plot_spectral_density
+
+        plot_spectral_density(results, out / "density.png")
     if as_json:
         print(json.dumps(json_safe(report)))
         return

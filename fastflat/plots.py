@@ -78,3 +78,19 @@ def plot_budget_view(report: dict[str, Any], path: Path) -> None:
     ax.set_title("error at equal training budget")
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_spectral_density(results: list[dict[str, Any]], path: Path) -> None:
+    """Each checkpoint's Hessian spectral density (SLQ, Gaussian-smoothed), log scale, on one figure."""
+    from fastflat.sharpness import density_curve
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        t, p = density_curve(r["density"]["nodes"], r["density"]["weights"])
+        ax.semilogy(t.numpy(), p.clamp_min(1e-12).numpy(), label=Path(r["checkpoint"]).name or r["checkpoint"])
+    ax.set_xlabel("Hessian eigenvalue")
+    ax.set_ylabel("density (SLQ)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)

@@ -89,11 +89,7 @@ def lanczos(op: Operator, n: int, k: int = 1, tol: float = 1e-4, max_iters: int 
         for _ in range(2):  # full reorthogonalisation, twice: keeps the basis orthogonal in fp32
             w = w - stacked.T @ (stacked @ w)
         beta = float(w.norm())
-        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if j > 0:
-            off = torch.tensor(betas, dtype=torch.float64)
-            t += torch.diag(off, 1) + torch.diag(off, -1)
-        ritz, vectors = torch.linalg.eigh(t)  # ascending
+        ritz, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))  # ascending
         top = min(k, j + 1)
         residuals = (beta * vectors[-1, -top:]).abs()
         if j + 1 >= k and bool((residuals <= tol * ritz[-top:].abs().clamp_min(1e-30)).all()):
@@ -104,6 +100,54 @@ def lanczos(op: Operator, n: int, k: int = 1, tol: float = 1e-4, max_iters: int 
         basis.append(w / beta)
     values = ritz.flip(0)[:k].tolist()
     return {"eigenvalues": values, "hvps": len(alphas), "tolerance": tol}
+
+
+def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
+    """Lanczos' T: alphas on the diagonal, the first len(alphas) - 1 betas beside it, fp64."""
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if len(alphas) > 1:
+        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+        t += torch.diag(off, 1) + torch.diag(off, -1)
+    return t
+
+
+def slq_density(op: Operator, n: int, probes: int = 4, steps: int = 30, seed: int = 0,
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Stochastic Lanczos quadrature (Ghorbani et al. 2019): per probe, `steps` Lanczos steps from a random
+    unit vector give nodes (Ritz values) and weights (squared first components of T's eigenvectors) that
+    sum to 1; their average over probes estimates the spectral density. Returns every node and weight."""
+    generator = torch.Generator().manual_seed(seed)
+    nodes, weights = [], []
+    for _ in range(probes):
+        q = _unit(n, generator, torch.device(device), dtype)
+        basis, alphas, betas = [q], [], []
+        for j in range(min(steps, n)):
+            w = op(basis[j])
+            alphas.append(float(basis[j] @ w))
+            w = w - alphas[j] * basis[j] - (betas[j - 1] * basis[j - 1] if j > 0 else 0)
+            stacked = torch.stack(basis)
+            w = w - stacked.T @ (stacked @ w)
+            beta = float(w.norm())
+            if beta < 1e-10 or j + 1 == min(steps, n):
+                break
+            betas.append(beta)
+            basis.append(w / beta)
+        theta, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))
+        nodes.append(theta)
+        weights.append(vectors[0] ** 2 / probes)
+    return {"nodes": torch.cat(nodes).tolist(), "weights": torch.cat(weights).tolist(), "hvps": probes * steps}
+
+
+def density_curve(nodes: list[float], weights: list[float], sigma: float | None = None,
+                  points: int = 400) -> tuple[Tensor, Tensor]:
+    """The SLQ density smoothed by Gaussians of width sigma (default: 1% of the node range): (t, p(t))."""
+    x = torch.tensor(nodes, dtype=torch.float64)
+    w = torch.tensor(weights, dtype=torch.float64)
+    span = float(x.max() - x.min()) or 1.0
+    sigma = sigma or 0.01 * span
+    t = torch.linspace(float(x.min()) - 0.05 * span, float(x.max()) + 0.05 * span, points, dtype=torch.float64)
+    p = (w[None, :] * torch.exp(-((t[:, None] - x[None, :]) ** 2) / (2 * sigma**2))).sum(1) / (sigma * math.sqrt(2 * math.pi))
+    return t, p
 
 
 def hutchinson(op: Operator, n: int, probes: int = 64, seed: int = 0, device: str | torch.device = "cpu",
@@ -186,9 +230,10 @@ def m_sharpness(flat: FlatParams, batches: list[tuple[Tensor, Tensor]], rho: flo
 def measure_checkpoint(path: str, examples: int = 2048, top: int = 1, probes: int = 32, ms: tuple[int, ...] = (),
                        rho: float = 0.05, balls: tuple[str, ...] = ("l2",), adaptive: bool = False,
                        tol: float = 1e-3, max_iters: int = 50, device: str = "auto", data_dir: str | None = None,
-                       progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+                       density: int = 0, progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Every measure for one run directory or checkpoint, on its first `examples` training examples
-    (no augmentation), model in eval mode. `ms`: batch sizes m for m-sharpness (empty: skipped). A member
+    (no augmentation), model in eval mode. `ms`: batch sizes m for m-sharpness (empty: skipped);
+    `density`: SLQ probes for the spectral density (0: skipped). A member
     file (RUN/members/swa.pt, a snapshot) is measured with its run's config."""
     from fastflat import data as datasets
     from fastflat.config import config_from_dict
@@ -220,6 +265,10 @@ def measure_checkpoint(path: str, examples: int = 2048, top: int = 1, probes: in
         op.calls = 0
         tr = hutchinson(op, n, probes=probes, device=dev)
         result.update(trace=tr["trace"], trace_stderr=tr["trace_stderr"], hvps=result["hvps"] + tr["hvps"])
+    if density:
+        progress(f"{path}: spectral density by stochastic Lanczos quadrature, {density} probes")
+        result["density"] = slq_density(op, n, probes=density, device=dev)
+        result["hvps"] += result["density"]["hvps"]
     sharp: dict[str, float] = {}
     for m in ms:
         batches = [(head.images[i : i + m], head.labels[i : i + m]) for i in range(0, examples - m + 1, m)]

@@ -125,13 +125,15 @@ def test_sharpness_command_compares_checkpoints_and_writes_json(capsys, tmp_path
                      "--name", method]) == 0
     capsys.readouterr()
     code = main(["sharpness", str(tmp_path / "sgd"), str(tmp_path / "sam"), "--examples", "128", "--top", "2",
-                 "--trace-probes", "2", "--m", "64", "--ball", "l2,linf", "--out", str(tmp_path), "--json"])
+                 "--trace-probes", "2", "--m", "64", "--ball", "l2,linf", "--density", "2", "--out", str(tmp_path), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and (tmp_path / "sharpness.json").exists() and len(report["checkpoints"]) == 2
     for r in report["checkpoints"]:
         assert len(r["top_eigenvalues"]) == 2 and r["top_eigenvalues"][0] >= r["top_eigenvalues"][1]
         assert r["hvps"] >= 2 + 2 and r["trace_stderr"] >= 0 and set(r["sharpness"]) == {"l2_m64", "linf_m64"}
         assert r["examples"] == 128 and "eval" in r["mode"]
+        assert sum(r["density"]["weights"]) == pytest.approx(1.0, rel=1e-5)
+    assert (tmp_path / "density.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("args, says", [(["--examples", "5000"], "larger than the 1024 training examples"),
@@ -145,3 +147,20 @@ def test_sharpness_bad_input_is_one_line(capsys, tmp_path, args, says):
     code = main(["sharpness", str(tmp_path / "r"), "--trace-probes", "0", *args])
     err = capsys.readouterr().err
     assert code == 2 and says in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_slq_weights_sum_to_one_and_reproduce_each_probes_quadratic_form():
+    from fastflat.sharpness import density_curve, slq_density
+
+    a = matrix_with_spectrum(SPECTRUM)
+    result = slq_density(lambda v: a @ v, len(SPECTRUM), probes=3, steps=20, dtype=torch.float64)
+    nodes, weights = torch.tensor(result["nodes"]), torch.tensor(result["weights"])
+    assert weights.sum().item() == pytest.approx(1.0, rel=1e-9)
+    assert nodes.max().item() == pytest.approx(10.0, rel=1e-6) and nodes.min().item() == pytest.approx(-3.0, rel=1e-4)
+    # Gauss quadrature is exact for degree 1: sum of weights x nodes = mean over probes of v^T A v
+    g = torch.Generator().manual_seed(0)
+    probes = [torch.randn(len(SPECTRUM), generator=g, dtype=torch.float64) for _ in range(3)]
+    expected = sum(float(v @ a @ v / (v @ v)) for v in probes) / 3
+    assert float((weights * nodes).sum()) == pytest.approx(expected, rel=1e-9)
+    t, p = density_curve(result["nodes"], result["weights"])
+    assert float(torch.trapezoid(p, t)) == pytest.approx(1.0, abs=1e-3)
