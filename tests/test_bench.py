@@ -207,3 +207,12 @@ def test_train_full_batch_rows_compare_with_an_sgd_epoch_over_the_same_data(tmp_
     for r in (plain, finite, exact):  # per batch of data: against an SGD epoch over the same batches
         assert r["ratio_to_sgd"] == pytest.approx(r["step_ms"] / (FULL_BATCHES * sgd["step_ms"]))
         assert r["samples_per_s"] == pytest.approx(FULL_BATCHES * 8 * r["steps_per_s"])
+
+
+def test_hessian_reports_hvp_over_gradient_and_the_top_eigenvalue(tmp_path):
+    code = main(["bench", "hessian", "--dataset", "synthetic", "--examples", "256", "--repeats", "2",
+                 "--device", "cpu", "--out", str(tmp_path)])
+    rows, _ = read_results(tmp_path)
+    (r,) = rows
+    assert code == 0 and r["hvp_over_grad"] == pytest.approx(r["hvp_ms"] / r["grad_ms"])
+    assert r["lanczos_hvps"] >= 1 and r["top_eigenvalue_s"] > 0 and r["examples"] == 256 and r["git_sha"]

@@ -130,6 +130,35 @@ def es_memory(
     console.print(f"wrote {json_path} and {csv_path}")
 
 
+@bench_app.command("hessian")
+def hessian(
+    model: Annotated[str, typer.Option(help="Model name (as train --model).")] = "cnn",
+    dataset: Annotated[str, typer.Option(help="Dataset whose first N training examples define the loss.")] = "fashion-mnist",
+    examples: Annotated[int, typer.Option(min=1, help="N training examples.")] = 2048,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed gradients and HVPs (median).")] = 5,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    out: Annotated[str, typer.Option(help="Folder for the JSON and CSV results (never overwritten).")] = OUT,
+) -> None:
+    """One Hessian-vector product against one gradient, and seconds for the top eigenvalue (Lanczos)."""
+    from rich.table import Table
+
+    from fastflat.bench import report
+    from fastflat.bench.hessian import run_hessian
+
+    dev = _device(device)
+    rows = report.with_provenance([run_hessian(model, dataset, examples, dev, repeats)], dev)
+    r = rows[0]
+    table = Table(title=f"Hessian cost: {model} on {examples:,} {dataset} examples, {r['device']}")
+    for column in ("params", "gradient ms", "HVP ms", "HVP / gradient", "top eigenvalue", "HVPs", "seconds"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{r['params']:,}", f"{r['grad_ms']:.1f}", f"{r['hvp_ms']:.1f}", f"{r['hvp_over_grad']:.2f}",
+                  f"{r['top_eigenvalue']:.4g}", str(r["lanczos_hvps"]), f"{r['top_eigenvalue_s']:.1f}")
+    console.print(table)
+    json_path, csv_path = report.write_results(out, "hessian", dev, rows, {"model": model, "dataset": dataset,
+                                                                             "examples": examples, "repeats": repeats})
+    console.print(f"wrote {json_path} and {csv_path}")
+
+
 def _report(benchmark: str, device: torch.device, rows: list[dict], out: str, settings: dict) -> None:
     from fastflat.bench import report
 
