@@ -16,23 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from fastflat import data as datasets
-from fastflat.bench.train import median_iqr
+from fastflat.bench.train import _times_ms, median_iqr
 from fastflat.flat import FlatParams
 from fastflat.models import build_model
 from fastflat.sharpness import lanczos, model_operator
-
-
-def _ms(fn, repeats: int, device: torch.device) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def run_hessian(model_name: str, dataset: str, examples: int, device: torch.device, repeats: int = 5,
@@ -52,8 +39,8 @@ def run_hessian(model_name: str, dataset: str, examples: int, device: torch.devi
             (F.cross_entropy(model(x), y) * (len(y) / examples)).backward()
 
     gradient(), op(v)  # warm-up: allocator, lazy init
-    grad_ms, _ = median_iqr(_ms(gradient, repeats, device))
-    hvp_ms, hvp_iqr = median_iqr(_ms(lambda: op(v), repeats, device))
+    grad_ms, _ = median_iqr(_times_ms(gradient, repeats, device))
+    hvp_ms, hvp_iqr = median_iqr(_times_ms(lambda: op(v), repeats, device))
     start = time.perf_counter()
     top = lanczos(op, flat.numel, k=1, tol=tol, device=device)
     top_s = time.perf_counter() - start
