@@ -10,7 +10,7 @@ LABELS = [("sgd-s{}", "SGD"), ("sam-s{}", "SAM (rho 0.05)"), ("swa-s{}", "SGD it
 
 
 def main(out: Path) -> None:
-    rows = {label: {"eig": [], "trace": [], "err": []} for _, label in LABELS}
+    rows = {label: {"eig": [], "trace": [], "err": [], "msharp": []} for _, label in LABELS}
     for seed in range(3):
         path = out / f"sharpness-s{seed}" / "sharpness.json"
         if not path.exists():
@@ -23,13 +23,19 @@ def main(out: Path) -> None:
             rows[label]["eig"].append(measured[key]["top_eigenvalues"][0])
             rows[label]["trace"].append(measured[key]["trace"])
             rows[label]["err"].append(100 - acc)
-    print("| solution | top eigenvalue, seeds 0 / 1 / 2 | mean | trace, mean | test error (%), mean |")
-    print("| --- | --- | --- | --- | --- |")
+            extra = out / f"msharp-s{seed}" / "sharpness.json"  # m-sharpness, measured in a second pass
+            if extra.exists():
+                more = {Path(c["checkpoint"]).as_posix(): c for c in json.loads(extra.read_text())["checkpoints"]}
+                rows[label]["msharp"].append(more[key]["sharpness"]["l2_m128"])
+    print("| solution | top eigenvalue, seeds 0 / 1 / 2 | mean | trace, mean | m-sharpness (L2, m 128, rho 0.05), "
+          "seeds 0 / 1 / 2 | test error (%), mean |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for _, label in LABELS:
         r = rows[label]
         if r["eig"]:
+            msharp = " / ".join(f"{v:.4f}" for v in r["msharp"]) or "-"
             print(f"| {label} | {' / '.join(f'{v:.2f}' for v in r['eig'])} | {statistics.mean(r['eig']):.2f} | "
-                  f"{statistics.mean(r['trace']):.1f} | {statistics.mean(r['err']):.2f} |")
+                  f"{statistics.mean(r['trace']):.1f} | {msharp} | {statistics.mean(r['err']):.2f} |")
 
 
 if __name__ == "__main__":
