@@ -84,7 +84,7 @@ class SplitClosure(_Tallied):
         """The whole split's mean loss, or with `part` (global example indices, inside one chunk) that
         block's mean loss and gradient alone: the gradient-norm penalty per block of b examples."""
         if part is not None:
-            x, y = self._block(part)
+            x, y = self.block(part)
             if backward:
                 self.flat.zero_grad_()
             loss, logits = _forward(self.model, x, y, self.amp, backward, update_bn, weight=1.0)
@@ -103,7 +103,8 @@ class SplitClosure(_Tallied):
         return total
 
 
-    def _block(self, part: slice) -> tuple[Tensor, Tensor]:
+    def block(self, part: slice) -> tuple[Tensor, Tensor]:
+        """(x, y) of examples part.start:part.stop, which must lie inside one chunk."""
         start = 0
         for x, y in self.chunks:
             if part.start < start + len(y):

@@ -75,31 +75,40 @@ def lanczos(op: Operator, n: int, k: int = 1, tol: float = 1e-4, max_iters: int 
     """The k largest (algebraic) eigenvalues by Lanczos with full reorthogonalisation.
 
     Stops when each of the top-k Ritz values has residual |beta_j s_jk| <= tol |theta_k| (Paige's bound
-    on |H y - theta y| for the Ritz pair), or at max_iters; memory holds the basis, (iters, N)."""
+    on |H y - theta y| for the Ritz pair), at an invariant subspace, or at max_iters."""
     if k < 1:
         raise UserError(f"top K = {k} is invalid: ask for at least 1 eigenvalue")
     q = _unit(n, torch.Generator().manual_seed(seed), torch.device(device), dtype)
-    basis, alphas, betas = [q], [], []
     ritz: Tensor = torch.zeros(0, dtype=torch.float64)
-    for j in range(min(max_iters, n)):
+    alphas: list[float] = []
+    for alphas, betas, beta in _lanczos_steps(op, q, min(max_iters, n)):
+        ritz, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))  # ascending
+        top = min(k, len(alphas))
+        residuals = (beta * vectors[-1, -top:]).abs()
+        if len(alphas) >= k and bool((residuals <= tol * ritz[-top:].abs().clamp_min(1e-30)).all()):
+            break
+    return {"eigenvalues": ritz.flip(0)[:k].tolist(), "hvps": len(alphas), "tolerance": tol}
+
+
+def _lanczos_steps(op: Operator, q: Tensor, steps: int):
+    """Lanczos from the unit vector q with full reorthogonalisation (twice: keeps the basis orthogonal
+    in fp32). After each product it yields (alphas, betas, beta): T's entries so far and the norm of the
+    next residual; resuming takes the next step. Ends after `steps` products or at an invariant subspace
+    (beta ~ 0, where the Ritz values are exact). Memory holds the basis, (steps, N)."""
+    basis, alphas, betas = [q], [], []
+    for j in range(steps):
         w = op(basis[j])
         alphas.append(float(basis[j] @ w))
         w = w - alphas[j] * basis[j] - (betas[j - 1] * basis[j - 1] if j > 0 else 0)
         stacked = torch.stack(basis)  # (j+1, N)
-        for _ in range(2):  # full reorthogonalisation, twice: keeps the basis orthogonal in fp32
+        for _ in range(2):
             w = w - stacked.T @ (stacked @ w)
         beta = float(w.norm())
-        ritz, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))  # ascending
-        top = min(k, j + 1)
-        residuals = (beta * vectors[-1, -top:]).abs()
-        if j + 1 >= k and bool((residuals <= tol * ritz[-top:].abs().clamp_min(1e-30)).all()):
-            break
-        if beta < 1e-10:  # an invariant subspace: the Ritz values are exact
-            break
+        yield alphas, betas, beta
+        if beta < 1e-10:
+            return
         betas.append(beta)
         basis.append(w / beta)
-    values = ritz.flip(0)[:k].tolist()
-    return {"eigenvalues": values, "hvps": len(alphas), "tolerance": tol}
 
 
 def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
@@ -117,25 +126,16 @@ def slq_density(op: Operator, n: int, probes: int = 4, steps: int = 30, seed: in
     unit vector give nodes (Ritz values) and weights (squared first components of T's eigenvectors) that
     sum to 1; their average over probes estimates the spectral density. Returns every node and weight."""
     generator = torch.Generator().manual_seed(seed)
-    nodes, weights = [], []
+    nodes, weights, hvps = [], [], 0
     for _ in range(probes):
         q = _unit(n, generator, torch.device(device), dtype)
-        basis, alphas, betas = [q], [], []
-        for j in range(min(steps, n)):
-            w = op(basis[j])
-            alphas.append(float(basis[j] @ w))
-            w = w - alphas[j] * basis[j] - (betas[j - 1] * basis[j - 1] if j > 0 else 0)
-            stacked = torch.stack(basis)
-            w = w - stacked.T @ (stacked @ w)
-            beta = float(w.norm())
-            if beta < 1e-10 or j + 1 == min(steps, n):
-                break
-            betas.append(beta)
-            basis.append(w / beta)
+        for alphas, betas, _ in _lanczos_steps(op, q, min(steps, n)):
+            pass  # run to the end: every step sharpens the quadrature
+        hvps += len(alphas)
         theta, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))
         nodes.append(theta)
         weights.append(vectors[0] ** 2 / probes)
-    return {"nodes": torch.cat(nodes).tolist(), "weights": torch.cat(weights).tolist(), "hvps": probes * steps}
+    return {"nodes": torch.cat(nodes).tolist(), "weights": torch.cat(weights).tolist(), "hvps": hvps}
 
 
 def density_curve(nodes: list[float], weights: list[float], sigma: float | None = None,

@@ -164,3 +164,6 @@ def test_slq_weights_sum_to_one_and_reproduce_each_probes_quadratic_form():
     assert float((weights * nodes).sum()) == pytest.approx(expected, rel=1e-9)
     t, p = density_curve(result["nodes"], result["weights"])
     assert float(torch.trapezoid(p, t)) == pytest.approx(1.0, abs=1e-3)
+    assert result["hvps"] == 3 * 7  # the products made: 7 distinct eigenvalues end each Krylov space (it said 60)
+    scaled_identity = slq_density(lambda v: 2.0 * v, 60, probes=3, steps=20, dtype=torch.float64)
+    assert scaled_identity["hvps"] == 3 and scaled_identity["nodes"] == pytest.approx([2.0] * 3)  # exact after 1 step

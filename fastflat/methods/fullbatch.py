@@ -90,6 +90,6 @@ def exact_hvp(flat: FlatParams, closure: Closure, part: slice | None, v: list[Te
 
 def _chunks_of(closure: Closure, part: slice | None) -> list[tuple[Tensor, Tensor]]:
     if hasattr(closure, "chunks"):
-        return [closure._block(part)] if part is not None else closure.chunks
+        return [closure.block(part)] if part is not None else closure.chunks
     span = part or slice(0, closure.batch_size)
     return [(closure.x[span], closure.y[span])]
