@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from fastflat.config import (Amp, Dataset, FGEConfig, Fitness, FullBatchConfig, GradReg, InnerMethod, Method,
+from fastflat.config import (Amp, CurveConfig, CurveKind, Dataset, FGEConfig, Fitness, FullBatchConfig, GradReg, InnerMethod, Method,
                              Mutation, Noise, OnNonFinite, SAMConfig, SAMNorm, Schedule, Shaping, SpartanConfig,
                              SSEConfig, SWAConfig, TrainConfig, load_config, option_keys)
 from fastflat.errors import Interrupted, NonFiniteError, UserError
@@ -37,6 +37,7 @@ err_console = Console(stderr=True)
 
 D = TrainConfig()  # defaults shown in --help come from the config itself
 S, W, E, F, P, B = SAMConfig(), SWAConfig(), SSEConfig(), FGEConfig(), SpartanConfig(), FullBatchConfig()
+C = CurveConfig()
 
 
 def _opt(help: str, panel: str, default: Any = None, **kw) -> Any:
@@ -48,6 +49,7 @@ METHOD, SAM_P, OPTIM, DATA, RUN = "Method", "SAM", "Optimisation", "Data and mod
 AVG = "SWA, snapshot ensembles, FGE"
 EVO = "Spartan and ES"
 FULL = "Full batch (--method fullbatch)"
+CURVE = "Mode-connecting curve (--method curve; or fastflat curve)"
 
 
 @app.command()
@@ -88,6 +90,9 @@ def train(
     gradreg_block: Annotated[int | None, _opt("Penalty per block of b examples, averaged (0 = whole set; the paper's strong reg.: 32).", FULL, B.block)] = None,
     shuffle_blocks: Annotated[bool | None, _opt("Re-draw which examples form the blocks every step.", FULL, B.shuffle)] = None,
     fixed_augment: Annotated[int | None, _opt("K > 0: K augmented copies of the training set, made once.", FULL, B.fixed_augment)] = None,
+    curve_start: Annotated[str | None, _opt("Curve end point w1: a run directory or member file.", CURVE)] = None,
+    curve_end: Annotated[str | None, _opt("Curve end point w2 (same model and dataset).", CURVE)] = None,
+    curve_kind: Annotated[CurveKind | None, _opt("Curve through the trained bend.", CURVE, C.kind)] = None,
     rho: Annotated[float | None, _opt("SAM radius (>= 0).", SAM_P, S.rho)] = None,
     sam_norm: Annotated[SAMNorm | None, _opt("SAM ball.", SAM_P, S.norm)] = None,
     sam_adaptive: Annotated[bool | None, _opt("ASAM: scale the ball by |w|.", SAM_P, S.adaptive)] = None,
@@ -115,6 +120,7 @@ def train(
     checkpoint_every: Annotated[int | None, _opt("Also checkpoint every N steps (0 = each epoch).", RUN, D.checkpoint_every)] = None,
     eval_every: Annotated[int | None, _opt("Evaluate and checkpoint every N epochs (full batch: steps), and after the last.", RUN, D.eval_every)] = None,
     subset: Annotated[int | None, _opt("Train on a seeded random N training examples (0 = all).", DATA, D.subset)] = None,
+    trajectory_every: Annotated[int | None, _opt("Save the weights every N steps to trajectory/ (for fastflat landscape plane --trajectory; 0 = never).", RUN, D.trajectory_every)] = None,
     config: Annotated[Path | None, _opt("YAML file of settings; options given here override it.", RUN)] = None,
     resume: Annotated[Path | None, _opt("Continue the run in this directory from its last checkpoint.", RUN)] = None,
 ) -> None:
@@ -204,6 +210,8 @@ def ensemble_command(
     runs: Annotated[list[Path] | None, typer.Option("--from", help="Independently trained runs (repeat): the Ind ensemble.")] = None,
     sse_keep: Annotated[str | None, typer.Option("--sse-keep", help="Snapshot ensembles: ensemble the last K snapshots (0 = all; auto = the K best on the run's validation split, see train --val-split; default: the run's own --sse-keep).")] = None,
     budgets: Annotated[bool, typer.Option("--budgets", help="Budget view: error at 1, 2, 3... budgets for Ind (--from), SSE and FGE runs.")] = False,
+    curve: Annotated[Path | None, typer.Option("--curve", help="A trained curve (fastflat curve): ensemble --points evenly spaced points on it.")] = None,
+    points: Annotated[int, typer.Option("--points", help="With --curve: points t = 0 .. 1 in the ensemble (BatchNorm re-estimated at each).")] = 5,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset files.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the JSON report here (default: ensemble-<kind>.json in the run).")] = None,
@@ -215,6 +223,10 @@ def ensemble_command(
     from fastflat.ensemble import budget_report, runs_report, write_report
 
     groups = {"ind": runs or [], "sse": sse or [], "fge": fge or []}
+    if curve is not None:
+        if any(groups.values()) or swa is not None or budgets or sse_keep is not None:
+            raise UserError("--curve takes a curve run alone (with --points K), not with other runs or --budgets")
+        return _curve_ensemble(curve, points, device, data_dir, out, as_json)
     keep = _parse_keep(sse_keep)
     if keep is not None and not sse:
         raise UserError("--sse-keep picks snapshots of --sse runs; no --sse run was given")
@@ -244,6 +256,28 @@ def ensemble_command(
         _print_budgets(report, target)
     else:
         _print_ensemble(report, target)
+
+
+def _curve_ensemble(run: Path, points: int, device: str, data_dir: str | None, out: Path | None, as_json: bool) -> None:
+    from fastflat.faults import json_safe
+    from fastflat.landscape import curve_ensemble
+    from fastflat.rundir import atomic_write_text
+
+    report = curve_ensemble(run, points, device=device, data_dir=data_dir)
+    target = out or run / "ensemble-curve.json"
+    atomic_write_text(target, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+    if as_json:
+        print(json.dumps(json_safe(report)))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"ensemble of {points} points on the {report['curve_kind']} curve {run}")
+    for column in ("t", "test error alone", "ensemble of the first k"):
+        table.add_column(column, justify="right")
+    for member, grown in zip(report["members"], report["ensemble_err_by_size"]):
+        table.add_row(f"{member['t']:.3f}", f"{member['test_err']:.2f}%", f"{grown:.2f}%")
+    console.print(table)
+    console.print(f"report: {target}")
 
 
 def _parse_keep(value: str | None) -> int | str | None:
@@ -295,6 +329,7 @@ def _print_budgets(report: dict[str, Any], target: Path) -> None:
 
 
 from fastflat import analysis_cli  # noqa: E402, F401  (registers sharpness and toy on `app`)
+from fastflat import landscape_cli  # noqa: E402, F401  (registers curve and landscape on `app`)
 from fastflat.bench.cli import bench_app  # noqa: E402  (mounted after the commands above)
 
 app.add_typer(bench_app, name="bench", help="Benchmark the fused kernels and training steps (results in benchmarks/results).")

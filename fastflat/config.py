@@ -32,7 +32,7 @@ class Choice(str, enum.Enum):
         return tuple(c.value for c in cls)
 
 
-Method = Choice("Method", {m: m for m in ("sgd", "sam", "es", "fullbatch", "swa", "sse", "fge", "spartan")})
+Method = Choice("Method", {m: m for m in ("sgd", "sam", "es", "fullbatch", "swa", "sse", "fge", "spartan", "curve")})
 InnerMethod = Choice("InnerMethod", {m: m for m in ("sgd", "sam")})
 Schedule = Choice("Schedule", {m: m for m in ("constant", "step", "cosine")})
 Amp = Choice("Amp", {m: m for m in ("none", "bf16")})
@@ -44,6 +44,7 @@ Noise = Choice("Noise", {m: m for m in ("normal", "uniform")})
 Shaping = Choice("Shaping", {m: m for m in ("normalize", "ranks")})
 Fitness = Choice("Fitness", {m: m for m in ("loss", "acc")})
 GradReg = Choice("GradReg", {m: m for m in ("off", "finite", "exact")})
+CurveKind = Choice("CurveKind", {m: m for m in ("bezier", "polychain")})
 
 METHODS, INNER_METHODS, SCHEDULES, AMP_MODES = Method.values(), InnerMethod.values(), Schedule.values(), Amp.values()
 LR_OWNERS = ("swa", "sse", "fge")  # methods that set the learning rate themselves
@@ -129,6 +130,16 @@ class FullBatchConfig:
 
 
 @dataclass(frozen=True)
+class CurveConfig:
+    """A mode-connecting curve (Garipov et al. 2018) between two trained solutions: --method curve
+    trains the bend theta; the end points stay fixed. `fastflat curve` fills these in."""
+
+    start: str | None = option(None, "curve_start")  # w1: a run directory or member file
+    end: str | None = option(None, "curve_end")  # w2: same architecture and dataset
+    kind: str = choice("bezier", CurveKind, "curve_kind")  # bezier | polychain
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     method: str = choice("sgd", Method)  # swa/sse/fge/spartan wrap `inner`
     inner: str = choice("sgd", InnerMethod)  # the method swa/sse/fge/spartan wrap
@@ -158,12 +169,14 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch; 0 = epoch ends only
     eval_every: int = 1  # evaluate (and checkpoint) every N epochs, and after the last; fullbatch: N steps
     subset: int = 0  # train on a seeded random N of the training examples (0 = all of them)
+    trajectory_every: int = 0  # save the weights every N steps (and at the start) to trajectory/; 0 = never
     sam: SAMConfig = field(default_factory=SAMConfig)
     swa: SWAConfig = field(default_factory=SWAConfig)
     sse: SSEConfig = field(default_factory=SSEConfig)
     fge: FGEConfig = field(default_factory=FGEConfig)
     spartan: SpartanConfig = field(default_factory=SpartanConfig)
     fullbatch: FullBatchConfig = field(default_factory=FullBatchConfig)
+    curve: CurveConfig = field(default_factory=CurveConfig)
 
 
 def _fields(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field, Any]]:
@@ -247,6 +260,7 @@ def _check(cfg: TrainConfig) -> list[str]:
     need(sp.chunk >= 1, "spartan.chunk", "must be >= 1")
     need(cfg.eval_every >= 1, "eval_every", "must be at least 1")
     need(cfg.subset >= 0, "subset", "must be >= 0 (0 = the whole training set)")
+    need(cfg.trajectory_every >= 0, "trajectory_every", "must be >= 0 (0 = no trajectory)")
     fb = cfg.fullbatch
     need(fb.chunk_size >= 1, "fullbatch.chunk_size", "must be at least 1")
     need(fb.strength >= 0, "fullbatch.strength", "must be >= 0")
@@ -255,6 +269,9 @@ def _check(cfg: TrainConfig) -> list[str]:
     need(fb.block >= 0 and (fb.block == 0 or (fb.block <= fb.chunk_size and fb.chunk_size % fb.block == 0)),
          "fullbatch.block", f"must be 0 (the whole set) or divide fullbatch.chunk_size = {fb.chunk_size}")
     need(fb.fixed_augment >= 0, "fullbatch.fixed_augment", "must be >= 0")
+    for end in ("start", "end"):
+        need(cfg.method != "curve" or bool(getattr(cfg.curve, end)), f"curve.{end}",
+             "--method curve needs both end points: --curve-start RUN --curve-end RUN")
     return problems
 
 

@@ -194,3 +194,24 @@ def average_(avgs: list[Tensor], ws: list[Tensor], count: Tensor, decay: float |
             _kernels().average_(avg, w, count.to(avg.device), decay)
         else:
             average_torch_(avg, w, count.to(avg.device), decay)
+
+
+# -- points on a curve through weight space ----------------------------------------------------------
+def combine3_torch_(out: Tensor, x: Tensor, y: Tensor, z: Tensor, a: float, b: float, c: float) -> None:
+    """Twin of kernels.combine3_: out <- (a x + b y) + c z, computed in fp32 (fp64 for fp64)."""
+    dtype = math_dtype(out)
+    out.copy_((x.to(dtype) * a + y.to(dtype) * b) + z.to(dtype) * c)
+
+
+def combine3_(outs: list[Tensor], xs: list[Tensor], ys: list[Tensor], zs: list[Tensor],
+              a: float, b: float, c: float) -> None:
+    """Each out <- a x + b y + c z (a curve's phi(t) from its end points and bend). Where only one
+    coefficient is non-zero and it is 1, the vector is copied, so a curve's ends are bit-exact."""
+    for out, x, y, z in zip(outs, xs, ys, zs):
+        terms = [(coef, v) for coef, v in ((a, x), (b, y), (c, z)) if coef != 0.0]
+        if len(terms) == 1 and terms[0][0] == 1.0:
+            out.copy_(terms[0][1])
+        elif use_triton(out):
+            _kernels().combine3_(out, x, y, z, a, b, c)
+        else:
+            combine3_torch_(out, x, y, z, a, b, c)

@@ -94,3 +94,96 @@ def plot_spectral_density(results: list[dict[str, Any]], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     _save(fig, path)
+
+
+# -- loss-surface pictures (fastflat curve, fastflat landscape) --------------------------------------------
+def plot_curve(report: dict[str, Any], path: Path) -> None:
+    """Train loss and test error along the trained curve and along the straight segment."""
+    ts = report["t"]
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, style in (("curve", "-"), ("line", "--")):
+        p = report[name]
+        label = f"{report['curve_kind']} curve" if name == "curve" else "straight segment"
+        ax_loss.plot(ts, p["train_loss"], style, label=f"{label} (barrier {p['barrier']:.3g})")
+        ax_err.plot(ts, p["test_err"], style, label=f"{label}: test error")
+        if "ensemble_err" in p:
+            ax_err.plot(ts, p["ensemble_err"], style, alpha=0.5, label=f"{label}: ensemble {{w1, point}}")
+    ax_loss.set_ylabel("train loss")
+    ax_err.set_ylabel("test error (%)")
+    for ax in (ax_loss, ax_err):
+        ax.set_xlabel("t")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"mode connectivity: {Path(report['run']).name}")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_plane(report: dict[str, Any], path: Path) -> None:
+    """Contours of train loss (log levels) and test error over the plane, the three points marked, and
+    a projected trajectory when there is one."""
+    import numpy as np
+
+    xs, ys = np.array(report["xs"]), np.array(report["ys"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, key, title in ((axes[0], "train_loss", "train loss"), (axes[1], "test_err", "test error (%)")):
+        z = np.array(report[key])
+        if key == "train_loss":
+            levels = np.geomspace(max(z.min(), 1e-4), z.max(), 15)
+            cs = ax.contourf(xs, ys, z, levels=levels, cmap="viridis", norm=matplotlib.colors.LogNorm())
+        else:
+            cs = ax.contourf(xs, ys, z, levels=15, cmap="viridis")
+        fig.colorbar(cs, ax=ax, format="%.3g")
+        for (x, y), name in zip(report["coords"], ("w1", "w2", "w3")):
+            ax.plot(x, y, "w*", markersize=12, markeredgecolor="k")
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), color="w")
+        if "trajectory" in report:
+            tr = report["trajectory"]
+            ax.plot(tr["x"], tr["y"], "r.-", markersize=3, linewidth=0.8, label="trajectory (projected)")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_title(title)
+        ax.set_xlabel("u (weight units)")
+        ax.set_ylabel("v (weight units)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_line(report: dict[str, Any], path: Path) -> None:
+    """Train and test along w(t) = t A + (1 - t) B, past both ends; A at t = 1, B at t = 0."""
+    ts = report["t"]
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
+    for split, style in (("train", "-"), ("test", "--")):
+        ax_loss.plot(ts, report[f"{split}_loss"], style, label=split)
+        ax_err.plot(ts, report[f"{split}_err"], style, label=split)
+    for ax, label in ((ax_loss, "loss"), (ax_err, "error (%)")):
+        for t, name in ((0.0, Path(report["to"]).name), (1.0, Path(report["from"]).name)):
+            ax.axvline(t, color="gray", alpha=0.5)
+            ax.annotate(name, (t, ax.get_ylim()[1]), fontsize=7, rotation=90, va="top")
+        ax.set_xlabel(f"t (distance between the points: {report['distance']:.3g})")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_rays(report: dict[str, Any], path: Path) -> None:
+    """Train and test error against the distance along random directions, one colour per origin:
+    the mean over directions, shaded from the best to the worst direction."""
+    import numpy as np
+
+    ts = report["t"]
+    fig, (ax_train, ax_test) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, ray in enumerate(report["rays"]):
+        for ax, key in ((ax_train, "train_err"), (ax_test, "test_err")):
+            z = np.array(ray[key])  # (directions, points)
+            ax.plot(ts, z.mean(0), color=f"C{i}", label=f"{Path(ray['at']).parent.name}/{Path(ray['at']).name}")
+            ax.fill_between(ts, z.min(0), z.max(0), color=f"C{i}", alpha=0.2)
+    unit = "filter-normalised units" if report["filter_normalised"] else "weight units"
+    for ax, title in ((ax_train, "train error (%)"), (ax_test, "test error (%)")):
+        ax.set_xlabel(f"distance along a random direction ({unit})")
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)

@@ -249,6 +249,16 @@ class RunDir:
         atomic_write_bytes(path, buffer.getvalue())
         return path
 
+    def save_trajectory_point(self, step: int, weights: torch.Tensor) -> None:
+        """The (N,) weights after `step` steps, as trajectory/step-<step>.pt (a resumed run rewrites the same)."""
+        if not self.writes:
+            return
+        folder = self.path / "trajectory"
+        folder.mkdir(exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save({"step": step, "weights": weights.detach().to("cpu", torch.float32).clone()}, buffer)
+        atomic_write_bytes(folder / f"step-{step:09d}.pt", buffer.getvalue())
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         if not self.writes:
             return
@@ -283,3 +293,20 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, Any], source: str
         first = str(e).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else (first[0] if first else type(e).__name__)
         raise UserError(f"{source} does not fit model {model_name}: {detail}") from None
+
+
+def load_point(path: str | Path) -> dict[str, Any]:
+    """A point in weight space: a run directory or checkpoint (its current weights), or a member file
+    RUN/members/<tag>.pt (an average, a snapshot, a curve's bend) with its run's config. Returns the
+    checkpoint's keys, "model" holding the point's state_dict."""
+    path = Path(path)
+    if path.is_file() and path.parent.name == "members":
+        state = load_checkpoint(path.parent.parent)
+        try:
+            weights = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+        except Exception as e:
+            raise UserError(f"member file {path} is unreadable ({type(e).__name__}); it may be truncated") from None
+        if not isinstance(weights, dict):
+            raise UserError(f"member file {path} holds no state_dict")
+        return {**state, "model": weights}
+    return load_checkpoint(path)

@@ -239,9 +239,9 @@ def measure_checkpoint(path: str, examples: int = 2048, top: int = 1, probes: in
     from fastflat.config import config_from_dict
     from fastflat.evaluation import resolve_device
     from fastflat.models import build_model
-    from fastflat.rundir import load_checkpoint, load_weights
+    from fastflat.rundir import load_point, load_weights
 
-    state = _checkpoint_or_member(Path(path))
+    state = load_point(path)
     cfg = config_from_dict(state["config"])
     dev = resolve_device(device)
     data = datasets.load_dataset(cfg.dataset, data_dir or cfg.data_dir, dev, cfg.label_noise, cfg.seed)
@@ -280,15 +280,3 @@ def measure_checkpoint(path: str, examples: int = 2048, top: int = 1, probes: in
     if sharp:
         result.update(sharpness=sharp, rho=rho)
     return result
-
-
-
-def _checkpoint_or_member(path: Path) -> dict[str, Any]:
-    """A checkpoint's state, or for RUN/members/<file>.pt its run's state with the member's weights."""
-    from fastflat.ensemble import load_member_state
-    from fastflat.rundir import load_checkpoint
-
-    if path.is_file() and path.parent.name == "members":
-        state = load_checkpoint(path.parent.parent)
-        return {**state, "model": load_member_state(path)}
-    return load_checkpoint(path)

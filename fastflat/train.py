@@ -31,7 +31,7 @@ from fastflat.faults import StopRequests
 from fastflat.flat import FlatParams, flatten
 from fastflat.methods import Closure, Method, build_method
 from fastflat.models import build_model
-from fastflat.rundir import RunDir, load_checkpoint, load_weights, provenance
+from fastflat.rundir import RunDir, load_checkpoint, load_point, load_weights, provenance
 from fastflat.schedules import make_schedule
 
 MAX_SKIPS_IN_A_ROW = 20  # --on-nonfinite skip: give up when this many steps in a row are non-finite
@@ -156,6 +156,12 @@ class Trainer:
         head = datasets.Split(split.images[:n], split.labels[:n])
         return list(datasets.iterate_batches(head, 256, dataset=self.data, train=False))
 
+    def point_weights(self, path: str) -> tuple[dict[str, Any], list[Tensor]]:
+        """Another run's (or member file's) config, and its weights in this model's flat layout."""
+        state = load_point(path)
+        load_weights(self.model, state["model"], f"weights {path}", self.cfg.model)
+        return state["config"], self.flat.clone_params()
+
     def log_event(self, record: dict[str, Any]) -> None:
         self.run.append_metrics({"step": self.position.step, **record}, name="evolution.jsonl")
 
@@ -219,6 +225,8 @@ class Trainer:
         self.model.train()
         if self.saved_step is None:
             self.checkpoint()  # the starting point: an interrupt or a rollback always has one to return to
+            if cfg.trajectory_every:
+                self._save_trajectory_point(0)
         with StopRequests() as self.stop:
             while self.position.epoch < cfg.epochs:
                 try:
@@ -275,12 +283,17 @@ class Trainer:
             self.hooks.on_event(f"skipped step {pos.step}: {e}")
             return
         self.skips_in_a_row = 0
+        if self.cfg.trajectory_every and (pos.step + 1) % self.cfg.trajectory_every == 0:
+            self._save_trajectory_point(pos.step + 1)
         self.loss_sum += closure.loss_sum
         self.correct += closure.correct
         pos.seen += closure.batch_size
         pos.step, pos.batch = pos.step + 1, index + 1
         self.hooks.on_step(pos.step, {"lr": lr, "seen": pos.seen, "epoch": pos.epoch,
                                       "loss_sum": self.loss_sum, "correct": self.correct, **metrics})
+
+    def _save_trajectory_point(self, step: int) -> None:
+        self.run.save_trajectory_point(step, torch.cat([w.reshape(-1) for w in self.flat.params]))
 
     def _end_epoch(self) -> None:
         cfg, pos = self.cfg, self.position

@@ -90,6 +90,29 @@ def test_clip_kernel_matches_twin(n, dtype, max_norm, device):
         assert torch.equal(g_kernel, g), "no clipping needed: the gradient must be untouched"
 
 
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_combine3_kernel_matches_twin(n, dtype, device):
+    x, y, z = (_vec(n, dtype, seed, device) for seed in (7, 8, 9))
+    a, b, c = 0.49, 0.42, 0.09  # a Bezier curve's coefficients at t = 0.3
+    out_kernel, out_twin = torch.empty_like(x), torch.empty_like(x)
+    kernels.combine3_(out_kernel, x, y, z, a, b, c)
+    ops.combine3_torch_(out_twin, x, y, z, a, b, c)
+    assert_near_reference(out_kernel, out_twin, a * x.double() + b * y.double() + c * z.double())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("coefficients", [(1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, 1.0, 0.0)])
+def test_combine3_copies_a_lone_unit_term_bit_for_bit(backend, coefficients, monkeypatch):
+    monkeypatch.setenv("FASTFLAT_BACKEND", backend)
+    x, y, z = (_vec(1025, torch.float32, seed, "cpu") for seed in (1, 2, 3))
+    x[0], y[0], z[0] = -0.0, -0.0, -0.0  # a sum would turn -0.0 into +0.0
+    out = torch.empty_like(x)
+    ops.combine3_([out], [x], [y], [z], *coefficients)
+    expected = (x, y, z)[coefficients.index(1.0)]
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_ops_route_to_the_forced_backend(backend, monkeypatch):
     monkeypatch.setenv("FASTFLAT_BACKEND", backend)

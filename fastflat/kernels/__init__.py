@@ -7,11 +7,12 @@ masked by `offsets < n`; math is done in fp32 whatever the storage dtype. `fastf
 
 from fastflat.kernels.average import average_
 from fastflat.kernels.clip import clip_scale_
+from fastflat.kernels.combine import combine3_
 from fastflat.kernels.noise import perturb_into_, philox_words, weighted_noise_sum_
 from fastflat.kernels.norm import sqnorm
 from fastflat.kernels.sam import sam_perturb_
 
 __all__ = [
-    "average_", "clip_scale_", "perturb_into_", "philox_words", "sam_perturb_", "sqnorm",
+    "average_", "clip_scale_", "combine3_", "perturb_into_", "philox_words", "sam_perturb_", "sqnorm",
     "weighted_noise_sum_",
 ]

@@ -2,6 +2,7 @@
 
 from fastflat.config import TrainConfig
 from fastflat.methods.base import Closure, Method, RunServices
+from fastflat.methods.curve import Curve
 from fastflat.methods.fullbatch import FullBatch
 from fastflat.methods.sam import SAM
 from fastflat.methods.sgd import SGD
@@ -9,7 +10,7 @@ from fastflat.methods.spartan import EvolutionStrategies, Spartan
 from fastflat.methods.wrappers import FGE, SWA, SnapshotEnsemble
 
 METHODS: dict[str, type[Method]] = {"sgd": SGD, "sam": SAM, "es": EvolutionStrategies,  # take steps themselves
-                                    "fullbatch": FullBatch}
+                                    "fullbatch": FullBatch, "curve": Curve}
 WRAPPERS = {"swa": SWA, "sse": SnapshotEnsemble, "fge": FGE, "spartan": Spartan}  # wrap one of METHODS
 
 

@@ -45,6 +45,7 @@ class RunServices(Protocol):
     def evaluate_ensemble(self, paths: list[str]) -> dict[str, Any]: ...  # members loaded one at a time
     def validation_best_k(self, paths: list[str]) -> int: ...  # best last-k ensemble on --val-split
     def log_event(self, record: dict[str, Any]) -> None: ...  # one line of evolution.jsonl
+    def point_weights(self, path: str) -> tuple[dict[str, Any], list[Tensor]]: ...  # a run's config, its weights as flat vectors
 
 
 class Method:

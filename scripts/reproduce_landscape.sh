@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 11's pictures on Fashion-MNIST with the small CNN (about 40 minutes on 2 cores):
+#  1. two SGD runs from seeds 0 and 1 (4 epochs), and a Bezier curve trained between them (4 epochs);
+#     the curve and the straight segment evaluated at 61 values of t on 5,000 seeded examples;
+#  2. an FGE run (2 epochs pretraining, then 4 cycles of half an epoch; weights saved every 20 steps):
+#     the plane through its first three collected models, with its trajectory projected onto it;
+#  3. an SWA run (4 epochs, averaging over the last two): the line from the SWA weights to the run's
+#     final SGD weights, and random rays from both.
+# Results land in $OUT; the figures and JSON are copied to benchmarks/results/landscape-fashion-mnist-cpu.
+set -euo pipefail
+OUT=${OUT:-runs/landscape}
+FF=${FASTFLAT:-fastflat}
+DEST=${DEST:-benchmarks/results/landscape-fashion-mnist-cpu}
+EX=(--examples 5000)
+train() {  # train NAME ARGS...: skipped when finished, resumed when interrupted
+  local name=$1; shift
+  if [ -f "$OUT/$name/summary.json" ]; then return; fi
+  if [ -d "$OUT/$name" ]; then $FF train --resume "$OUT/$name"; else $FF train --out "$OUT" --name "$name" "$@"; fi
+}
+train sgd-s0 --method sgd --epochs 4 --seed 0
+train sgd-s1 --method sgd --epochs 4 --seed 1
+if [ -d "$OUT/bezier" ]; then $FF curve --resume "$OUT/bezier" --points 61 "${EX[@]}"
+else $FF curve --start "$OUT/sgd-s0" --end "$OUT/sgd-s1" --curve bezier --epochs 4 --points 61 "${EX[@]}" --out "$OUT" --name bezier; fi
+$FF ensemble --curve "$OUT/bezier" --points 5 --json > /dev/null
+train fge --method fge --epochs 4 --seed 2 --trajectory-every 20
+$FF landscape plane --points "$OUT/fge/members/fge-01.pt" --points "$OUT/fge/members/fge-02.pt" \
+  --points "$OUT/fge/members/fge-03.pt" --trajectory "$OUT/fge" --grid 21 --margin 0.3 --examples 2000 --out "$OUT/plane-fge"
+train swa --method swa --epochs 4 --swa-start 0.5 --swa-lr 0.01 --seed 3
+$FF landscape line --from "$OUT/swa/members/swa.pt" --to "$OUT/swa" --range -1 2 --steps 31 "${EX[@]}" --out "$OUT/line-swa"
+$FF landscape rays --at "$OUT/swa/members/swa.pt" --at "$OUT/swa" --directions 5 --distance 40 --steps 11 \
+  --examples 2000 --out "$OUT/rays-swa"
+mkdir -p "$DEST"
+cp "$OUT"/bezier/curve.{json,png} "$OUT"/bezier/ensemble-curve.json "$DEST"/
+for d in plane-fge line-swa rays-swa; do cp "$OUT/$d"/*.json "$OUT/$d"/*.png "$DEST"/; done
+for r in sgd-s0 sgd-s1 bezier fge swa; do cp "$OUT/$r/summary.json" "$DEST/summary-$r.json"; done
