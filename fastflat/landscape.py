@@ -100,8 +100,8 @@ def _read_cache(path: Path) -> dict[int, dict[str, float]]:
 def plane_basis(w1: Tensor, w2: Tensor, w3: Tensor) -> tuple[Tensor, Tensor]:
     """Orthonormal (u^, v^) of the plane through three points: u = w2 - w1, v = (w3 - w1) minus its
     projection on u (Gram-Schmidt, in fp64). Collinear or coincident points: UserError."""
-    u = (w2 - w1).double()
-    d3 = (w3 - w1).double()
+    u = w2.double() - w1.double()  # differences in fp64: fp32 ones would put w2 ~1e-9 off its own axis
+    d3 = w3.double() - w1.double()
     if u.norm() == 0:
         raise UserError("the first two points are the same weights: a plane needs three distinct points")
     v = d3 - (d3 @ u) / (u @ u) * u

@@ -89,6 +89,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run: RunDir, hooks: Hooks | None = None, resuming: bool = False):
         self.cfg, self.run, self.hooks = cfg, run, hooks or Hooks()
+        self.resuming = resuming  # methods need not reload what the checkpoint holds (a curve's end points)
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.method: Method = build_method(cfg)

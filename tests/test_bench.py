@@ -216,3 +216,12 @@ def test_hessian_reports_hvp_over_gradient_and_the_top_eigenvalue(tmp_path):
     (r,) = rows
     assert code == 0 and r["hvp_over_grad"] == pytest.approx(r["hvp_ms"] / r["grad_ms"])
     assert r["lanczos_hvps"] >= 1 and r["top_eigenvalue_s"] > 0 and r["examples"] == 256 and r["git_sha"]
+
+
+def test_landscape_bench_scores_the_same_grid_every_way_and_agrees_with_the_loop(tmp_path):
+    code = main(["bench", "landscape", "--dataset", "synthetic", "--examples", "128", "--grid", "2",
+                 "--at-once", "3", "--device", "cpu", "--out", str(tmp_path)])
+    rows, _ = read_results(tmp_path)
+    assert code == 0 and [r["variant"].split(",")[-1].strip() for r in rows][1:] == ["one point at a time", "3 points at once (vmap)"]
+    assert all(r["points"] == 4 and r["max_train_loss_diff_vs_loop"] < 1e-4 and r["git_sha"] for r in rows)
+    assert rows[0]["speedup_vs_loop"] == 1.0

@@ -159,6 +159,40 @@ def hessian(
     console.print(f"wrote {json_path} and {csv_path}")
 
 
+@bench_app.command("landscape")
+def landscape(
+    model: Annotated[str, typer.Option(help="Model name (as train --model).")] = "cnn",
+    dataset: Annotated[str, typer.Option(help="Dataset the points are scored on.")] = "fashion-mnist",
+    examples: Annotated[int, typer.Option(min=1, help="Examples per point (seeded train and test subsets).")] = 1000,
+    grid: Annotated[int, typer.Option(min=2, help="Points per side of the plane (grid x grid points).")] = 4,
+    at_once: Annotated[str, typer.Option(help="Points per vmapped call to try, comma-separated.")] = "4,16",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    out: Annotated[str, typer.Option(help="Folder for the JSON and CSV results (never overwritten).")] = OUT,
+) -> None:
+    """Points per second of a landscape grid: our scoring (per point and vmapped) against the per-parameter loop."""
+    from rich.table import Table
+
+    from fastflat.bench import report
+    from fastflat.bench.landscape import run_landscape
+
+    ks = tuple(int(k) for k in at_once.split(",") if k.strip())
+    if not ks or min(ks) < 1:
+        raise UserError(f"--at-once takes counts >= 1, e.g. 4,16; got {at_once!r}")
+    dev = _device(device)
+    rows = report.with_provenance(run_landscape(model, dataset, examples, grid, dev, ks), dev)
+    table = Table(title=f"landscape grid: {grid}x{grid} points of {model} on {examples:,} {dataset} examples, "
+                        f"BatchNorm re-estimated per point, {rows[0]['device']}")
+    for column in ("variant", "points/s", "x loop", "max |train loss - loop's|"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for r in rows:
+        table.add_row(r["variant"], f"{r['points_per_s']:.2f}", f"{r['speedup_vs_loop']:.2f}",
+                      f"{r['max_train_loss_diff_vs_loop']:.2g}")
+    console.print(table)
+    json_path, csv_path = report.write_results(out, "landscape", dev, rows, {"model": model, "dataset": dataset,
+                                                                               "examples": examples, "grid": grid})
+    console.print(f"wrote {json_path} and {csv_path}")
+
+
 def _report(benchmark: str, device: torch.device, rows: list[dict], out: str, settings: dict) -> None:
     from fastflat.bench import report
 

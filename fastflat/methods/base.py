@@ -37,6 +37,7 @@ class RunServices(Protocol):
 
     steps_per_epoch: int
     total_steps: int
+    resuming: bool  # the method's state will come from a checkpoint (load_state_dict) after init
 
     def update_bn(self) -> None: ...  # re-estimate BatchNorm statistics at the current weights
     def holdout_batches(self, purpose: str, limit: int = 0) -> list[tuple[Tensor, Tensor]]: ...  # split from holdout()

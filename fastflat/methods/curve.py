@@ -50,10 +50,13 @@ class Curve(Method):
     def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
         self.services = services
         self.kind = self.cfg.curve.kind
-        self.start = self._end_point(services, self.cfg.curve.start, "--curve-start")
-        self.end = self._end_point(services, self.cfg.curve.end, "--curve-end")
-        if all(torch.equal(a, b) for a, b in zip(self.start, self.end)):
-            raise UserError("the curve's end points are the same weights: pass two different runs")
+        if getattr(services, "resuming", False):  # the checkpoint holds both ends: their runs may be gone
+            self.start, self.end = flat.clone_params(), flat.clone_params()  # filled by load_state_dict
+        else:
+            self.start = self._end_point(services, self.cfg.curve.start, "--curve-start")
+            self.end = self._end_point(services, self.cfg.curve.end, "--curve-end")
+            if all(torch.equal(a, b) for a, b in zip(self.start, self.end)):
+                raise UserError("the curve's end points are the same weights: pass two different runs")
         self.bend = [((a + b) * 0.5).requires_grad_(False) for a, b in zip(self.start, self.end)]  # the midpoint
         self.bend_grads = [torch.zeros_like(b) for b in self.bend]
         self.optimizer = self.make_optimizer(self.bend)

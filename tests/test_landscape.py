@@ -1,0 +1,253 @@
+"""Curves and loss-surface geometry: exact curve ends, the bend's chain rule, the plane's basis and
+coordinates, grids that resume after a kill, batched scoring equal to the per-point loop, bad input."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from fastflat import data as datasets
+from fastflat import landscape
+from fastflat.cli import main
+from fastflat.closures import BatchClosure
+from fastflat.config import load_config
+from fastflat.errors import UserError
+from fastflat.flat import FlatParams
+from fastflat.methods.curve import Curve, coefficients, curve_point_
+from fastflat.models import build_model
+from fastflat.points import PointScorer, WeightSpace
+from fastflat.train import resume, train
+
+from helpers import StopAt
+
+
+def vectors(n, seed, count=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g) for _ in range(count)]
+
+
+@pytest.mark.parametrize("kind", ["bezier", "polychain"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_curve_ends_reproduce_the_end_points_bit_for_bit(kind, backend, monkeypatch):
+    monkeypatch.setenv("FASTFLAT_BACKEND", backend)
+    w1, theta, w2 = vectors(1025, 0)
+    for t, expected in ((0.0, w1), (1.0, w2)):
+        out = [torch.empty_like(w1)]
+        curve_point_(out, [w1], [theta], [w2], kind, t)
+        assert torch.equal(out[0].view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("kind", ["bezier", "polychain"])
+def test_curve_midpoint_and_continuity(kind):
+    a, b, c = coefficients(kind, 0.5)
+    assert a + b + c == pytest.approx(1.0)
+    if kind == "polychain":
+        assert (a, b, c) == (0.0, 1.0, 0.0)  # the chain passes through its bend at t = 0.5
+        assert coefficients(kind, 0.5 - 1e-9) == pytest.approx(coefficients(kind, 0.5 + 1e-9), abs=1e-8)
+
+
+class FakeServices:
+    """What Curve.init asks of the trainer: the two end points' configs and flat weights."""
+
+    resuming = False
+    steps_per_epoch = total_steps = 1
+
+    def __init__(self, ends):
+        self.ends = ends
+
+    def point_weights(self, path):
+        return {"model": "cnn", "dataset": "synthetic"}, [self.ends[path].clone()]
+
+
+@pytest.mark.parametrize("kind", ["bezier", "polychain"])
+def test_the_bends_gradient_is_autograd_through_an_explicit_curve(kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    flat = FlatParams(model)
+    n = flat.numel
+    w1, w2 = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    cfg = load_config(overrides={"method": "curve", "curve.start": "a", "curve.end": "b", "curve.kind": kind,
+                                 "dataset": "synthetic", "momentum": 0.0, "weight_decay": 0.0})
+    curve = Curve(cfg)
+    curve.init(flat, FakeServices({"a": w1, "b": w2}))
+    curve.bend[0].add_(torch.randn(n, dtype=torch.float64))  # away from the midpoint: a generic bend
+    theta0 = curve.bend[0].clone()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    curve.step(flat, BatchClosure(model, flat, x, y, "none"), lr=0.1)
+    t = curve.t
+    # the reference: phi(t) written out in autograd, the model called functionally at phi(t)
+    theta = theta0.clone().requires_grad_(True)
+    a, b, c = coefficients(kind, t)
+    phi = a * w1 + b * theta + c * w2
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    params, start = {}, 0
+    for name, shape in shapes.items():
+        params[name] = phi[start : start + shape.numel()].view(shape)
+        start += shape.numel()
+    model.train()
+    loss = nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+    (expected,) = torch.autograd.grad(loss, theta)
+    torch.testing.assert_close(curve.bend_grads[0], expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(curve.bend[0], theta0 - 0.1 * expected, rtol=1e-10, atol=1e-12)  # plain SGD step
+
+
+def test_plane_basis_is_orthonormal_and_the_points_land_at_their_coordinates():
+    w1, w2, w3 = vectors(4097, 1)
+    u, v = landscape.plane_basis(w1, w2, w3)
+    assert float(u @ u) == pytest.approx(1.0) and float(v @ v) == pytest.approx(1.0)
+    assert abs(float(u @ v)) < 1e-12
+    x, y, off = landscape.project(torch.stack([w1, w2, w3]), w1, u, v)
+    assert (float(x[0]), float(y[0])) == (0.0, 0.0)
+    assert float(x[1]) == pytest.approx(float((w2 - w1).double().norm())) and abs(float(y[1])) < 1e-9
+    rebuilt = w1.double() + x[2] * u + y[2] * v
+    torch.testing.assert_close(rebuilt, w3.double())  # w3 lies in its own plane
+    assert float(off.max()) < 1e-9
+
+
+def test_collinear_and_coincident_points_are_refused():
+    w1, w2, _ = vectors(100, 2)
+    with pytest.raises(UserError, match="collinear"):
+        landscape.plane_basis(w1, w2, w1 + 2.5 * (w2 - w1))
+    with pytest.raises(UserError, match="same weights"):
+        landscape.plane_basis(w1, w1, w2)
+
+
+def test_a_point_off_the_plane_reports_its_distance():
+    w1, w2, w3 = vectors(50, 3)
+    u, v = landscape.plane_basis(w1, w2, w3)
+    normal = torch.randn(50, dtype=torch.float64)
+    normal -= (normal @ u) * u + (normal @ v) * v
+    normal /= normal.norm()
+    _, _, off = landscape.project((w1.double() + 0.3 * u + 2.0 * normal)[None], w1, u, v)
+    assert float(off[0]) == pytest.approx(2.0)
+
+
+def test_barrier_and_path_integral():
+    ts = [0.0, 0.5, 1.0]
+    assert landscape.barrier(ts, [1.0, 3.0, 2.0]) == pytest.approx(1.5)
+    assert landscape.path_integral(ts, [1.0, 3.0, 2.0]) == pytest.approx(2.25)
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    torch.manual_seed(0)
+    data = datasets.load_dataset("synthetic", None, "cpu", 0.0, 0)
+    model = build_model("cnn", data.in_channels, data.num_classes, data.image_size)
+    space = WeightSpace(model)
+    return PointScorer(space, data, examples=300, seed=0, batch_size=128)
+
+
+def test_batched_scoring_equals_the_per_point_loop(scorer):
+    w = scorer.space.get()
+    g = torch.Generator().manual_seed(4)
+    points = torch.stack([w + 0.05 * torch.randn(w.shape, generator=g) for _ in range(3)])
+    loop = [scorer.score_one(p) for p in points]
+    batched = scorer.score_batched(points)
+    for a, b in zip(loop, batched):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
+
+
+def test_a_killed_grid_resumes_without_recomputing_done_points(scorer, tmp_path):
+    w = scorer.space.get()
+    made = []
+
+    def vector_at(i):
+        made.append(i)
+        if i == 3 and not killed[0]:
+            killed[0] = True
+            raise KeyboardInterrupt  # the kill, while point 3 is being built
+        return w + 0.01 * i
+
+    killed = [False]
+    spec = {"kind": "test"}
+    with pytest.raises(KeyboardInterrupt):
+        landscape.score_points(scorer, 6, vector_at, spec, tmp_path)
+    cache = next(tmp_path.glob(".points-*.jsonl"))
+    assert len(cache.read_text().splitlines()) == 3
+    with open(cache, "a") as f:
+        f.write('{"i": 3, "train_lo')  # a line torn by the kill: scored again, not trusted
+    made.clear()
+    rows = landscape.score_points(scorer, 6, vector_at, spec, tmp_path)
+    assert made == [3, 4, 5] and len(rows) == 6
+    fresh = landscape.score_points(scorer, 6, lambda i: w + 0.01 * i, spec, None)
+    for row, expected in zip(rows, fresh):
+        assert row == pytest.approx(expected)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ends")
+    for seed in (0, 1):
+        train(load_config(overrides={"dataset": "synthetic", "epochs": 1, "seed": seed, "out": str(out),
+                                     "name": f"s{seed}", "trajectory_every": 4}))
+    return out
+
+
+def test_trajectory_files_hold_the_weights_every_n_steps(two_runs):
+    files = sorted((two_runs / "s0" / "trajectory").glob("step-*.pt"))
+    steps = [torch.load(f, weights_only=True)["step"] for f in files]
+    assert steps == [0, 4, 8]
+    final = torch.load(two_runs / "s0" / "checkpoint.pt", weights_only=True)["model"]
+    last = torch.load(files[-1], weights_only=True)["weights"]
+    assert torch.equal(last[: final["features.0.weight"].numel()], final["features.0.weight"].reshape(-1))
+
+
+def test_a_curve_run_interrupted_mid_epoch_resumes_to_the_same_bend(two_runs, tmp_path):
+    def config(out):
+        return load_config(overrides={"method": "curve", "curve.start": str(two_runs / "s0"),
+                                      "curve.end": str(two_runs / "s1"), "dataset": "synthetic", "epochs": 2,
+                                      "out": str(out), "name": "c"})
+
+    train(config(tmp_path / "whole"))
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "cut"), hooks=StopAt(step=5))
+    resume(tmp_path / "cut" / "c")
+    for tag in ("bend", "start", "end"):
+        a = torch.load(tmp_path / "whole" / "c" / "members" / f"{tag}.pt", weights_only=True)
+        b = torch.load(tmp_path / "cut" / "c" / "members" / f"{tag}.pt", weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a), tag
+
+
+def test_fastflat_curve_writes_the_report_and_the_curve_beats_the_segment(two_runs, tmp_path):
+    code = main(["curve", "--start", str(two_runs / "s0"), "--end", str(two_runs / "s1"), "--epochs", "2",
+                 "--points", "5", "--examples", "256", "--device", "cpu", "--out", str(tmp_path), "--name", "bz"])
+    assert code == 0
+    report = json.loads((tmp_path / "bz" / "curve.json").read_text())
+    for path in ("curve", "line"):
+        assert len(report[path]["train_loss"]) == 5 and "barrier" in report[path] and "ensemble_err" in report[path]
+        assert report[path]["train_loss"][0] == pytest.approx(report["line"]["train_loss"][0])  # both start at w1
+    assert report["curve"]["barrier"] < report["line"]["barrier"]
+    assert (tmp_path / "bz" / "curve.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["landscape", "line", "--from", "{a}", "--to", "{a}"], "same weights"),
+    (["landscape", "plane", "--points", "{a}", "--points", "{b}", "--points", "{a}"], "collinear"),
+    (["landscape", "plane", "--points", "{a}", "--points", "{b}"], "exactly three"),
+    (["landscape", "rays", "--at", "{a}", "--directions", "0"], "directions"),
+    (["landscape", "line", "--from", "{a}", "--to", "{b}/members/swa.pt"], "does not exist"),
+    (["ensemble", "--curve", "{a}"], "not a curve"),
+    (["curve", "--start", "{a}"], "both end points"),
+])
+def test_bad_landscape_input_is_one_line_and_exit_2_with_nothing_overwritten(two_runs, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "line.json").write_text("kept")
+    argv = [a.format(a=two_runs / "s0", b=two_runs / "s1") for a in args]
+    if argv[0] == "landscape":
+        argv += ["--out", str(out), "--examples", "64", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert (out / "line.json").read_text() == "kept"
+
+
+def test_points_of_different_architectures_are_refused(two_runs, tmp_path):
+    train(load_config(overrides={"dataset": "synthetic", "model": "preact-resnet18", "epochs": 1, "subset": 128,
+                                 "batch_size": 64, "out": str(tmp_path), "name": "big"}))
+    with pytest.raises(UserError, match="one architecture"):
+        landscape.load_points([str(two_runs / "s0"), str(tmp_path / "big")], device="cpu")
