@@ -11,6 +11,7 @@ usage errors.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,10 +31,21 @@ except ImportError:
 
 app = typer.Typer(
     name="fastflat", rich_markup_mode="rich", add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Train toward flat minima (SGD, SAM, SWA, Spartan ES) and build cheap ensembles (snapshots, FGE) with fused Triton kernels.",
 )
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _wide_when_piped(c: Console) -> Console:
+    """Piped output (a log file, nohup, CI) is read later, not in an 80-column window: never wrap a metric
+    line or cut a table cell there (COLUMNS, when set, still wins)."""
+    if not c.is_terminal and "COLUMNS" not in os.environ:
+        c.width = 220
+    return c
+
+
+console = _wide_when_piped(Console())
+err_console = _wide_when_piped(Console(stderr=True))
 
 D = TrainConfig()  # defaults shown in --help come from the config itself
 S, W, E, F, P, B = SAMConfig(), SWAConfig(), SSEConfig(), FGEConfig(), SpartanConfig(), FullBatchConfig()
@@ -50,6 +62,24 @@ AVG = "SWA, snapshot ensembles, FGE"
 EVO = "Spartan and ES"
 FULL = "Full batch (--method fullbatch)"
 CURVE = "Mode-connecting curve (--method curve; or fastflat curve)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import torch
+
+        from fastflat import __version__
+
+        console.print(f"fastflat {__version__} (torch {torch.__version__})", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Train toward flat minima (SGD, SAM, SWA, Spartan ES) and build cheap ensembles (snapshots, FGE) with fused Triton kernels."""
 
 
 @app.command()
@@ -98,6 +128,7 @@ def train(
     sam_adaptive: Annotated[bool | None, _opt("ASAM: scale the ball by |w|.", SAM_P, S.adaptive)] = None,
     sam_m: Annotated[int | None, _opt("m-sharpness: examples per perturbation (0 = whole batch).", SAM_P, S.m)] = None,
     epochs: Annotated[int | None, _opt("Epochs to train.", OPTIM, D.epochs)] = None,
+    max_steps: Annotated[int | None, _opt("Stop after N steps in all: a quick try (the LR schedule still spans --epochs; 0 = no cap).", OPTIM, D.max_steps)] = None,
     batch_size: Annotated[int | None, _opt("Examples per step.", OPTIM, D.batch_size)] = None,
     lr: Annotated[float | None, _opt("Peak learning rate.", OPTIM, D.lr)] = None,
     momentum: Annotated[float | None, _opt("SGD momentum.", OPTIM, D.momentum)] = None,
@@ -122,7 +153,8 @@ def train(
     subset: Annotated[int | None, _opt("Train on a seeded random N training examples (0 = all).", DATA, D.subset)] = None,
     trajectory_every: Annotated[int | None, _opt("Save the weights every N steps to trajectory/ (for fastflat landscape plane --trajectory; 0 = never).", RUN, D.trajectory_every)] = None,
     config: Annotated[Path | None, _opt("YAML file of settings; options given here override it.", RUN)] = None,
-    resume: Annotated[Path | None, _opt("Continue the run in this directory from its last checkpoint.", RUN)] = None,
+    resume: Annotated[Path | None, _opt("Continue the run in this directory from its last checkpoint; auto: the latest interrupted run in --out (of --name, if given).", RUN)] = None,
+    print_config: Annotated[bool, _opt("Print the resolved config as YAML (defaults, --config file, options) and exit.", RUN)] = False,
 ) -> None:
     """Train a model with one method and write a run directory (config, metrics, checkpoint, summary)."""
     from fastflat import train as training
@@ -130,8 +162,25 @@ def train(
 
     keys = option_keys()
     overrides = {keys[k]: v for k, v in locals().items() if k in keys}
+    if print_config:
+        import yaml
+
+        from fastflat.config import to_dict
+
+        if resume is not None:
+            from fastflat.rundir import load_checkpoint
+
+            print(yaml.safe_dump(load_checkpoint(resume)["config"], sort_keys=False), end="")
+        else:
+            print(yaml.safe_dump(to_dict(load_config(config, overrides)), sort_keys=False), end="")
+        return
     hooks = RichHooks(console)
     try:
+        if resume is not None and str(resume) == "auto":
+            from fastflat.runs import latest_resumable
+
+            resume = latest_resumable(overrides.pop("out", None) or D.out, overrides.pop("name", None))
+            console.print(f"resuming {resume}", highlight=False)
         if resume is not None:
             given = sorted(k for k, v in overrides.items() if v is not None)
             if given or config is not None:
@@ -151,6 +200,32 @@ def train(
         hooks.stop()
         raise
     hooks.print_summary(summary)
+
+
+@app.command("runs")
+def runs_command(
+    folder: Annotated[Path, typer.Argument(help="A folder of run directories (train's --out).")] = Path(D.out),
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list instead of a table.")] = False,
+) -> None:
+    """List the runs in a folder: method, model, data, epochs done, best and final test accuracy, status."""
+    from fastflat.runs import list_runs
+
+    rows = list_runs(folder)
+    if as_json:
+        print(json.dumps(rows))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} runs in {folder}")
+    for column in ("run", "method", "model", "data", "epochs", "best test acc.", "final test acc.", "status"):
+        table.add_column(column, justify="right" if "acc" in column or column == "epochs" else "left")
+    colour = {"finished": "green", "failed": "red", "running": "cyan", "interrupted": "yellow"}
+    for r in rows:
+        acc = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731
+        state = r["status"] + (f": {r['error']}" if r.get("error") else "")
+        table.add_row(r["run"], str(r["method"]), str(r["model"]), str(r["dataset"]), f"{r['epochs_done']}/{r['epochs']}",
+                      acc(r["best_test_acc"]), acc(r["final_test_acc"]), f"[{colour.get(r['status'], 'white')}]{state}")
+    console.print(table)
 
 
 def _interrupted_message(error: KeyboardInterrupt, run_dir: str | None) -> str:

@@ -151,6 +151,7 @@ class TrainConfig:
     val_split: float = 0.0  # share of the training set held out for validation (choosing a snapshot
     #                         ensemble's k, or a best member, without the test set); training never sees it
     epochs: int = 2
+    max_steps: int = 0  # stop after N steps in all (a quick try; the LR schedule still spans `epochs`); 0 = no cap
     batch_size: int = 128
     lr: float = 0.05  # peak learning rate
     momentum: float = 0.9
@@ -224,6 +225,7 @@ def _check(cfg: TrainConfig) -> list[str]:
             need(False, key, "must be a finite number")
     need(0 <= cfg.seed <= SEED_MAX, "seed", f"must be in [0, {SEED_MAX}]")
     need(cfg.epochs >= 1, "epochs", "must be at least 1")
+    need(cfg.max_steps >= 0, "max_steps", "must be >= 0 (0 = no cap)")
     need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
     need(cfg.lr > 0, "lr", "must be > 0")
     need(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")

@@ -144,13 +144,17 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> None:
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:
+        """The popular SAM's step: the gradient at w is already in .grad; `closure` recomputes the loss
+        and its gradient at w + e. Returns what the closure returned: the loss at w + e, the one SAM
+        minimises (torch optimizers return their closure's loss too)."""
         if closure is None:
             raise ValueError("SAM requires a closure that re-evaluates the loss and calls backward()")
         closure = torch.enable_grad()(closure)
         self.first_step(zero_grad=True)
-        closure()
+        loss = closure()
         self.second_step()
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]

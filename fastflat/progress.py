@@ -64,7 +64,8 @@ class RichHooks(Hooks):
         self.progress.update(self.task, completed=step, epoch=metrics["epoch"] + 1, stats=stats)
         if not self.console.is_terminal:
             where = f"epoch {metrics['epoch'] + 1} " if self.unit == "epoch" else ""
-            self.console.print(f"{where}step {step}/{self.total}  {stats}", highlight=False)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")  # a log read later needs the when
+            self.console.print(f"{stamp}  {where}step {step}/{self.total}  {stats}", highlight=False, soft_wrap=True)
 
     def on_epoch(self, record: dict[str, Any]) -> None:
         self.progress.update(self.task, completed=record["step"])

@@ -259,6 +259,17 @@ class RunDir:
         torch.save({"step": step, "weights": weights.detach().to("cpu", torch.float32).clone()}, buffer)
         atomic_write_bytes(folder / f"step-{step:09d}.pt", buffer.getvalue())
 
+    def mark_failed(self, error: BaseException) -> None:
+        """failed.json: why the run stopped (fastflat runs shows it; a resume clears it)."""
+        if self.writes:
+            record = {"error": str(error).splitlines()[0] if str(error) else type(error).__name__,
+                      "type": type(error).__name__}
+            atomic_write_text(self.path / "failed.json", json.dumps(record) + "\n")
+
+    def clear_failed(self) -> None:
+        if self.writes:
+            (self.path / "failed.json").unlink(missing_ok=True)
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         if not self.writes:
             return

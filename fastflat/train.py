@@ -229,7 +229,7 @@ class Trainer:
             if cfg.trajectory_every:
                 self._save_trajectory_point(0)
         with StopRequests() as self.stop:
-            while self.position.epoch < cfg.epochs:
+            while self.position.epoch < cfg.epochs and not self._steps_spent():
                 try:
                     self._run_epoch()
                 except NonFiniteError as e:
@@ -248,9 +248,14 @@ class Trainer:
                 raise Interrupted(self.saved_step)
             if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0:
                 self.checkpoint()
+            if self._steps_spent():
+                break  # --max-steps: this epoch ends here, scored
         self._end_epoch()
         if self.stop.requested:
             raise Interrupted(self.saved_step)
+
+    def _steps_spent(self) -> bool:
+        return bool(self.cfg.max_steps) and self.position.step >= self.cfg.max_steps
 
     def _closures(self, epoch: int):
         """The epoch's closures: one per batch; or, full batch, one over the whole split in chunks
@@ -300,7 +305,7 @@ class Trainer:
         cfg, pos = self.cfg, self.position
         self.method.end_epoch(self.flat, pos.epoch)
         self._sync_tally()
-        scored = (pos.epoch + 1) % cfg.eval_every == 0 or pos.epoch + 1 == cfg.epochs
+        scored = (pos.epoch + 1) % cfg.eval_every == 0 or pos.epoch + 1 == cfg.epochs or self._steps_spent()
         test: dict[str, float] = {}
         if scored:
             test = {f"test_{k}": v for k, v in self.evaluate().items()}
@@ -340,6 +345,9 @@ class Trainer:
         raise NonFiniteError(f"{error}{where}; {kept}; {hint}") from None
 
     def _finish(self) -> dict[str, Any]:
+        if self._steps_spent() and self.position.step < self.total_steps:
+            self.hooks.on_event(f"stopped at --max-steps {self.cfg.max_steps} of the {self.total_steps} steps "
+                                f"planned: a quick try, not what {self.cfg.method} delivers over its whole budget")
         extra = self.method.finish(self.flat)
         history = self.run.read_metrics()
         final = next((r for r in reversed(history) if "test_acc" in r), {})
@@ -353,6 +361,7 @@ class Trainer:
             "val_split_size": len(self.validation) if self.validation is not None else 0,
             "val_acc": final.get("val_acc"), "skipped_steps": self.position.skipped,
             "noisy_labels": self.data.noisy_labels, "data_source": self.data.source,
+            "planned_steps": self.total_steps,
             **extra, "config": to_dict(self.cfg), "provenance": provenance(self.device),
         }
         self.run.write_summary(summary)
@@ -381,7 +390,7 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
         except BaseException:
             run.remove_if_unused()
             raise
-        return trainer.run_epochs()
+        return _run_marking_failures(trainer, run)
 
 
 def resume(run_dir: str | Path, hooks: Hooks | None = None) -> dict[str, Any]:
@@ -394,4 +403,14 @@ def resume(run_dir: str | Path, hooks: Hooks | None = None) -> dict[str, Any]:
         cfg = config_from_dict(state["config"])
         trainer = Trainer(cfg, run, hooks, resuming=True)
         trainer.restore(state)
+        run.clear_failed()
+        return _run_marking_failures(trainer, run)
+
+
+def _run_marking_failures(trainer: Trainer, run: RunDir) -> dict[str, Any]:
+    """Train to the end; an error (not an interrupt) leaves failed.json saying why, for `fastflat runs`."""
+    try:
         return trainer.run_epochs()
+    except Exception as e:
+        run.mark_failed(e)
+        raise

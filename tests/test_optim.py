@@ -98,11 +98,13 @@ def test_sam_step_with_closure_equals_two_explicit_steps():
         loss.backward()
         return loss
 
-    closure()
-    opt_a.step(closure)
+    clean = closure()
+    returned = opt_a.step(closure)
     _run_sam(b, _Ours(opt_b), [(x, y)])
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb)
+    # like torch optimizers, step returns its closure's loss: here at w + e, which SAM raises above L(w)
+    assert isinstance(returned, torch.Tensor) and returned.ndim == 0 and float(returned.detach()) > float(clean.detach())
 
 
 def test_sam_linf_moves_every_weight_by_rho():

@@ -1,0 +1,91 @@
+"""The runs in a folder, as `fastflat runs` lists them, and the run `--resume auto` picks.
+
+A run's status comes from its files: summary.json (finished), failed.json (stopped by an error, e.g.
+non-finite losses), a held lock (being trained now), else a checkpoint to resume (interrupted).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fastflat.errors import UserError
+from fastflat.rundir import CHECKPOINT, LOCK
+
+
+def status(run: Path) -> str:
+    if (run / "summary.json").is_file():
+        return "finished"
+    if (run / "failed.json").is_file():
+        return "failed"
+    if _locked(run):
+        return "running"
+    return "interrupted" if (run / CHECKPOINT).is_file() else "not started"
+
+
+def _locked(run: Path) -> bool:
+    if not (run / LOCK).exists():
+        return False
+    try:
+        fd = os.open(run / LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock if we took it
+
+
+def describe(run: Path) -> dict[str, Any]:
+    """One row: method, model, data, epochs done of planned, best/final test accuracy, status."""
+    try:
+        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        config = {}
+    records = []
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line torn by a kill: resume cuts it
+    scored = [r["test_acc"] for r in records if r.get("test_acc") is not None]
+    row = {"run": run.name, "path": str(run), "method": config.get("method"), "model": config.get("model"),
+           "dataset": config.get("dataset"), "epochs_done": records[-1]["epoch"] if records else 0,
+           "epochs": config.get("epochs"), "best_test_acc": max(scored) if scored else None,
+           "final_test_acc": scored[-1] if scored else None, "status": status(run),
+           "modified": max((p.stat().st_mtime for p in run.iterdir()), default=run.stat().st_mtime)}
+    if row["status"] == "failed":
+        row["error"] = json.loads((run / "failed.json").read_text()).get("error")
+    return row
+
+
+def list_runs(folder: str | Path) -> list[dict[str, Any]]:
+    """Every run directory directly in `folder` (one holding config.yaml), oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of runs (train writes them under --out, default runs/)")
+    rows = [describe(p) for p in folder.iterdir() if (p / "config.yaml").is_file()]
+    return sorted(rows, key=lambda r: r["modified"])
+
+
+def latest_resumable(folder: str | Path, name: str | None = None) -> Path:
+    """--resume auto: the most recently written interrupted or failed run in `folder` (of run name `name`
+    or its numbered repeats `name-2`, `name-3`, ... when given)."""
+    def named(run: str) -> bool:
+        return name is None or run == name or (run.startswith(f"{name}-") and run[len(name) + 1:].isdigit())
+
+    candidates = [r for r in list_runs(folder) if named(r["run"]) and r["status"] in ("interrupted", "failed")]
+    if not candidates:
+        which = f" named {name}" if name else ""
+        raise UserError(f"--resume auto: no interrupted run{which} in {folder} (fastflat runs {folder} lists them)")
+    return Path(candidates[-1]["path"])

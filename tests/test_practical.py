@@ -1,0 +1,94 @@
+"""What a practitioner reaches for first: --version, -h, --print-config, --max-steps, fastflat runs,
+--resume auto, and output that reads well when piped to a file."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from fastflat.cli import main
+from fastflat.config import load_config
+from fastflat.errors import NonFiniteError
+from fastflat.train import train
+
+from helpers import StopAt
+
+TINY = ["--dataset", "synthetic", "--epochs", "1"]
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_version_and_short_help(capsys):
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.startswith("fastflat 0.")
+    for argv in (["-h"], ["train", "-h"], ["landscape", "plane", "-h"]):
+        code, out, _ = run_cli(capsys, *argv)
+        assert code == 0 and "Usage" in out
+
+
+def test_print_config_prints_the_resolved_yaml_and_writes_nothing(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "train", "--method", "sam", "--rho", "0.1", "--out", str(tmp_path), "--print-config")
+    config = yaml.safe_load(out)
+    assert code == 0 and config["method"] == "sam" and config["sam"]["rho"] == 0.1 and config["epochs"] == 2
+    assert list(tmp_path.iterdir()) == []
+    assert load_config(overrides={"method": "sam"}).sam.rho == 0.05  # printed values are resolved, not defaults only
+
+
+def test_max_steps_stops_early_says_so_and_scores_the_weights(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "train", *TINY, "--max-steps", "3", "--out", str(tmp_path), "--name", "quick")
+    summary = json.loads((tmp_path / "quick" / "summary.json").read_text())
+    assert code == 0 and summary["steps"] == 3 and summary["planned_steps"] == 8 and summary["test_acc"] is not None
+    assert "stopped at --max-steps 3 of the 8 steps planned" in out
+
+
+def test_runs_lists_finished_interrupted_and_failed_runs(capsys, tmp_path, monkeypatch):
+    train(load_config(overrides={"dataset": "synthetic", "epochs": 1, "out": str(tmp_path), "name": "done"}))
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(overrides={"dataset": "synthetic", "epochs": 1, "out": str(tmp_path), "name": "cut"}),
+              hooks=StopAt(step=3))
+    with pytest.raises(NonFiniteError):
+        train(load_config(overrides={"dataset": "synthetic", "epochs": 1, "out": str(tmp_path), "name": "nan",
+                                     "lr": 1e30}))
+    code, out, _ = run_cli(capsys, "runs", str(tmp_path), "--json")
+    rows = {r["run"]: r for r in json.loads(out)}
+    assert code == 0 and {k: r["status"] for k, r in rows.items()} == {"done": "finished", "cut": "interrupted",
+                                                                       "nan": "failed"}
+    assert rows["done"]["final_test_acc"] is not None and rows["done"]["epochs_done"] == 1
+    assert "non-finite" in rows["nan"]["error"]
+    code, out, _ = run_cli(capsys, "runs", str(tmp_path))
+    assert code == 0 and "interrupted" in out and "failed" in out
+
+
+def test_resume_auto_picks_the_latest_interrupted_run(capsys, tmp_path):
+    for name in ("a", "b"):
+        with pytest.raises(KeyboardInterrupt):
+            train(load_config(overrides={"dataset": "synthetic", "epochs": 1, "out": str(tmp_path), "name": name}),
+                  hooks=StopAt(step=2))
+    code, out, _ = run_cli(capsys, "train", "--resume", "auto", "--out", str(tmp_path), "--name", "a")
+    assert code == 0 and f"resuming {tmp_path / 'a'}" in out
+    assert (tmp_path / "a" / "summary.json").exists() and not (tmp_path / "b" / "summary.json").exists()
+    code, out, _ = run_cli(capsys, "train", "--resume", "auto", "--out", str(tmp_path))
+    assert code == 0 and (tmp_path / "b" / "summary.json").exists()
+    code, _, err = run_cli(capsys, "train", "--resume", "auto", "--out", str(tmp_path))
+    assert code == 2 and "no interrupted run" in err
+
+
+def test_piped_output_has_full_width_lines_and_timestamped_progress(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run([sys.executable, "-m", "fastflat", "train", *TINY, "--out", str(tmp_path / ("a-long-folder-name" * 3)),
+                           "--name", "run-with-a-name-long-enough-to-wrap-at-80-columns"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0
+    progress = [line for line in lines if " step " in line and "loss" in line]
+    assert len(progress) >= 4 and all(line[:4].isdigit() and line[10] == " " for line in progress)  # a date first
+    assert all("samples/s" in line for line in progress)  # not split over two lines
+    assert any(len(line) > 80 for line in lines)  # the run line and the summary keep their width
+    assert any("run-with-a-name-long-enough-to-wrap-at-80-columns" in line for line in lines)
