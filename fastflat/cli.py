@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from fastflat.config import (Amp, CurveConfig, CurveKind, Dataset, FGEConfig, Fitness, FullBatchConfig, GradReg, InnerMethod, Method,
+from fastflat.config import (Amp, CurveConfig, CurveKind, FGEConfig, Fitness, FullBatchConfig, GradReg, InnerMethod, Method,
                              Mutation, Noise, OnNonFinite, SAMConfig, SAMNorm, Schedule, Shaping, SpartanConfig,
                              SSEConfig, SWAConfig, TrainConfig, load_config, option_keys)
 from fastflat.errors import Interrupted, NonFiniteError, UserError
@@ -139,8 +139,9 @@ def train(
     clip_grad: Annotated[float | None, _opt("Clip the gradient to this global L2 norm.", OPTIM)] = None,
     amp: Annotated[Amp | None, _opt("Mixed precision.", OPTIM, D.amp)] = None,
     on_nonfinite: Annotated[OnNonFinite | None, _opt("NaN/inf loss or gradient: stop (exit 3, last finite checkpoint kept), skip the step, or roll back with half the LR.", RUN, D.on_nonfinite)] = None,
-    model: Annotated[str | None, _opt("cnn | resnet18 | preact-resnet18 | wrn-D-K | vgg16-bn.", DATA, D.model)] = None,
-    dataset: Annotated[Dataset | None, _opt("Dataset (synthetic: a small fixed 10-class set for tests).", DATA, D.dataset)] = None,
+    model: Annotated[str | None, _opt("cnn | resnet18 | preact-resnet18 | wrn-D-K | vgg16-bn | torchvision:NAME | timm:NAME (pip install 'fastflat[timm]').", DATA, D.model)] = None,
+    dataset: Annotated[str | None, _opt("fashion-mnist | mnist | cifar10 | cifar100 | synthetic (a small fixed 10-class set for tests) | folder:PATH (train/ and val/ or test/ class folders).", DATA, D.dataset)] = None,
+    image_size: Annotated[int | None, _opt("folder:PATH datasets: resize images to this side.", DATA, D.image_size)] = None,
     data_dir: Annotated[str | None, _opt("Folder holding the dataset files.", DATA)] = None,
     label_noise: Annotated[float | None, _opt("Fraction of training labels to corrupt, fixed by --seed.", DATA, D.label_noise)] = None,
     val_split: Annotated[float | None, _opt("Share of training data held out for validation (choose k or a member without the test set).", DATA, D.val_split)] = None,
@@ -157,7 +158,7 @@ def train(
     print_config: Annotated[bool, _opt("Print the resolved config as YAML (defaults, --config file, options) and exit.", RUN)] = False,
 ) -> None:
     """Train a model with one method and write a run directory (config, metrics, checkpoint, summary)."""
-    from fastflat import train as training
+    from fastflat import trainer as training
     from fastflat.progress import RichHooks
 
     keys = option_keys()
@@ -256,7 +257,8 @@ def evaluate_checkpoint(
     state = load_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"])
     dev = resolve_device(device)
-    data = datasets.load_dataset(cfg.dataset, data_dir or cfg.data_dir, dev, cfg.label_noise, cfg.seed)
+    data = datasets.load_dataset(cfg.dataset, data_dir or cfg.data_dir, dev, cfg.label_noise, cfg.seed,
+                                  image_size=cfg.image_size)
     model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size).to(dev)
     try:
         model.load_state_dict(state["model"])

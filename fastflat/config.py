@@ -145,7 +145,8 @@ class TrainConfig:
     inner: str = choice("sgd", InnerMethod)  # the method swa/sse/fge/spartan wrap
     init: str | None = None  # start from this run directory's checkpoint (FGE from a trained model)
     model: str = "cnn"  # see fastflat.models.MODELS
-    dataset: str = choice("fashion-mnist", Dataset)
+    dataset: str = "fashion-mnist"  # a built-in set, or folder:PATH (an ImageFolder tree with train/ and val/ or test/)
+    image_size: int = 32  # folder:PATH only: images are resized to this side
     data_dir: str | None = None  # where the dataset files are; None = the usual places
     label_noise: float = 0.0  # fraction of training labels replaced by another class, fixed by seed
     val_split: float = 0.0  # share of the training set held out for validation (choosing a snapshot
@@ -225,6 +226,9 @@ def _check(cfg: TrainConfig) -> list[str]:
             need(False, key, "must be a finite number")
     need(0 <= cfg.seed <= SEED_MAX, "seed", f"must be in [0, {SEED_MAX}]")
     need(cfg.epochs >= 1, "epochs", "must be at least 1")
+    need(cfg.dataset in Dataset.values() or cfg.dataset.startswith("folder:") or cfg.dataset == "custom", "dataset",
+         f"use one of {', '.join(Dataset.values())}, or folder:PATH for an ImageFolder tree")
+    need(cfg.image_size >= 8, "image_size", "must be at least 8")
     need(cfg.max_steps >= 0, "max_steps", "must be >= 0 (0 = no cap)")
     need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
     need(cfg.lr > 0, "lr", "must be > 0")

@@ -75,8 +75,16 @@ def load_dataset(
     label_noise: float = 0.0,
     seed: int = 0,
     download: bool = True,
+    image_size: int = 32,
 ) -> Dataset:
-    """Load a dataset whole onto `device`, corrupting `label_noise` of its training labels (seeded)."""
+    """Load a dataset whole onto `device`, corrupting `label_noise` of its training labels (seeded).
+    `folder:PATH` reads an ImageFolder tree, resized to `image_size` (see fastflat.userdata)."""
+    if name.startswith("folder:"):
+        from fastflat.userdata import load_folder  # imported late: it builds on this module
+
+        if not 0.0 <= label_noise < 1.0:
+            raise UserError(f"label noise must be in [0, 1), got {label_noise}; pass e.g. 0.2 for 20%")
+        return load_folder(name, device, label_noise, seed, image_size)
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     if not 0.0 <= label_noise < 1.0:  # also rejects NaN
@@ -173,7 +181,7 @@ def iterate_batches(
     if batch_size % world_size:
         raise UserError(f"batch size {batch_size} does not split evenly over {world_size} processes")
     device = split.images.device
-    scale, shift = _normalisation(dataset, device)
+    scale, shift = _normalisation(dataset, device, split.images.dim())
     order = torch.randperm(len(split), generator=generator).to(device) if train and shuffle else None
     share = batch_size // world_size
     for batch in range(num_batches(len(split), batch_size, drop_last)):
@@ -186,10 +194,12 @@ def iterate_batches(
         yield images[mine].float() * scale + shift, labels[mine]
 
 
-def _normalisation(dataset: Dataset, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(scale, shift), each (1, C, 1, 1), with x = pixel * scale + shift == (pixel/255 - mean) / std."""
-    mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
+def _normalisation(dataset: Dataset, device: torch.device, ndim: int = 4) -> tuple[Tensor, Tensor]:
+    """(scale, shift), each (1, C, 1, 1) for images (1, F) for (N, F) inputs, with
+    x = pixel * scale + shift == (pixel/255 - mean) / std."""
+    shape = (1, -1, *([1] * (ndim - 2))) if ndim >= 2 else (-1,)
+    mean = torch.tensor(dataset.mean, device=device).view(shape)
+    std = torch.tensor(dataset.std, device=device).view(shape)
     return 1.0 / (255.0 * std), -mean / std
 
 

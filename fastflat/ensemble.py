@@ -232,7 +232,8 @@ def _data_and_model(configs: list[dict[str, Any]], kind: str, device: str, data_
         raise UserError("the runs must share one model and dataset")
     val_split = cfg.get("val_split", 0.0) if kind in ("sse", "fge") else 0.0  # older runs have no such key
     dev = resolve_device(device)
-    data = datasets.load_dataset(cfg["dataset"], data_dir or cfg["data_dir"], dev, cfg["label_noise"], cfg["seed"])
+    data = datasets.load_dataset(cfg["dataset"], data_dir or cfg["data_dir"], dev, cfg["label_noise"], cfg["seed"],
+                                  image_size=cfg.get("image_size", 32))
     data, validation = datasets.hold_out_validation(data, val_split, cfg["seed"])
     model = build_model(cfg["model"], data.in_channels, data.num_classes, data.image_size).to(dev)
     return data, validation, model, dev

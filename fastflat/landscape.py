@@ -42,7 +42,8 @@ def load_points(paths: list[str | Path], device: str = "auto", data_dir: str | N
             raise UserError(f"{path} is a {other['model']} / {other['dataset']} run, {paths[0]} a "
                             f"{config['model']} / {config['dataset']} one: the points need one architecture and dataset")
     dev = resolve_device(device)
-    data = datasets.load_dataset(config["dataset"], data_dir or config["data_dir"], dev, config["label_noise"], config["seed"])
+    data = datasets.load_dataset(config["dataset"], data_dir or config["data_dir"], dev, config["label_noise"],
+                                  config["seed"], image_size=config.get("image_size", 32))
     model = build_model(config["model"], data.in_channels, data.num_classes, data.image_size).to(dev)
     space = WeightSpace(model)
     vectors = [space.vector_of(s["model"], lambda m, sd, p=p: load_weights(m, sd, f"weights {p}", config["model"]))

@@ -167,7 +167,7 @@ def curve_command(
     """Train a mode-connecting curve between two solutions, then evaluate it and the straight segment."""
     import datetime as dt
 
-    from fastflat import train as training
+    from fastflat import trainer as training
     from fastflat.config import load_config
     from fastflat.landscape import curve_report
     from fastflat.plots import plot_curve

@@ -20,7 +20,13 @@ _WRN_NAME = re.compile(r"wrn-(\d+)-(\d+)")
 
 
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    """Build the model `name` (one of MODELS, or any "wrn-D-K" with (D - 4) divisible by 6)."""
+    """Build the model `name`: one of MODELS, any "wrn-D-K" with (D - 4) divisible by 6, or any
+    "torchvision:NAME" / "timm:NAME" classifier, sized for the dataset's classes and channels."""
+    if name.startswith(("torchvision:", "timm:")):
+        return _hub_model(name, in_channels, num_classes)
+    if name.startswith("custom:"):
+        raise UserError(f"this run's model ({name}) was passed in Python: load it with fastflat.trainer.resume(run, "
+                        "model=...) or build it yourself and load RUN/checkpoint.pt's 'model' state_dict")
     if image_size < MIN_IMAGE_SIZE:
         size = f"{image_size}x{image_size}"
         raise UserError(f"{size} images are too small: models need at least {MIN_IMAGE_SIZE} pixels a side")
@@ -35,6 +41,38 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int) 
     if match := _WRN_NAME.fullmatch(name):
         return _wide_resnet(int(match[1]), int(match[2]), in_channels, num_classes)
     raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)} (or wrn-D-K, e.g. wrn-28-10)")
+
+
+def _hub_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    """torchvision:NAME (grayscale repeated to the 3 channels its stem expects) or timm:NAME (its own in_chans)."""
+    source, _, arch = name.partition(":")
+    if source == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise UserError(f"--model {name} needs timm: pip install 'fastflat[timm]'") from None
+        try:
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+        except RuntimeError as e:  # timm's "Unknown model"
+            raise UserError(f"--model {name}: {e}") from None
+    from torchvision import models as tv_models
+
+    if arch not in tv_models.list_models(module=tv_models):
+        raise UserError(f"--model {name}: torchvision has no classifier {arch!r} (e.g. resnet18, mobilenet_v3_small)")
+    model = tv_models.get_model(arch, weights=None, num_classes=num_classes)
+    return model if in_channels == 3 else nn.Sequential(_RepeatChannels(in_channels), model)
+
+
+class _RepeatChannels(nn.Module):
+    """(B, C, H, W) -> (B, 3, H, W): grayscale repeated, the usual way to feed an RGB stem."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        if in_channels != 1:
+            raise UserError(f"torchvision models take 1 or 3 input channels, the data has {in_channels}; use timm:NAME")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.expand(-1, 3, -1, -1)
 
 
 class SmallCNN(nn.Module):

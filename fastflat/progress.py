@@ -1,5 +1,5 @@
 """Rich display of a training run: a live progress bar with loss, accuracy, lr and samples/s, a line
-per epoch, and a summary table. Implements train.Hooks; the library itself never prints.
+per epoch, and a summary table. Implements trainer.Hooks; the library itself never prints.
 
 When output is not a terminal (a log file, nohup, CI) a live bar shows nothing until the end, so a
 plain line is printed every tenth of an epoch instead.
@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fastflat.train import Hooks
+from fastflat.steps import Hooks
 
 
 def _num(value: float | None, spec: str) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -244,7 +243,8 @@ def measure_checkpoint(path: str, examples: int = 2048, top: int = 1, probes: in
     state = load_point(path)
     cfg = config_from_dict(state["config"])
     dev = resolve_device(device)
-    data = datasets.load_dataset(cfg.dataset, data_dir or cfg.data_dir, dev, cfg.label_noise, cfg.seed)
+    data = datasets.load_dataset(cfg.dataset, data_dir or cfg.data_dir, dev, cfg.label_noise, cfg.seed,
+                                  image_size=cfg.image_size)
     if examples > len(data.train):
         raise UserError(f"--examples {examples} is larger than the {len(data.train)} training examples of {cfg.dataset}")
     head = datasets.Split(data.train.images[:examples], data.train.labels[:examples])

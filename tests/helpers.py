@@ -3,7 +3,7 @@
 import os
 import signal
 
-from fastflat.train import Hooks
+from fastflat.steps import Hooks
 
 
 def send_sigint() -> None:

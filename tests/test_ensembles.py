@@ -12,7 +12,7 @@ from fastflat.errors import UserError
 from fastflat.ensemble import evaluate_members, mean_pairwise_disagreement, metrics_from_probs, validation_choice
 from fastflat.methods import build_method
 from fastflat.schedules import fge_triangular, snapshot_cosine, swa_cyclic
-from fastflat.train import Trainer, resume, train
+from fastflat.trainer import Trainer, resume, train
 
 from helpers import StopAt
 

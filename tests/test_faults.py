@@ -13,7 +13,7 @@ from fastflat.config import load_config
 from fastflat.errors import NonFiniteError, UserError
 from fastflat.methods.spartan import shape_rewards
 from fastflat.rundir import RunDir
-from fastflat.train import resume, train
+from fastflat.trainer import resume, train
 
 from helpers import StopAt, send_sigint
 
@@ -230,7 +230,7 @@ def test_resume_of_an_init_run_does_not_need_the_init_source(tmp_path):
 @pytest.mark.parametrize("undo", ["zero_grad", "to_bf16"])
 def test_a_step_on_views_that_left_the_flat_buffer_is_refused(tmp_path, undo):
     from fastflat.closures import BatchClosure
-    from fastflat.train import Trainer, train_step
+    from fastflat.trainer import Trainer, train_step
 
     trainer = Trainer(tiny(tmp_path), RunDir.create(tmp_path, "t"))
     trainer.model.zero_grad() if undo == "zero_grad" else trainer.model.to(torch.bfloat16)

@@ -10,7 +10,7 @@ from fastflat.closures import SplitClosure
 from fastflat.config import load_config
 from fastflat.errors import UserError
 from fastflat.methods.fullbatch import FullBatch, exact_hvp
-from fastflat.train import resume, train
+from fastflat.trainer import resume, train
 
 from helpers import StopAt
 

@@ -18,7 +18,7 @@ from fastflat.flat import FlatParams
 from fastflat.methods.curve import Curve, coefficients, curve_point_
 from fastflat.models import build_model
 from fastflat.points import PointScorer, WeightSpace
-from fastflat.train import resume, train
+from fastflat.trainer import resume, train
 
 from helpers import StopAt
 

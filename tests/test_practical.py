@@ -12,7 +12,7 @@ import yaml
 from fastflat.cli import main
 from fastflat.config import load_config
 from fastflat.errors import NonFiniteError
-from fastflat.train import train
+from fastflat.trainer import train
 
 from helpers import StopAt
 

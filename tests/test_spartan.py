@@ -11,7 +11,7 @@ from fastflat.config import load_config
 from fastflat.methods import spartan as sp
 from fastflat.methods.population import population_scores
 from fastflat.rundir import RunDir
-from fastflat.train import Trainer, resume, train
+from fastflat.trainer import Trainer, resume, train
 
 from helpers import StopAt
 

@@ -10,7 +10,7 @@ import fastflat
 from fastflat.config import load_config
 from fastflat.rundir import RunDir
 from fastflat.closures import BatchClosure, frozen_bn_stats
-from fastflat.train import Trainer, resume, train
+from fastflat.trainer import Trainer, resume, train
 
 from helpers import StopAt
 

@@ -28,7 +28,7 @@ from fastflat.methods import METHODS, WRAPPERS, build_method
 from fastflat.models import build_model
 from fastflat.closures import BatchClosure, SplitClosure
 from fastflat.config import FullBatchConfig
-from fastflat.train import train_step
+from fastflat.trainer import train_step
 
 IMAGE_SHAPE, NUM_CLASSES = (3, 32, 32), 10
 FULL_BATCHES = 8  # batches in one full-batch step (its "training set")

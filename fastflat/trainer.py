@@ -1,6 +1,6 @@
 """The shared training loop: batches -> closure -> train_step -> schedule -> eval / log / checkpoint.
 
-    summary = fastflat.train.train(load_config(overrides={"method": "sam"}))
+    summary = fastflat.trainer.train(load_config(overrides={"method": "sam"}))
 
 Every method plugs in through fastflat.methods.Method; this file knows nothing of any method's math.
 A step is atomic: signals are honoured between steps, a non-finite step never reaches the weights
@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,72 +29,38 @@ from fastflat.config import TrainConfig, config_from_dict, to_dict
 from fastflat.errors import Interrupted, NonFiniteError, UserError
 from fastflat.evaluation import evaluate, resolve_device
 from fastflat.faults import StopRequests
-from fastflat.flat import FlatParams, flatten
+from fastflat.flat import flatten
 from fastflat.methods import Closure, Method, build_method
 from fastflat.models import build_model
 from fastflat.rundir import RunDir, load_checkpoint, load_point, load_weights, provenance
 from fastflat.schedules import make_schedule
-
-MAX_SKIPS_IN_A_ROW = 20  # --on-nonfinite skip: give up when this many steps in a row are non-finite
-MAX_ROLLBACKS = 3  # --on-nonfinite rollback: each halves the learning rate; then give up
-
-
-class Hooks:
-    """Progress callbacks; the defaults do nothing. The CLI subclasses this with a Rich display."""
-
-    def on_start(self, info: dict[str, Any]) -> None: ...
-    def on_step(self, step: int, metrics: dict[str, Any]) -> None: ...
-    def on_epoch(self, record: dict[str, Any]) -> None: ...
-    def on_event(self, message: str) -> None: ...  # a skipped step, a rollback
-    def on_end(self, summary: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class Position:
-    """Where the loop is: the whole of the loop's own state that a checkpoint needs."""
-
-    epoch: int = 0  # current epoch (0-based)
-    batch: int = 0  # next batch index inside the epoch
-    step: int = 0  # optimizer steps taken in total (skipped non-finite steps included)
-    loss_sum: float = 0.0  # this epoch so far: training loss summed over examples (fp32 on device)
-    correct: int = 0  # this epoch so far: correct training predictions
-    seen: int = 0  # this epoch so far: training examples
-    seconds: float = 0.0  # this epoch so far: wall time of its steps, across interruptions
-    skipped: int = 0  # non-finite steps skipped (--on-nonfinite skip), whole run
-    lr_scale: float = 1.0  # halved by each rollback (--on-nonfinite rollback)
-    rollbacks: int = 0
-
-
-def train_step(method: Method, flat: FlatParams, closure: Closure, lr: float, step: int) -> dict[str, Any]:
-    """One whole step, shared by the trainer, the benchmarks and the tests: check the flat views
-    (a user's `zero_grad(set_to_none=True)` or `.to()` undoes them), take the method's step at
-    `lr`, then its after-step work (averages, collection) for 0-based `step`."""
-    flat.check_views()
-    metrics = method.step(flat, closure, lr)
-    method.after_step(flat, step + 1)
-    return metrics
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """Batch order and augmentation of an epoch depend on (seed, epoch) only: resumable mid-epoch."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
+from fastflat.steps import MAX_ROLLBACKS, MAX_SKIPS_IN_A_ROW, Hooks, Position, epoch_generator, train_step
 
 def default_run_name(cfg: TrainConfig) -> str:
+    """method-data-model-seed-time; a folder:PATH dataset is named by its last folder, and anything
+    that cannot sit in a file name (':' of torchvision:NAME, '/') becomes '-'."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{cfg.method}-{cfg.dataset}-{cfg.model}-s{cfg.seed}-{stamp}"
+    data = f"folder-{Path(cfg.dataset[len('folder:'):]).name}" if cfg.dataset.startswith("folder:") else cfg.dataset
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{cfg.method}-{data}-{cfg.model}-s{cfg.seed}-{stamp}")
 
 
 class Trainer:
     """Builds data, model, flat buffer and method for a config, then runs epochs from a Position."""
 
-    def __init__(self, cfg: TrainConfig, run: RunDir, hooks: Hooks | None = None, resuming: bool = False):
+    def __init__(self, cfg: TrainConfig, run: RunDir, hooks: Hooks | None = None, resuming: bool = False,
+                 model: torch.nn.Module | None = None, data: Any = None):
         self.cfg, self.run, self.hooks = cfg, run, hooks or Hooks()
         self.resuming = resuming  # methods need not reload what the checkpoint holds (a curve's end points)
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.method: Method = build_method(cfg)
-        data = datasets.load_dataset(cfg.dataset, cfg.data_dir, self.device, cfg.label_noise, cfg.seed)
+        if data is not None:  # fastflat.train(..., data=(train, test)): the user's own
+            from fastflat.userdata import from_user_data
+
+            data = from_user_data(data, self.device, cfg.label_noise, cfg.seed)
+        else:
+            data = datasets.load_dataset(cfg.dataset, cfg.data_dir, self.device, cfg.label_noise, cfg.seed,
+                                         image_size=cfg.image_size)
         data, self.validation = datasets.hold_out_validation(data, cfg.val_split, cfg.seed)
         self.holdouts: dict[str, datasets.Split] = {}
         if (request := self.method.holdout()) is not None:  # e.g. Spartan's evolution split
@@ -105,7 +72,9 @@ class Trainer:
             data = replace(data, train=datasets.augmented_copies(data.train, cfg.fullbatch.fixed_augment, cfg.seed),
                            augment="none")
         self.data = data
-        self.model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size).to(self.device)
+        self.user_model = model
+        self.model = (model if model is not None else
+                      build_model(cfg.model, data.in_channels, data.num_classes, data.image_size)).to(self.device)
         if cfg.init and not resuming:  # a resumed run has the weights in its checkpoint already
             load_weights(self.model, load_checkpoint(cfg.init)["model"], f"--init {cfg.init}", cfg.model)
         self.flat = flatten(self.model)  # after .to(): moving re-creates parameters
@@ -137,6 +106,10 @@ class Trainer:
 
     def _plain_model(self) -> torch.nn.Module:
         """A fresh, unflattened model of the run's architecture, to load members into."""
+        if self.user_model is not None:
+            import copy
+
+            return copy.deepcopy(self.model)  # the copy's parameters own their storage
         return build_model(self.cfg.model, self.data.in_channels, self.data.num_classes,
                            self.data.image_size).to(self.device)
 
@@ -377,31 +350,41 @@ class Trainer:
         return summary
 
 
-def train(cfg: TrainConfig, hooks: Hooks | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, hooks: Hooks | None = None, model: torch.nn.Module | None = None,
+          data: Any = None) -> dict[str, Any]:
     """Start a new run in cfg.out / (cfg.name or a generated name) and train it to the end. A start
-    that fails (bad budget, missing data, Ctrl-C while loading) leaves no run directory behind."""
+    that fails (bad budget, missing data, Ctrl-C while loading) leaves no run directory behind.
+    `model` / `data` (a (train, test) pair, see fastflat.userdata) replace cfg.model / cfg.dataset."""
+    if model is not None:
+        cfg = replace(cfg, model=f"custom:{type(model).__name__}")
+    if data is not None:
+        cfg = replace(cfg, dataset="custom")
     run = RunDir.create(cfg.out, cfg.name or default_run_name(cfg), rank=dist.rank())
     with run.locked():
         try:
             if cfg.name is None:
                 cfg = replace(cfg, name=run.path.name)
             run.write_config(to_dict(cfg))
-            trainer = Trainer(cfg, run, hooks)
+            trainer = Trainer(cfg, run, hooks, model=model, data=data)
         except BaseException:
             run.remove_if_unused()
             raise
         return _run_marking_failures(trainer, run)
 
 
-def resume(run_dir: str | Path, hooks: Hooks | None = None) -> dict[str, Any]:
+def resume(run_dir: str | Path, hooks: Hooks | None = None, model: torch.nn.Module | None = None,
+           data: Any = None) -> dict[str, Any]:
     """Continue a run from its last checkpoint, with the config it was started with. Refuses while
-    another process trains the same run; clears temporary files that a crash left behind."""
+    another process trains the same run; clears temporary files that a crash left behind. A run
+    started with your own model or data needs them again (a fresh instance of the same module)."""
     run = RunDir.open(run_dir, rank=dist.rank())
     with run.locked():
         run.remove_temporaries()
         state = load_checkpoint(run.checkpoint_path)
         cfg = config_from_dict(state["config"])
-        trainer = Trainer(cfg, run, hooks, resuming=True)
+        if data is None and cfg.dataset == "custom":
+            raise UserError(f"{run_dir} trained on data passed in Python: resume(run, data=(train, test))")
+        trainer = Trainer(cfg, run, hooks, resuming=True, model=model, data=data)
         trainer.restore(state)
         run.clear_failed()
         return _run_marking_failures(trainer, run)
