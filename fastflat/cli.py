@@ -152,6 +152,8 @@ def train(
     checkpoint_every: Annotated[int | None, _opt("Also checkpoint every N steps (0 = each epoch).", RUN, D.checkpoint_every)] = None,
     eval_every: Annotated[int | None, _opt("Evaluate and checkpoint every N epochs (full batch: steps), and after the last.", RUN, D.eval_every)] = None,
     subset: Annotated[int | None, _opt("Train on a seeded random N training examples (0 = all).", DATA, D.subset)] = None,
+    log_every: Annotated[int | None, _opt("A line of steps.jsonl (and steps.csv) every N steps: loss, accuracy, lr (0 = epochs only).", RUN, D.log_every)] = None,
+    tensorboard: Annotated[bool | None, _opt("Also write TensorBoard scalars to RUN/tensorboard (pip install 'fastflat[tensorboard]').", RUN, D.tensorboard)] = None,
     trajectory_every: Annotated[int | None, _opt("Save the weights every N steps to trajectory/ (for fastflat landscape plane --trajectory; 0 = never).", RUN, D.trajectory_every)] = None,
     config: Annotated[Path | None, _opt("YAML file of settings; options given here override it.", RUN)] = None,
     resume: Annotated[Path | None, _opt("Continue the run in this directory from its last checkpoint; auto: the latest interrupted run in --out (of --name, if given).", RUN)] = None,

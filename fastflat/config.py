@@ -158,6 +158,8 @@ class TrainConfig:
     eval_every: int = 1  # evaluate (and checkpoint) every N epochs, and after the last; fullbatch: N steps
     subset: int = 0  # train on a seeded random N of the training examples (0 = all of them)
     trajectory_every: int = 0  # save the weights every N steps (and at the start) to trajectory/; 0 = never
+    log_every: int = 50  # a line of steps.jsonl (loss, accuracy, lr) every N steps; 0 = epochs only
+    tensorboard: bool = False  # also write TensorBoard scalars to tensorboard/ (pip install 'fastflat[tensorboard]')
     sam: SAMConfig = field(default_factory=SAMConfig)
     swa: SWAConfig = field(default_factory=SWAConfig)
     sse: SSEConfig = field(default_factory=SSEConfig)
@@ -253,6 +255,7 @@ def _check(cfg: TrainConfig) -> list[str]:
     need(cfg.eval_every >= 1, "eval_every", "must be at least 1")
     need(cfg.subset >= 0, "subset", "must be >= 0 (0 = the whole training set)")
     need(cfg.trajectory_every >= 0, "trajectory_every", "must be >= 0 (0 = no trajectory)")
+    need(cfg.log_every >= 0, "log_every", "must be >= 0 (0 = per epoch only)")
     fb = cfg.fullbatch
     need(fb.chunk_size >= 1, "fullbatch.chunk_size", "must be at least 1")
     need(fb.strength >= 0, "fullbatch.strength", "must be >= 0")

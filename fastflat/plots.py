@@ -28,19 +28,34 @@ def _values(history: list[dict[str, Any]], key: str) -> list[float]:
     return [float("nan") if r.get(key) is None else r[key] for r in history]
 
 
-def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Loss and accuracy per epoch, train against test, side by side."""
+def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str = "",
+                         steps: list[dict[str, Any]] | None = None) -> None:
+    """Loss, accuracy and learning rate against epochs: per-step lines (steps.jsonl, the epoch's running
+    mean) under the per-epoch train/test/validation points; the LR panel shows SWA/SSE/FGE cycles."""
     if not history:
         return
+    steps = steps or []
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, label in ((ax_loss, "loss", "cross-entropy"), (ax_acc, "acc", "accuracy (%)")):
-        ax.plot(epochs, _values(history, f"train_{key}"), "o-", label="train")
-        ax.plot(epochs, _values(history, f"test_{key}"), "s-", label="test")
+        if steps:
+            ax.plot([r["epoch"] for r in steps], _values(steps, f"train_{key}"), "-", color="C0", alpha=0.4,
+                    linewidth=1, label="train (running, per step)")
+        ax.plot(epochs, _values(history, f"train_{key}"), "o", color="C0", label="train (epoch)")
+        ax.plot(epochs, _values(history, f"test_{key}"), "s-", color="C1", label="test")
+        if any(f"val_{key}" in r for r in history):
+            ax.plot(epochs, _values(history, f"val_{key}"), "^-", color="C2", label="validation")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
+    if steps:
+        ax_lr.plot([r["epoch"] for r in steps], _values(steps, "lr"), "-", color="C3")
+    else:
+        ax_lr.plot(epochs, _values(history, "lr"), "o-", color="C3")
+    ax_lr.set_xlabel("epoch")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path)

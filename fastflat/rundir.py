@@ -202,6 +202,45 @@ class RunDir:
         except OSError as e:
             raise _cannot_write(self.path / name, e) from None
 
+    def write_csv(self, name: str = "metrics.jsonl") -> None:
+        """<name>.csv beside a .jsonl log (one column per key, in first-seen order), rewritten whole."""
+        records = self.read_metrics(name) if self.writes else []
+        if not records:
+            return
+        import csv
+
+        columns = list(dict.fromkeys(k for r in records for k in r))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        atomic_write_text(self.path / name.replace(".jsonl", ".csv"), buffer.getvalue())
+
+    def open_tensorboard(self, purge_step: int | None) -> None:
+        """TensorBoard scalars in tensorboard/; a resumed run drops the events past its checkpoint."""
+        if not self.writes:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install 'fastflat[tensorboard]'") from None
+        self._tensorboard = SummaryWriter(str(self.path / "tensorboard"), purge_step=purge_step)
+
+    def log_scalars(self, record: dict[str, Any], kind: str) -> None:
+        board = getattr(self, "_tensorboard", None)
+        if board is None:
+            return
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                board.add_scalar(f"{kind}/{key}", value, record["step"])
+        board.flush()
+
+    def close_tensorboard(self) -> None:
+        board = getattr(self, "_tensorboard", None)
+        if board is not None:
+            board.close()
+            self._tensorboard = None
+
     def log_sizes(self) -> dict[str, int]:
         """Bytes in each .jsonl log now: a checkpoint keeps these, and resume cuts the logs back to them."""
         return {p.name: p.stat().st_size for p in self.path.glob("*.jsonl")}

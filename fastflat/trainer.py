@@ -197,6 +197,8 @@ class Trainer:
                              "train_size": len(self.data.train), "noisy_labels": self.data.noisy_labels,
                              "unit": "step" if self.full_batch else "epoch"})
         self.model.train()
+        if cfg.tensorboard:
+            self.run.open_tensorboard(pos.step or None)
         if self.saved_step is None:
             self.checkpoint()  # the starting point: an interrupt or a rollback always has one to return to
             if cfg.trajectory_every:
@@ -268,8 +270,21 @@ class Trainer:
         self.correct += closure.correct
         pos.seen += closure.batch_size
         pos.step, pos.batch = pos.step + 1, index + 1
+        if self.cfg.log_every and pos.step % self.cfg.log_every == 0:
+            self._log_step(lr, metrics)
         self.hooks.on_step(pos.step, {"lr": lr, "seen": pos.seen, "epoch": pos.epoch,
                                       "loss_sum": self.loss_sum, "correct": self.correct, **metrics})
+
+    def _log_step(self, lr: float, metrics: dict[str, Any]) -> None:
+        """One steps.jsonl line: the epoch so far (running loss and accuracy), this step's loss, the lr."""
+        pos = self.position
+        seen = max(pos.seen, 1)
+        record = {"step": pos.step, "epoch": pos.epoch + pos.batch / self.steps_per_epoch, "lr": lr,
+                  "train_loss": float(self.loss_sum) / seen, "train_acc": 100.0 * int(self.correct) / seen}
+        if isinstance(metrics.get("loss"), torch.Tensor):
+            record["batch_loss"] = float(metrics["loss"])
+        self.run.append_metrics(record, name="steps.jsonl")
+        self.run.log_scalars(record, "step")
 
     def _save_trajectory_point(self, step: int) -> None:
         self.run.save_trajectory_point(step, torch.cat([w.reshape(-1) for w in self.flat.params]))
@@ -296,6 +311,9 @@ class Trainer:
         self.position = replace(pos, epoch=pos.epoch + 1, batch=0, loss_sum=0.0, correct=0, seen=0, seconds=0.0)
         self._reset_tally()
         self.run.append_metrics(record)
+        self.run.log_scalars(record, "epoch")
+        for log in ("metrics.jsonl", "steps.jsonl"):
+            self.run.write_csv(log)
         if scored:  # a record past the last checkpoint is cut and written again on resume: still exact
             self.checkpoint()
         self.hooks.on_epoch(record)
@@ -338,12 +356,14 @@ class Trainer:
             **extra, "config": to_dict(self.cfg), "provenance": provenance(self.device),
         }
         self.run.write_summary(summary)
+        self.run.close_tensorboard()
         try:
             if not self.run.writes:
                 raise ImportError  # another rank draws nothing: rank 0 has the figure
             from fastflat.plots import plot_training_curves
 
-            plot_training_curves(history, self.run.path / "curves.png", title=self.run.path.name)
+            plot_training_curves(history, self.run.path / "curves.png", title=self.run.path.name,
+                                 steps=self.run.read_metrics("steps.jsonl"))
         except ImportError:
             pass  # matplotlib missing: the numbers are in metrics.jsonl
         self.hooks.on_end(summary)

@@ -92,3 +92,32 @@ def test_piped_output_has_full_width_lines_and_timestamped_progress(tmp_path):
     assert all("samples/s" in line for line in progress)  # not split over two lines
     assert any(len(line) > 80 for line in lines)  # the run line and the summary keep their width
     assert any("run-with-a-name-long-enough-to-wrap-at-80-columns" in line for line in lines)
+
+
+def test_step_logs_csv_and_tensorboard_and_a_resumed_run_logs_each_step_once(tmp_path):
+    settings = {"dataset": "synthetic", "epochs": 2, "log_every": 3, "tensorboard": True}
+    whole = tmp_path / "whole" / "r"
+    train(load_config(overrides={**settings, "out": str(tmp_path / "whole"), "name": "r"}))
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(overrides={**settings, "out": str(tmp_path / "cut"), "name": "r"}), hooks=StopAt(step=10))
+    from fastflat.trainer import resume
+
+    resume(tmp_path / "cut" / "r")
+    steps = [json.loads(line) for line in (whole / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == [3, 6, 9, 12, 15] and steps[-1]["epoch"] == pytest.approx(15 / 8)
+    assert (tmp_path / "cut" / "r" / "steps.jsonl").read_text() == (whole / "steps.jsonl").read_text()
+    import csv
+
+    rows = list(csv.DictReader((whole / "steps.csv").open()))
+    assert [int(r["step"]) for r in rows] == [3, 6, 9, 12, 15] and float(rows[0]["lr"]) == steps[0]["lr"]
+    epochs = list(csv.DictReader((whole / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in epochs] == [1, 2] and "test_acc" in epochs[0]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(whole / "tensorboard"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("step/train_loss")] == [3, 6, 9, 12, 15]
+    assert [e.step for e in board.Scalars("epoch/test_acc")] == [8, 16]
+    cut = EventAccumulator(str(tmp_path / "cut" / "r" / "tensorboard"))
+    cut.Reload()
+    assert [e.step for e in cut.Scalars("step/train_loss")] == [3, 6, 9, 12, 15]  # resume purged the repeat
