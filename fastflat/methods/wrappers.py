@@ -135,6 +135,8 @@ class SnapshotEnsemble(Wrapper):
             self.members.append(self.services.save_member(f"snapshot-{len(self.members) + 1:02d}"))
 
     def finish(self, flat: FlatParams) -> dict[str, Any]:
+        if not self.members:  # --max-steps stopped the run before the first snapshot (the trainer says so)
+            return {"ensemble": None, "ensemble_members": 0}
         keep = self.cfg.sse.keep
         if keep == "auto":  # the k whose last-k ensemble is best on the validation split, never the test set
             keep = self.services.validation_best_k(self.members)
@@ -174,6 +176,8 @@ class FGE(Wrapper):
             self.members.append(self.services.save_member(f"fge-{len(self.members) + 1:02d}"))
 
     def finish(self, flat: FlatParams) -> dict[str, Any]:
+        if not self.members:  # --max-steps stopped the run before the first collection (the trainer says so)
+            return {"ensemble": None, "ensemble_members": 0}
         return {"ensemble": self.services.evaluate_ensemble(self.members)}
 
 
