@@ -11,17 +11,16 @@ usage errors.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from fastflat.config import (Amp, CurveConfig, CurveKind, FGEConfig, Fitness, FullBatchConfig, GradReg, InnerMethod, Method,
                              Mutation, Noise, OnNonFinite, SAMConfig, SAMNorm, Schedule, Shaping, SpartanConfig,
                              SSEConfig, SWAConfig, TrainConfig, load_config, option_keys)
+from fastflat.consoles import console, err_console
 from fastflat.errors import Interrupted, NonFiniteError, UserError
 
 try:  # typer >= 0.29 vendors click; older typer depends on it
@@ -35,17 +34,6 @@ app = typer.Typer(
     help="Train toward flat minima (SGD, SAM, SWA, Spartan ES) and build cheap ensembles (snapshots, FGE) with fused Triton kernels.",
 )
 
-
-def _wide_when_piped(c: Console) -> Console:
-    """Piped output (a log file, nohup, CI) is read later, not in an 80-column window: never wrap a metric
-    line or cut a table cell there (COLUMNS, when set, still wins)."""
-    if not c.is_terminal and "COLUMNS" not in os.environ:
-        c.width = 220
-    return c
-
-
-console = _wide_when_piped(Console())
-err_console = _wide_when_piped(Console(stderr=True))
 
 D = TrainConfig()  # defaults shown in --help come from the config itself
 S, W, E, F, P, B = SAMConfig(), SWAConfig(), SSEConfig(), FGEConfig(), SpartanConfig(), FullBatchConfig()
@@ -299,7 +287,8 @@ def ensemble_command(
     """Evaluate an ensemble: accuracy, NLL, ECE of the ensemble and each member, disagreement, and a plot.
 
     With --budgets: the papers' budget table, test error of Ind, SSE and FGE at 1, 2, 3... budgets."""
-    from fastflat.ensemble import budget_report, runs_report, write_report
+    from fastflat.ensemble import budget_report, reporting_progress, runs_report, write_report
+    from fastflat.progress import progress_bar
 
     groups = {"ind": runs or [], "sse": sse or [], "fge": fge or []}
     if curve is not None:
@@ -316,7 +305,8 @@ def ensemble_command(
             raise UserError("--sse-keep auto chooses k for one --sse run; the budget view takes a number")
         if not any(groups.values()):
             raise UserError("--budgets needs runs: --from RUN (Ind), --sse RUN, --fge RUN, each repeatable")
-        report = budget_report(groups, keep, device, data_dir)
+        with progress_bar(err_console, "members") as progress, reporting_progress(progress):
+            report = budget_report(groups, keep, device, data_dir)
         first = next(r for rs in groups.values() for r in rs)
         target = out or Path(first) / "ensemble-budgets.json"
     else:
@@ -326,7 +316,8 @@ def ensemble_command(
         if not chosen or len(kinds) > 1 or (kinds != {"final"} and len(chosen) > 1):
             raise UserError("give exactly one of --fge RUN, --sse RUN, --swa RUN, or --from RUN (repeatable)")
         kind = chosen[0][0]
-        report = runs_report(kind, [r for _, r in chosen], keep, device, data_dir)
+        with progress_bar(err_console, "members") as progress, reporting_progress(progress):
+            report = runs_report(kind, [r for _, r in chosen], keep, device, data_dir)
         target = out or Path(chosen[0][1]) / f"ensemble-{kind}.json"
     write_report(report, target)
     if as_json:
@@ -342,7 +333,10 @@ def _curve_ensemble(run: Path, points: int, device: str, data_dir: str | None, o
     from fastflat.landscape import curve_ensemble
     from fastflat.rundir import atomic_write_text
 
-    report = curve_ensemble(run, points, device=device, data_dir=data_dir)
+    from fastflat.progress import progress_bar
+
+    with progress_bar(err_console, "curve points") as progress:
+        report = curve_ensemble(run, points, device=device, data_dir=data_dir, progress=progress)
     target = out or run / "ensemble-curve.json"
     atomic_write_text(target, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     if as_json:

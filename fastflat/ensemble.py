@@ -9,6 +9,9 @@ The ensemble averages the members' softmax outputs, as the snapshot-ensemble and
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -75,6 +78,19 @@ def load_member(model: nn.Module, path: str | Path, device: torch.device) -> Non
     load_weights(model, load_member_state(path, device), f"ensemble member {path}", type(model).__name__)
 
 
+_member_progress: contextvars.ContextVar = contextvars.ContextVar("member_progress", default=None)
+
+
+@contextlib.contextmanager
+def reporting_progress(callback: Callable[[int, int], None]):
+    """Within this block every member evaluated calls callback(done, total) (the CLI's progress bar)."""
+    token = _member_progress.set(callback)
+    try:
+        yield
+    finally:
+        _member_progress.reset(token)
+
+
 def evaluate_members(model: nn.Module, paths: list[str | Path], split: datasets.Split,
                      dataset: datasets.Dataset, batch_size: int = 1024) -> dict[str, Any]:
     """Each member's metrics, the ensemble's, accuracy as members are added, and disagreement."""
@@ -93,6 +109,8 @@ def evaluate_members(model: nn.Module, paths: list[str | Path], split: datasets.
         so_far = metrics_from_probs(prob_sum / k, labels)
         curve.append(so_far["acc"])
         nll_curve.append(so_far["nll"])
+        if (report := _member_progress.get()) is not None:
+            report(k, len(paths))
     ensemble = metrics_from_probs(prob_sum / len(paths), labels)
     return {
         "members": members,

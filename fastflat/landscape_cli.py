@@ -4,7 +4,6 @@ registered on the main app (fastflat.cli imports this module after defining it).
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +12,7 @@ import typer
 from fastflat.cli import app, console, err_console
 from fastflat.config import CurveKind
 from fastflat.errors import UserError
+from fastflat.progress import progress_bar
 
 landscape_app = typer.Typer(help="Loss-surface pictures: the plane through three solutions, a line, random rays.",
                             no_args_is_help=True)
@@ -24,29 +24,6 @@ DataDir = Annotated[str | None, typer.Option(help="Folder holding the dataset fi
 BNUpdate = Annotated[bool, typer.Option("--bn-update/--no-bn-update", help="Re-estimate BatchNorm statistics at every point.")]
 AtOnce = Annotated[int, typer.Option(help="Points scored at once with torch.func.vmap (1 = a per-point loop; see fastflat bench landscape).")]
 Seed = Annotated[int, typer.Option(help="Seed of the example subsets (and of ray directions).")]
-
-
-@contextmanager
-def _progress(what: str):
-    """A Rich progress bar with ETA on stderr, shown from the first report on (so an input error is
-    one line, with no empty bar before it); yields the (done, total) callback the landscape takes."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err_console)
-    task = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task(what, total=total)
-        bar.update(task, completed=done, total=total)
-
-    try:
-        yield update
-    finally:
-        if task is not None:
-            bar.stop()
 
 
 def _write(report: dict[str, Any], out: Path, name: str, plot) -> Path:
@@ -90,7 +67,7 @@ def plane_command(
     from fastflat.landscape import plane
     from fastflat.plots import plot_plane
 
-    with _progress("plane") as progress:
+    with progress_bar(err_console, "plane") as progress:
         report = plane(points, grid, margin, examples, seed, bn_update, trajectory, points_at_once, device, data_dir,
                        out, progress)
     target = _write(_with_provenance(report, device), out, "plane", plot_plane)
@@ -115,7 +92,7 @@ def line_command(
     from fastflat.landscape import line
     from fastflat.plots import plot_line
 
-    with _progress("line") as progress:
+    with progress_bar(err_console, "line") as progress:
         report = line(a, b, t_range, steps, examples, seed, bn_update, points_at_once, device, data_dir, out, progress)
     target = _write(_with_provenance(report, device), out, "line", plot_line)
     console.print(f"line of {steps} points over t in [{t_range[0]}, {t_range[1]}], |A - B| = {report['distance']:.4g}; "
@@ -137,7 +114,7 @@ def rays_command(
     from fastflat.landscape import rays
     from fastflat.plots import plot_rays
 
-    with _progress("rays") as progress:
+    with progress_bar(err_console, "rays") as progress:
         report = rays(at, directions, distance, steps, filter_norm, examples, seed, bn_update, points_at_once,
                       device, data_dir, out, progress)
     target = _write(_with_provenance(report, device), out, "rays", plot_rays)
@@ -196,7 +173,7 @@ def curve_command(
         run = Path(training.train(cfg, hooks)["run_dir"])
     hooks.stop()
     device = load_checkpoint(run)["config"]["device"] if resume is not None else device
-    with _progress(f"curve and line, {points} points each") as progress:
+    with progress_bar(err_console, f"curve and line, {points} points each") as progress:
         report = curve_report(run, points, examples, 0, bn_update, points_at_once, device, data_dir, run, progress)
     target = _write(_with_provenance(report, device), run, "curve", plot_curve)
     c, s = report["curve"], report["line"]

@@ -8,6 +8,7 @@ plain line is printed every tenth of an epoch instead.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -104,3 +105,24 @@ class RichHooks(Hooks):
         for key, value in rows:
             table.add_row(key, value)
         self.console.print(table)
+
+
+@contextmanager
+def progress_bar(console: Console, what: str):
+    """A Rich progress bar with ETA on stderr, shown from the first report on (so an input error is
+    one line, with no empty bar before it); yields the (done, total) callback the landscape takes."""
+    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(what, total=total)
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            bar.stop()

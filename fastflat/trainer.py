@@ -137,7 +137,13 @@ class Trainer:
         return state["config"], self.flat.clone_params()
 
     def log_event(self, record: dict[str, Any]) -> None:
+        """A mutation round: a line of evolution.jsonl, and one on the console as it happens."""
         self.run.append_metrics({"step": self.position.step, **record}, name="evolution.jsonl")
+        if "round" in record:
+            verdict = "child replaced the parent" if record.get("replaced") else "parent kept"
+            self.hooks.on_event(f"mutation round {record['round']} ({record.get('mutation')}): held-out loss "
+                                f"{record['parent_loss']:.4f} -> {record['heldout_loss']:.4f}, children best "
+                                f"{record['children_best_loss']:.4f} / mean {record['children_mean_loss']:.4f}; {verdict}")
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def checkpoint(self) -> None:

@@ -225,3 +225,26 @@ def test_landscape_bench_scores_the_same_grid_every_way_and_agrees_with_the_loop
     assert code == 0 and [r["variant"].split(",")[-1].strip() for r in rows][1:] == ["one point at a time", "3 points at once (vmap)"]
     assert all(r["points"] == 4 and r["max_train_loss_diff_vs_loop"] < 1e-4 and r["git_sha"] for r in rows)
     assert rows[0]["speedup_vs_loop"] == 1.0
+
+
+def test_noise_warnings_flag_what_was_seen_under_load():
+    from fastflat.bench.report import noise_warnings
+
+    rows = [{"op": "sam_perturb", "provider": "triton", "status": "ok", "time_ms": 1.0, "iqr_ms": 0.1, "pct_copy": 2525.7},
+            {"op": "copy", "provider": "torch", "status": "ok", "time_ms": 1.0, "iqr_ms": 0.6, "gbps": 0.3},
+            {"method": "sam", "model": "cnn", "status": "ok", "step_ms": 50.0, "iqr_ms": 1.0, "outside_fwd_bwd_ms": -94.77},
+            {"method": "sgd", "model": "cnn", "status": "ok", "step_ms": 50.0, "iqr_ms": 1.0, "outside_fwd_bwd_ms": 3.0}]
+    lines = noise_warnings(rows)
+    assert any("2526% of copy bandwidth" in line for line in lines)
+    assert any("IQR" in line and "copy" in line for line in lines) and any("0.30 GB/s" in line for line in lines)
+    assert any("negative time outside fwd+bwd" in line and line.startswith("sam cnn") for line in lines)
+    assert rows[3]["warnings"] == "" and len(lines) == 4
+
+
+def test_bench_format_json_prints_every_row_unrounded(tmp_path, capsys):
+    code = main(["bench", "train", "--model", "cnn", "--methods", "sgd", "--steps", "2", "--warmup", "0",
+                 "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path), "--format", "json"])
+    out = capsys.readouterr().out
+    rows = json.loads(out)
+    assert code == 0 and rows[0]["method"] == "sgd" and isinstance(rows[0]["step_ms"], float) and "warnings" in rows[0]
+    assert main(["bench", "train", "--format", "xml"]) == 2

@@ -12,15 +12,14 @@ from typing import Annotated
 
 import torch
 import typer
-from rich.console import Console
 
 from fastflat.bench.registry import OPS, PROVIDERS
 from fastflat.bench.workloads import DTYPES, MODEL_WORKLOADS
+from fastflat.consoles import console, err_console
 from fastflat.errors import UserError
 
 bench_app = typer.Typer(rich_markup_mode="rich", add_completion=False,
                         help="Benchmark the fused ops against their baselines, and whole training steps.")
-console = Console()
 
 OUT = "benchmarks/results"
 CPU_SIZES, GPU_SIZES = "2^16,2^20,2^22", "2^16,2^20,2^24,2^26"
@@ -58,11 +57,13 @@ def kernels(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     out: Annotated[str, typer.Option(help="Folder for the JSON and CSV results (never overwritten).")] = OUT,
     quick: Annotated[bool, typer.Option(help="Short timing, no torch.compile on CPU: a smoke run.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="table (Rich) | csv | json (every field, unrounded, on stdout).")] = "table",
 ) -> None:
     """Time each op per provider (loop, foreach, compile, flat-torch, triton) against copy bandwidth."""
     from fastflat.bench.kernels import KernelSettings, run_kernels
     from fastflat.bench.workloads import model_workload, size_workload
 
+    _check_format(fmt)
     dev = _device(device)
     on_gpu = dev.type == "cuda"
     size_list = _names(sizes or (GPU_SIZES if on_gpu else CPU_SIZES), None, "--sizes")
@@ -73,11 +74,12 @@ def kernels(
     settings = KernelSettings(ops=_names(ops, tuple(OPS), "--ops"), workloads=workloads,
                               dtypes=_names(dtypes, tuple(DTYPES), "--dtypes"),
                               providers=_names(providers, PROVIDERS, "--providers"), device=dev, quick=quick)
-    rows = run_kernels(settings, on_workload=lambda text: console.print(f"[dim]benchmarking {text}[/dim]"))
+    say = console if fmt == "table" else err_console  # csv/json own stdout
+    rows = run_kernels(settings, on_workload=lambda text: say.print(f"[dim]benchmarking {text}[/dim]"))
     floors = {name: {"summary": OPS[name].summary, "floor_elements": OPS[name].floor,
                      "floor_counted_as": OPS[name].floor_detail} for name in settings.ops}
     _report("kernels", dev, rows, out, {"sizes": size_list, "models": model_list, "dtypes": settings.dtypes,
-                                        "providers": settings.providers, "quick": quick, "ops": floors})
+                                        "providers": settings.providers, "quick": quick, "ops": floors}, fmt)
 
 
 @bench_app.command("train")
@@ -89,16 +91,19 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 128,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     out: Annotated[str, typer.Option(help="Folder for the JSON and CSV results (never overwritten).")] = OUT,
+    fmt: Annotated[str, typer.Option("--format", help="table (Rich) | csv | json (every field, unrounded, on stdout).")] = "table",
 ) -> None:
     """Steps/s and samples/s per method on a synthetic 3x32x32 batch, SAM/SGD time, time outside fwd+bwd."""
     from fastflat.bench.train import TrainSettings, run_train
 
+    _check_format(fmt)
     dev = _device(device)
     settings = TrainSettings(model=model, methods=_names(methods, None, "--methods"), steps=steps,
                              batch_size=batch_size, warmup=warmup, device=dev)
-    rows = run_train(settings, on_method=lambda name: console.print(f"[dim]timing {name} on {model}[/dim]"))
+    say = console if fmt == "table" else err_console  # csv/json own stdout
+    rows = run_train(settings, on_method=lambda name: say.print(f"[dim]timing {name} on {model}[/dim]"))
     _report("train", dev, rows, out, {"model": model, "methods": settings.methods, "steps": steps,
-                                      "warmup": warmup, "batch_size": batch_size})
+                                      "warmup": warmup, "batch_size": batch_size}, fmt)
 
 
 @bench_app.command("es-memory")
@@ -193,15 +198,28 @@ def landscape(
     console.print(f"wrote {json_path} and {csv_path}")
 
 
-def _report(benchmark: str, device: torch.device, rows: list[dict], out: str, settings: dict) -> None:
+def _check_format(fmt: str) -> None:
+    if fmt not in ("table", "csv", "json"):
+        raise UserError(f"--format takes table, csv or json, not {fmt!r}")
+
+
+def _report(benchmark: str, device: torch.device, rows: list[dict], out: str, settings: dict,
+            fmt: str = "table") -> None:
     from fastflat.bench import report
 
     rows = report.with_provenance(rows, device)
+    warnings = report.noise_warnings(rows)
+    if fmt != "table":
+        report.print_rows(rows, fmt)
+        report.write_results(out, benchmark, device, rows, settings)
+        return
     if benchmark == "kernels":
         console.print(report.kernel_table(rows))
         report.print_notes(console, rows)
     else:
         console.print(report.train_table(rows))
+    for line in warnings:
+        console.print(f"[yellow]untrustworthy: {line}[/yellow]", highlight=False)
     report.print_provenance(console, rows)
     json_path, csv_path = report.write_results(out, benchmark, device, rows, settings)
     console.print(f"wrote {json_path} and {csv_path}")

@@ -13,6 +13,7 @@ import csv
 import datetime as dt
 import io
 import json
+import sys
 import platform
 import re
 from pathlib import Path
@@ -131,6 +132,45 @@ def train_table(rows: list[dict[str, Any]]) -> Table:
                       _num(r["outside_fwd_bwd_ms"], ".3g"), _num(r["ratio_to_sgd"], ".2f"),
                       _num(r.get("round_ms"), ".4g"), r["reason"] or "")
     return table
+
+
+NOISY_IQR = 0.25  # IQR / median above this: the timings spread too much to compare
+MAX_PCT_COPY = 110.0  # an op that reads and writes at least its byte floor cannot beat a plain copy by more
+MIN_COPY_GBPS = 1.0  # a copy slower than this on any machine of this decade means the machine was busy
+
+
+def noise_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """Why a measurement cannot be trusted, one line each (seen under load: pct_copy 2525.7, outside
+    fwd+bwd -94.77 ms). Each row also gets them in its own "warnings" field, for the JSON and CSV."""
+    lines = []
+    for r in rows:
+        found = []
+        if r.get("status", "ok") != "ok":
+            continue
+        median = r.get("time_ms", r.get("step_ms"))
+        if median and r.get("iqr_ms") is not None and r["iqr_ms"] / median > NOISY_IQR:
+            found.append(f"IQR {r['iqr_ms']:.3g} ms is {100 * r['iqr_ms'] / median:.0f}% of the median")
+        if r.get("pct_copy") is not None and r["pct_copy"] > MAX_PCT_COPY:
+            found.append(f"{r['pct_copy']:.0f}% of copy bandwidth: faster than a copy, so one of the two was timed under load")
+        if r.get("op") == "copy" and r.get("gbps") is not None and r["gbps"] < MIN_COPY_GBPS:
+            found.append(f"copy bandwidth {r['gbps']:.2f} GB/s is implausibly low: the machine was busy")
+        if r.get("outside_fwd_bwd_ms") is not None and r["outside_fwd_bwd_ms"] < 0:
+            found.append(f"negative time outside fwd+bwd ({r['outside_fwd_bwd_ms']:.3g} ms): the passes were timed "
+                         "slower than the whole step, i.e. noise")
+        r["warnings"] = "; ".join(found)
+        what = " ".join(str(r[k]) for k in ("op", "method", "workload", "model", "dtype", "provider") if r.get(k))
+        lines += [f"{what}: {f}" for f in found]
+    return lines
+
+
+def print_rows(rows: list[dict[str, Any]], fmt: str) -> None:
+    """--format csv|json: every field of every row, numbers unrounded, on stdout."""
+    if fmt == "json":
+        print(json.dumps(rows))
+        return
+    writer = csv.DictWriter(sys.stdout, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
 
 
 def print_provenance(console: Console, rows: list[dict[str, Any]]) -> None:
