@@ -173,10 +173,12 @@ def train(
             resume = latest_resumable(overrides.pop("out", None) or D.out, overrides.pop("name", None))
             console.print(f"resuming {resume}", highlight=False)
         if resume is not None:
+            extend = overrides.pop("epochs", None)  # the one setting a resume may change (where it can)
             given = sorted(k for k, v in overrides.items() if v is not None)
             if given or config is not None:
-                raise UserError(f"--resume continues with the run's saved config; drop {', '.join(given) or '--config'}")
-            summary = training.resume(resume, hooks)
+                raise UserError(f"--resume continues with the run's saved config (only --epochs may extend it); "
+                                f"drop {', '.join(given) or '--config'}")
+            summary = training.resume(resume, hooks, epochs=extend)
         else:
             summary = training.train(load_config(config, overrides), hooks)
     except KeyboardInterrupt as e:

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from fastflat.config import TrainConfig
 from fastflat.errors import UserError
 from fastflat.rundir import CHECKPOINT, LOCK
 
@@ -89,3 +90,24 @@ def latest_resumable(folder: str | Path, name: str | None = None) -> Path:
         which = f" named {name}" if name else ""
         raise UserError(f"--resume auto: no interrupted run{which} in {folder} (fastflat runs {folder} lists them)")
     return Path(candidates[-1]["path"])
+
+
+def extension_problem(cfg: TrainConfig, epochs: int) -> str | None:
+    """Why `cfg`'s run cannot be extended to `epochs` (None: it can). Extending must not change the
+    learning rate of any step already taken, so the LR may not depend on the total budget: a constant
+    schedule (sgd, sam, es, fullbatch), SWA averaging from an epoch (--swa-start >= 1) at a constant
+    or cyclic LR after a constant pre-phase, FGE started from --init (its cycles just go on)."""
+    if epochs <= cfg.epochs:
+        return f"--epochs {epochs} is not more than the run's {cfg.epochs}"
+    if cfg.max_steps:
+        return "the run was capped by --max-steps"
+    owner = cfg.method if cfg.method in ("swa", "sse", "fge") else ("swa" if cfg.swa.enabled else None)
+    if owner is None:
+        return None if cfg.schedule == "constant" and not cfg.warmup_epochs else (
+            f"its {cfg.schedule} schedule spans the old budget (only --schedule constant runs extend)")
+    if owner == "swa":
+        return None if cfg.swa.start >= 1 and cfg.schedule == "constant" else (
+            "SWA extends only when averaging starts at an epoch (--swa-start >= 1) after a constant pre-phase")
+    if owner == "fge":
+        return None if cfg.init else "FGE extends only when started from --init (its pretraining is a share of the budget)"
+    return "a snapshot ensemble's cycles divide the old budget"

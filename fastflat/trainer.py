@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from fastflat import data as datasets
 from fastflat import dist
@@ -32,8 +31,10 @@ from fastflat.faults import StopRequests
 from fastflat.flat import flatten
 from fastflat.methods import Closure, Method, build_method
 from fastflat.models import build_model
-from fastflat.rundir import RunDir, load_checkpoint, load_point, load_weights, provenance
+from fastflat.rundir import RunDir, load_checkpoint, load_weights, provenance
 from fastflat.schedules import make_schedule
+from fastflat.runs import extension_problem
+from fastflat.services import TrainerServices
 from fastflat.steps import MAX_ROLLBACKS, MAX_SKIPS_IN_A_ROW, Hooks, Position, epoch_generator, train_step
 
 def default_run_name(cfg: TrainConfig) -> str:
@@ -44,7 +45,7 @@ def default_run_name(cfg: TrainConfig) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{cfg.method}-{data}-{cfg.model}-s{cfg.seed}-{stamp}")
 
 
-class Trainer:
+class Trainer(TrainerServices):
     """Builds data, model, flat buffer and method for a config, then runs epochs from a Position."""
 
     def __init__(self, cfg: TrainConfig, run: RunDir, hooks: Hooks | None = None, resuming: bool = False,
@@ -92,58 +93,6 @@ class Trainer:
         self.position = Position()
         self.saved_step: int | None = None  # the step the checkpoint on disk holds
         self._reset_tally()
-
-    # -- services for methods (methods.RunServices) ---------------------------------------------------
-    def update_bn(self) -> None:
-        batches = datasets.iterate_batches(self.data.train, max(self.cfg.batch_size, 256), dataset=self.data, train=False)
-        torch.optim.swa_utils.update_bn(batches, self.model, self.device)
-
-    def evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.data.test, self.data, max(self.cfg.batch_size, 512), self.cfg.amp)
-
-    def save_member(self, tag: str) -> str:
-        return str(self.run.save_member(tag, self.model.state_dict()))
-
-    def _plain_model(self) -> torch.nn.Module:
-        """A fresh, unflattened model of the run's architecture, to load members into."""
-        if self.user_model is not None:
-            import copy
-
-            return copy.deepcopy(self.model)  # the copy's parameters own their storage
-        return build_model(self.cfg.model, self.data.in_channels, self.data.num_classes,
-                           self.data.image_size).to(self.device)
-
-    def evaluate_ensemble(self, paths: list[str]) -> dict[str, Any]:
-        from fastflat.ensemble import evaluate_members
-
-        return evaluate_members(self._plain_model(), paths, self.data.test, self.data)
-
-    def validation_best_k(self, paths: list[str]) -> int:
-        from fastflat.ensemble import validation_choice
-
-        return validation_choice(self._plain_model(), [Path(p) for p in paths], self.validation, self.data)["best_k"]
-
-    def holdout_batches(self, purpose: str, limit: int = 0) -> list[tuple[Tensor, Tensor]]:
-        """The split held out for `purpose` (its first `limit` examples; 0 = all), as fixed batches."""
-        split = self.holdouts.get(purpose, self.data.train)
-        n = limit or len(split)
-        head = datasets.Split(split.images[:n], split.labels[:n])
-        return list(datasets.iterate_batches(head, 256, dataset=self.data, train=False))
-
-    def point_weights(self, path: str) -> tuple[dict[str, Any], list[Tensor]]:
-        """Another run's (or member file's) config, and its weights in this model's flat layout."""
-        state = load_point(path)
-        load_weights(self.model, state["model"], f"weights {path}", self.cfg.model)
-        return state["config"], self.flat.clone_params()
-
-    def log_event(self, record: dict[str, Any]) -> None:
-        """A mutation round: a line of evolution.jsonl, and one on the console as it happens."""
-        self.run.append_metrics({"step": self.position.step, **record}, name="evolution.jsonl")
-        if "round" in record:
-            verdict = "child replaced the parent" if record.get("replaced") else "parent kept"
-            self.hooks.on_event(f"mutation round {record['round']} ({record.get('mutation')}): held-out loss "
-                                f"{record['parent_loss']:.4f} -> {record['heldout_loss']:.4f}, children best "
-                                f"{record['children_best_loss']:.4f} / mean {record['children_mean_loss']:.4f}; {verdict}")
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -399,15 +348,22 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, model: torch.nn.Module |
 
 
 def resume(run_dir: str | Path, hooks: Hooks | None = None, model: torch.nn.Module | None = None,
-           data: Any = None) -> dict[str, Any]:
+           data: Any = None, epochs: int | None = None) -> dict[str, Any]:
     """Continue a run from its last checkpoint, with the config it was started with. Refuses while
     another process trains the same run; clears temporary files that a crash left behind. A run
-    started with your own model or data needs them again (a fresh instance of the same module)."""
+    started with your own model or data needs them again (a fresh instance of the same module).
+    `epochs`: extend the run (a finished one too) to this many epochs, where extension_problem allows."""
     run = RunDir.open(run_dir, rank=dist.rank())
     with run.locked():
         run.remove_temporaries()
         state = load_checkpoint(run.checkpoint_path)
         cfg = config_from_dict(state["config"])
+        if epochs is not None:
+            if (problem := extension_problem(cfg, epochs)) is not None:
+                raise UserError(f"{run_dir} cannot be extended: {problem}")
+            cfg = replace(cfg, epochs=epochs)
+            run.write_config(to_dict(cfg))
+            (run.path / "summary.json").unlink(missing_ok=True)  # no longer finished: a new one at the end
         if data is None and cfg.dataset == "custom":
             raise UserError(f"{run_dir} trained on data passed in Python: resume(run, data=(train, test))")
         trainer = Trainer(cfg, run, hooks, resuming=True, model=model, data=data)

@@ -121,3 +121,24 @@ def test_step_logs_csv_and_tensorboard_and_a_resumed_run_logs_each_step_once(tmp
     cut = EventAccumulator(str(tmp_path / "cut" / "r" / "tensorboard"))
     cut.Reload()
     assert [e.step for e in cut.Scalars("step/train_loss")] == [3, 6, 9, 12, 15]  # resume purged the repeat
+
+
+def test_a_finished_constant_lr_run_extends_to_what_a_longer_run_gives(capsys, tmp_path):
+    import torch
+
+    base = ["train", "--dataset", "synthetic", "--schedule", "constant", "--out", str(tmp_path)]
+    assert main([*base, "--epochs", "2", "--name", "long"]) == 0
+    assert main([*base, "--epochs", "1", "--name", "short"]) == 0
+    code, _, _ = run_cli(capsys, "train", "--resume", str(tmp_path / "short"), "--epochs", "2")
+    summary = json.loads((tmp_path / "short" / "summary.json").read_text())
+    assert code == 0 and summary["epochs"] == 2 and summary["steps"] == 16
+    a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=True)["model"] for r in ("long", "short"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert yaml.safe_load((tmp_path / "short" / "config.yaml").read_text())["epochs"] == 2
+
+
+def test_a_run_whose_schedule_spans_its_budget_refuses_to_extend(capsys, tmp_path):
+    assert main(["train", *TINY, "--out", str(tmp_path), "--name", "cos"]) == 0
+    code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path / "cos"), "--epochs", "3")
+    assert code == 2 and "cannot be extended" in err and "cosine schedule" in err
+    assert (tmp_path / "cos" / "summary.json").exists()  # nothing touched
