@@ -16,7 +16,7 @@ from fastflat.bench.workloads import DTYPES, gpt2_small_shapes, model_shapes
 from fastflat.cli import main
 
 PROVENANCE = ("device_kind", "device", "torch", "triton", "git_sha", "timestamp")
-QUICK = ["--quick", "--sizes", "2^10", "--models", "cnn", "--dtypes", "fp32,bf16"]
+QUICK = ["--quick", "--sizes", "2^10", "--models", "cnn", "--dtypes", "fp32,bf16", "--providers", ",".join(registry.PROVIDERS)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -248,3 +248,15 @@ def test_bench_format_json_prints_every_row_unrounded(tmp_path, capsys):
     rows = json.loads(out)
     assert code == 0 and rows[0]["method"] == "sgd" and isinstance(rows[0]["step_ms"], float) and "warnings" in rows[0]
     assert main(["bench", "train", "--format", "xml"]) == 2
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_kernel_bench_defaults_on_a_cpu_skip_compile_and_bf16(monkeypatch, tmp_path, quick):
+    from fastflat.bench import kernels as kernel_bench
+
+    seen = {}
+    monkeypatch.setattr(kernel_bench, "run_kernels", lambda settings, on_workload: seen.setdefault("s", settings) and [])
+    main(["bench", "kernels", "--device", "cpu", "--out", str(tmp_path), *(["--quick"] if quick else [])])
+    settings = seen["s"]
+    assert settings.dtypes == ["fp32"] and "compile" not in settings.providers
+    assert [w.label for w in settings.workloads] == (["2^16", "2^20"] if quick else ["2^16", "2^20", "2^22", "resnet18"])

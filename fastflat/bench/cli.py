@@ -22,7 +22,10 @@ bench_app = typer.Typer(rich_markup_mode="rich", add_completion=False,
                         help="Benchmark the fused ops against their baselines, and whole training steps.")
 
 OUT = "benchmarks/results"
-CPU_SIZES, GPU_SIZES = "2^16,2^20,2^22", "2^16,2^20,2^24,2^26"
+CPU_SIZES, GPU_SIZES, QUICK_SIZES = "2^16,2^20,2^22", "2^16,2^20,2^24,2^26", "2^16,2^20"
+# Defaults sized by device: on a CPU, torch.compile costs seconds of compilation per (op, size, dtype)
+# and bf16 is not the case anyone tunes there, so a CPU run times fp32 without compile unless asked.
+CPU_PROVIDERS = "loop,foreach,flat-torch,triton"
 
 
 def _names(text: str, allowed: tuple[str, ...] | None, option: str) -> list[str]:
@@ -51,12 +54,12 @@ MODELS_HELP = (f"Real parameter lists: {', '.join(MODEL_WORKLOADS)} or any --mod
 def kernels(
     sizes: Annotated[str | None, typer.Option(help=SIZES_HELP)] = None,
     models: Annotated[str | None, typer.Option(help=MODELS_HELP)] = None,
-    dtypes: Annotated[str, typer.Option(help=f"Storage dtypes: {', '.join(DTYPES)}.")] = "fp32,bf16",
+    dtypes: Annotated[str | None, typer.Option(help=f"Storage dtypes: {', '.join(DTYPES)} (default: GPU fp32,bf16; CPU fp32).")] = None,
     ops: Annotated[str, typer.Option(help=f"Ops: {', '.join(OPS)}.")] = ",".join(OPS),
-    providers: Annotated[str, typer.Option(help=f"Providers: {', '.join(PROVIDERS)}.")] = ",".join(PROVIDERS),
+    providers: Annotated[str | None, typer.Option(help=f"Providers: {', '.join(PROVIDERS)} (default: all on a GPU; {CPU_PROVIDERS} on a CPU).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     out: Annotated[str, typer.Option(help="Folder for the JSON and CSV results (never overwritten).")] = OUT,
-    quick: Annotated[bool, typer.Option(help="Short timing, no torch.compile on CPU: a smoke run.")] = False,
+    quick: Annotated[bool, typer.Option(help=f"Short timing, sizes {QUICK_SIZES} and no model lists unless given, no torch.compile on CPU: a smoke run.")] = False,
     fmt: Annotated[str, typer.Option("--format", help="table (Rich) | csv | json (every field, unrounded, on stdout).")] = "table",
 ) -> None:
     """Time each op per provider (loop, foreach, compile, flat-torch, triton) against copy bandwidth."""
@@ -66,8 +69,11 @@ def kernels(
     _check_format(fmt)
     dev = _device(device)
     on_gpu = dev.type == "cuda"
-    size_list = _names(sizes or (GPU_SIZES if on_gpu else CPU_SIZES), None, "--sizes")
-    model_list = _names(models or (",".join(MODEL_WORKLOADS) if on_gpu else "resnet18"), None, "--models")
+    size_list = _names(sizes or (QUICK_SIZES if quick else GPU_SIZES if on_gpu else CPU_SIZES), None, "--sizes")
+    model_list = _names(models or ("none" if quick else ",".join(MODEL_WORKLOADS) if on_gpu else "resnet18"),
+                        None, "--models")
+    dtypes = dtypes or ("fp32,bf16" if on_gpu else "fp32")
+    providers = providers or (",".join(PROVIDERS) if on_gpu else CPU_PROVIDERS)
     workloads = [size_workload(s) for s in size_list] + [model_workload(m) for m in model_list]
     if not workloads:
         raise UserError("--sizes and --models are both empty: nothing to benchmark")

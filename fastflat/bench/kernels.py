@@ -50,7 +50,7 @@ def time_call(fn: Callable[[], Any], device: torch.device, quick: bool) -> tuple
     from torch.utils import benchmark  # synchronises CUDA itself when triton is missing
 
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    measured = timer.blocked_autorange(min_run_time=0.01 if quick else 1.0)
+    measured = timer.blocked_autorange(min_run_time=0.01 if quick else 0.5)
     return measured.median * 1e3, measured.iqr * 1e3
 
 
