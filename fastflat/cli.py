@@ -11,6 +11,7 @@ usage errors.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -146,6 +147,7 @@ def train(
     config: Annotated[Path | None, _opt("YAML file of settings; options given here override it.", RUN)] = None,
     resume: Annotated[Path | None, _opt("Continue the run in this directory from its last checkpoint; auto: the latest interrupted run in --out (of --name, if given).", RUN)] = None,
     print_config: Annotated[bool, _opt("Print the resolved config as YAML (defaults, --config file, options) and exit.", RUN)] = False,
+    nproc: Annotated[int | None, _opt("Run N processes on this machine through torch.distributed.run (torchrun); the global --batch-size is split over them.", RUN)] = None,
 ) -> None:
     """Train a model with one method and write a run directory (config, metrics, checkpoint, summary)."""
     from fastflat import trainer as training
@@ -153,6 +155,8 @@ def train(
 
     keys = option_keys()
     overrides = {keys[k]: v for k, v in locals().items() if k in keys}
+    if nproc is not None:
+        raise typer.Exit(_launch(nproc, overrides.get("device") or D.device))
     if print_config:
         import yaml
 
@@ -165,7 +169,7 @@ def train(
         else:
             print(yaml.safe_dump(to_dict(load_config(config, overrides)), sort_keys=False), end="")
         return
-    hooks = RichHooks(console)
+    hooks = RichHooks(console) if os.environ.get("RANK", "0") == "0" else training.Hooks()  # torchrun: rank 0 speaks
     try:
         if resume is not None and str(resume) == "auto":
             from fastflat.runs import latest_resumable
@@ -192,7 +196,11 @@ def train(
     except UserError:
         hooks.stop()
         raise
-    hooks.print_summary(summary)
+    from fastflat import dist
+
+    dist.finish()
+    if isinstance(hooks, RichHooks):
+        hooks.print_summary(summary)
 
 
 @app.command("runs")
@@ -219,6 +227,33 @@ def runs_command(
         table.add_row(r["run"], str(r["method"]), str(r["model"]), str(r["dataset"]), f"{r['epochs_done']}/{r['epochs']}",
                       acc(r["best_test_acc"]), acc(r["final_test_acc"]), f"[{colour.get(r['status'], 'white')}]{state}")
     console.print(table)
+
+
+def _launch(nproc: int, device: str) -> int:
+    """fastflat train --nproc N ...: the same command under torch.distributed.run, N processes here."""
+    import subprocess
+
+    import torch
+
+    cuda = device != "cpu" and torch.cuda.is_available()
+    available = torch.cuda.device_count() if cuda else (os.cpu_count() or 1)
+    if not 1 <= nproc <= available:
+        where = f"{available} CUDA device(s)" if cuda else f"{available} CPU cores"
+        raise UserError(f"--nproc {nproc}: this machine has {where}; use 1 to {available}")
+    argv, skip = [], False
+    for arg in _ARGV:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "fastflat", *argv]
+    return subprocess.run(command).returncode
+
+
+_ARGV: list[str] = []  # the command line main() was given, for --nproc to pass on
 
 
 def _interrupted_message(error: KeyboardInterrupt, run_dir: str | None) -> str:
@@ -416,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["--help"]  # a bare `fastflat` shows the commands
+    _ARGV[:] = argv
     try:
         result = command.main(args=argv, prog_name="fastflat", standalone_mode=False)
     except UsageError as e:

@@ -40,7 +40,15 @@ def autocast(device: torch.device, amp: str):
 @torch.no_grad()
 def evaluate(model: nn.Module, split: datasets.Split, dataset: datasets.Dataset, batch_size: int,
              amp: str = "none") -> dict[str, float]:
-    """Mean cross-entropy and accuracy (%) of `model` on a whole split, in eval mode."""
+    """Mean cross-entropy and accuracy (%) of `model` on a whole split, in eval mode. Under torchrun
+    each rank scores its contiguous share of the split (rank 0's BatchNorm statistics on all) and the
+    sums are reduced: every example counted exactly once."""
+    from fastflat import dist
+
+    dist.broadcast_buffers_(model)
+    if dist.active():
+        n, r, w = len(split), dist.rank(), dist.world_size()
+        split = datasets.Split(split.images[r * n // w : (r + 1) * n // w], split.labels[r * n // w : (r + 1) * n // w])
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=split.labels.device)
@@ -51,5 +59,5 @@ def evaluate(model: nn.Module, split: datasets.Split, dataset: datasets.Dataset,
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
-    n = len(split)
-    return {"loss": loss_sum.item() / n, "acc": 100.0 * correct.item() / n}
+    loss_total, correct_total, n = dist.all_reduce_sum([loss_sum.item(), correct.item(), len(split)], loss_sum.device)
+    return {"loss": loss_total / n, "acc": 100.0 * correct_total / n}

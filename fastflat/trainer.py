@@ -97,6 +97,8 @@ class Trainer(TrainerServices):
     # -- checkpoints ---------------------------------------------------------------------------------
     def checkpoint(self) -> None:
         self._sync_tally()
+        dist.broadcast_buffers_(self.model)  # torchrun: rank 0's BatchNorm statistics are the model's
+        dist.assert_identical(self.flat.params, "weights")  # every step keeps them bitwise equal; checked here
         self.run.save_checkpoint({
             "config": to_dict(self.cfg),
             "model": self.model.state_dict(),
@@ -173,7 +175,7 @@ class Trainer(TrainerServices):
             if index < pos.batch:
                 continue  # resumed mid-epoch: replay the order, skip the work
             self._step(index, closure)
-            if self.stop.requested:
+            if dist.any_rank(self.stop.requested, self.device):  # all ranks stop after the same step
                 self.checkpoint()
                 raise Interrupted(self.saved_step)
             if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0:
@@ -181,7 +183,7 @@ class Trainer(TrainerServices):
             if self._steps_spent():
                 break  # --max-steps: this epoch ends here, scored
         self._end_epoch()
-        if self.stop.requested:
+        if dist.any_rank(self.stop.requested, self.device):
             raise Interrupted(self.saved_step)
 
     def _steps_spent(self) -> bool:
@@ -198,7 +200,8 @@ class Trainer(TrainerServices):
             yield SplitClosure(self.model, self.flat, list(chunks), cfg.amp)
             return
         for x, y in datasets.iterate_batches(self.data.train, cfg.batch_size, dataset=self.data, train=True,
-                                             generator=generator, drop_last=True):
+                                             generator=generator, drop_last=True, rank=dist.rank(),
+                                             world_size=dist.world_size()):  # torchrun: this rank's share
             yield BatchClosure(self.model, self.flat, x, y, cfg.amp)
 
     def _step(self, index: int, closure: Closure) -> None:
@@ -256,11 +259,11 @@ class Trainer(TrainerServices):
             val = evaluate(self.model, self.validation, self.data, max(cfg.batch_size, 512), cfg.amp)
             test.update(val_loss=val["loss"], val_acc=val["acc"])
         last = max(pos.step - 1, 0)
-        seen = max(pos.seen, 1)
+        loss_sum, correct, seen = dist.all_reduce_sum([pos.loss_sum, pos.correct, pos.seen], self.device)  # all ranks
         record = {"epoch": pos.epoch + 1, "step": pos.step,
                   "lr": self.method.lr(last, self.schedule(last)) * pos.lr_scale,
-                  "train_loss": pos.loss_sum / seen, "train_acc": 100.0 * pos.correct / seen, **test,
-                  "epoch_seconds": pos.seconds, "samples_per_s": pos.seen / max(pos.seconds, 1e-9)}
+                  "train_loss": loss_sum / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1), **test,
+                  "epoch_seconds": pos.seconds, "samples_per_s": seen / max(pos.seconds, 1e-9)}
         if pos.skipped or pos.rollbacks:
             record.update(skipped_steps=pos.skipped, rollbacks=pos.rollbacks, lr_scale=pos.lr_scale)
         self.position = replace(pos, epoch=pos.epoch + 1, batch=0, loss_sum=0.0, correct=0, seen=0, seconds=0.0)
@@ -307,7 +310,7 @@ class Trainer(TrainerServices):
             "val_split_size": len(self.validation) if self.validation is not None else 0,
             "val_acc": final.get("val_acc"), "skipped_steps": self.position.skipped,
             "noisy_labels": self.data.noisy_labels, "data_source": self.data.source,
-            "planned_steps": self.total_steps,
+            "planned_steps": self.total_steps, "ranks": dist.world_size(),
             **extra, "config": to_dict(self.cfg), "provenance": provenance(self.device),
         }
         self.run.write_summary(summary)
@@ -334,7 +337,11 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, model: torch.nn.Module |
         cfg = replace(cfg, model=f"custom:{type(model).__name__}")
     if data is not None:
         cfg = replace(cfg, dataset="custom")
-    run = RunDir.create(cfg.out, cfg.name or default_run_name(cfg), rank=dist.rank())
+    dist.init_from_env(cfg.device)
+    check_distributable(cfg)
+    name = dist.broadcast_object(cfg.name or default_run_name(cfg))  # one name: the ranks' clocks differ
+    run = RunDir.create(cfg.out, name, rank=dist.rank())
+    run.path = Path(dist.broadcast_object(str(run.path)))  # rank 0 may have added a -2 suffix
     with run.locked():
         try:
             if cfg.name is None:
@@ -353,6 +360,7 @@ def resume(run_dir: str | Path, hooks: Hooks | None = None, model: torch.nn.Modu
     another process trains the same run; clears temporary files that a crash left behind. A run
     started with your own model or data needs them again (a fresh instance of the same module).
     `epochs`: extend the run (a finished one too) to this many epochs, where extension_problem allows."""
+    dist.init_from_env()
     run = RunDir.open(run_dir, rank=dist.rank())
     with run.locked():
         run.remove_temporaries()
@@ -364,12 +372,24 @@ def resume(run_dir: str | Path, hooks: Hooks | None = None, model: torch.nn.Modu
             cfg = replace(cfg, epochs=epochs)
             run.write_config(to_dict(cfg))
             (run.path / "summary.json").unlink(missing_ok=True)  # no longer finished: a new one at the end
+        check_distributable(cfg)
         if data is None and cfg.dataset == "custom":
             raise UserError(f"{run_dir} trained on data passed in Python: resume(run, data=(train, test))")
         trainer = Trainer(cfg, run, hooks, resuming=True, model=model, data=data)
         trainer.restore(state)
         run.clear_failed()
         return _run_marking_failures(trainer, run)
+
+
+def check_distributable(cfg: TrainConfig) -> None:
+    """Under torchrun: the methods that run across ranks so far, and a batch the ranks can share."""
+    if not dist.active():
+        return
+    if cfg.method in ("es", "spartan", "fullbatch", "curve"):
+        raise UserError(f"--method {cfg.method} does not run across ranks yet; train it in one process")
+    if cfg.batch_size % dist.world_size():
+        raise UserError(f"--batch-size {cfg.batch_size} (the global batch) does not split over {dist.world_size()} "
+                        f"processes; use a multiple of {dist.world_size()}")
 
 
 def _run_marking_failures(trainer: Trainer, run: RunDir) -> dict[str, Any]:

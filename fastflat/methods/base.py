@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from fastflat import ops
+from fastflat import dist, ops
 from fastflat.config import TrainConfig
 from fastflat.faults import finite_or_raise
 from fastflat.flat import FlatParams
@@ -84,10 +84,13 @@ class Method:
         """Refuse a non-finite step, clip (if asked), then step the optimizer over `params` at `lr`.
 
         `params` are the optimizer's vectors with `grads` their gradients (param.grad is grad for
-        flat vectors). The gradient norm and `checks` (the loss, SAM's ascent norm) are tested
+        flat vectors). Under torchrun the gradients are first averaged over the ranks (each holds its
+        shard's mean): every rank then takes the same step, so weights stay bitwise identical; SAM's
+        ascent, taken before, stays per rank (m = the per-rank batch, as the SAM paper's setup). The gradient norm and `checks` (the loss, SAM's ascent norm) are tested
         with one host sync; NonFiniteError is raised before anything moves, so the weights and the
         optimizer state stay those of the last good step.
         """
+        dist.all_reduce_mean_(grads)  # torchrun: the global batch's gradient, one all-reduce per flat vector
         sqnorm = ops.total_sqnorm(grads)  # (1,) fp32 (fp64 for fp64 grads): one read of N
         finite_or_raise({**(checks or {}), "gradient norm": sqnorm})
         metrics: dict[str, Any] = {}

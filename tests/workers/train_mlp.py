@@ -1,0 +1,46 @@
+"""Run by tests/test_distributed.py, alone or under torchrun: fastflat.train on an MLP (no BatchNorm, so
+a 2-rank step equals a 1-process step to float tolerance) over fixed tabular data.
+
+    python tests/workers/train_mlp.py OUT NAME METHOD EPOCHS [RESUME_EPOCHS]
+"""
+
+import sys
+
+import torch
+from torch import nn
+
+import fastflat
+from fastflat.trainer import resume
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(640, 12, generator=g)
+    y = (x @ torch.randn(12, 4, generator=g)).argmax(1)
+    return (x[:512], y[:512]), (x[512:], y[512:])
+
+
+def model():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 4))
+
+
+if __name__ == "__main__":
+    out, name, method, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    if len(sys.argv) > 5:  # extend a finished run (saved on any number of ranks) to more epochs
+        resume(f"{out}/{name}", model=model(), data=data(), epochs=int(sys.argv[5]))
+    else:
+        settings = {"method": method, "epochs": epochs, "batch_size": 64, "schedule": "constant", "lr": 0.1,
+                    "device": "cpu", "out": out, "name": name, "log_every": 0}
+        if method == "sam-m32":  # one process, one ascent per 32 examples: what 2 ranks of 32 each do
+            settings.update({"method": "sam", "sam": {"m": 32}})
+        if method == "swa":
+            settings.update({"swa": {"start": 1, "lr": 0.05, "cycle": 2}})
+            settings.pop("schedule")
+        if method == "fge":
+            settings.update({"fge": {"pretrain": 0.5, "cycle_epochs": 0.25}})
+            settings.pop("schedule")
+        fastflat.train(settings, model=model(), data=data())
+    from fastflat import dist
+
+    dist.finish()
