@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 11's pictures on Fashion-MNIST with the small CNN (about 40 minutes on 2 cores):
+# Issue 11's pictures on Fashion-MNIST with the small CNN (about an hour on 2 cores):
 #  1. two SGD runs from seeds 0 and 1 (4 epochs), and a Bezier curve trained between them (4 epochs);
 #     the curve and the straight segment evaluated at 61 values of t on 5,000 seeded examples;
 #  2. an FGE run (2 epochs pretraining, then 4 cycles of half an epoch; weights saved every 20 steps):
-#     the plane through its first three collected models, with its trajectory projected onto it;
+#     the plane (15 x 15 points, 2,000 examples each) through its first three collected models, with
+#     its trajectory projected onto it;
 #  3. an SWA run (4 epochs, averaging over the last two): the line from the SWA weights to the run's
 #     final SGD weights, and random rays from both.
 # Results land in $OUT; the figures and JSON are copied to benchmarks/results/landscape-fashion-mnist-cpu.
@@ -24,10 +25,10 @@ else $FF curve --start "$OUT/sgd-s0" --end "$OUT/sgd-s1" --curve bezier --epochs
 $FF ensemble --curve "$OUT/bezier" --points 5 --json > /dev/null
 train fge --method fge --epochs 4 --seed 2 --trajectory-every 20
 $FF landscape plane --points "$OUT/fge/members/fge-01.pt" --points "$OUT/fge/members/fge-02.pt" \
-  --points "$OUT/fge/members/fge-03.pt" --trajectory "$OUT/fge" --grid 21 --margin 0.3 --examples 2000 --out "$OUT/plane-fge"
+  --points "$OUT/fge/members/fge-03.pt" --trajectory "$OUT/fge" --grid 15 --margin 0.3 --examples 2000 --out "$OUT/plane-fge"
 train swa --method swa --epochs 4 --swa-start 0.5 --swa-lr 0.01 --seed 3
-$FF landscape line --from "$OUT/swa/members/swa.pt" --to "$OUT/swa" --range -1 2 --steps 31 "${EX[@]}" --out "$OUT/line-swa"
-$FF landscape rays --at "$OUT/swa/members/swa.pt" --at "$OUT/swa" --directions 5 --distance 40 --steps 11 \
+$FF landscape line --from "$OUT/swa/members/swa.pt" --to "$OUT/swa" --range -1 2 --steps 25 --examples 2000 --out "$OUT/line-swa"
+$FF landscape rays --at "$OUT/swa/members/swa.pt" --at "$OUT/swa" --directions 4 --distance 40 --steps 9 \
   --examples 2000 --out "$OUT/rays-swa"
 mkdir -p "$DEST"
 cp "$OUT"/bezier/curve.{json,png} "$OUT"/bezier/ensemble-curve.json "$DEST"/
