@@ -140,6 +140,7 @@ class TrainConfig:
     epochs: int = 2
     max_steps: int = 0  # stop after N steps in all (a quick try; the LR schedule still spans `epochs`); 0 = no cap
     batch_size: int = 128
+    accumulate: int = 1  # gradient accumulation: a step averages K batches of batch_size (K x batch_size examples)
     lr: float = 0.05  # peak learning rate
     momentum: float = 0.9
     nesterov: bool = False
@@ -219,6 +220,11 @@ def _check(cfg: TrainConfig) -> list[str]:
     need(cfg.image_size >= 8, "image_size", "must be at least 8")
     need(cfg.max_steps >= 0, "max_steps", "must be >= 0 (0 = no cap)")
     need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
+    need(cfg.accumulate >= 1, "accumulate", "must be at least 1 (1 = no accumulation)")
+    need(cfg.accumulate == 1 or cfg.method not in ("es", "fullbatch"), "accumulate",
+         "applies to gradient methods with batches (not es or fullbatch)")
+    need(cfg.accumulate == 1 or cfg.sam.m == 0 or cfg.batch_size % cfg.sam.m == 0, "accumulate",
+         f"with --sam-m, m must divide --batch-size (each accumulated batch of {cfg.batch_size} holds whole chunks)")
     need(cfg.lr > 0, "lr", "must be > 0")
     need(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")
     need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")

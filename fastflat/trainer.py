@@ -83,7 +83,8 @@ class Trainer(TrainerServices):
         if self.full_batch and cfg.fullbatch.chunk_size > len(data.train):
             raise UserError(f"fullbatch.chunk_size {cfg.fullbatch.chunk_size} is larger than the "
                             f"{len(data.train)} training examples")
-        self.steps_per_epoch = 1 if self.full_batch else datasets.num_batches(len(data.train), cfg.batch_size, drop_last=True)
+        self.steps_per_epoch = 1 if self.full_batch else datasets.num_batches(
+            len(data.train), cfg.batch_size * cfg.accumulate, drop_last=True)
         if self.steps_per_epoch == 0:
             raise UserError(f"batch_size {cfg.batch_size} is larger than the {len(data.train)} training examples")
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -199,10 +200,14 @@ class Trainer(TrainerServices):
                                               generator=generator, shuffle=cfg.fullbatch.shuffle)
             yield SplitClosure(self.model, self.flat, list(chunks), cfg.amp)
             return
-        for x, y in datasets.iterate_batches(self.data.train, cfg.batch_size, dataset=self.data, train=True,
-                                             generator=generator, drop_last=True, rank=dist.rank(),
+        for x, y in datasets.iterate_batches(self.data.train, cfg.batch_size * cfg.accumulate, dataset=self.data,
+                                             train=True, generator=generator, drop_last=True, rank=dist.rank(),
                                              world_size=dist.world_size()):  # torchrun: this rank's share
-            yield BatchClosure(self.model, self.flat, x, y, cfg.amp)
+            if cfg.accumulate == 1:
+                yield BatchClosure(self.model, self.flat, x, y, cfg.amp)
+            else:  # K micro-batches, gradients summed into the flat buffer: one closure over all of them
+                micro = len(y) // cfg.accumulate
+                yield SplitClosure(self.model, self.flat, list(zip(x.split(micro), y.split(micro))), cfg.amp)
 
     def _step(self, index: int, closure: Closure) -> None:
         pos = self.position

@@ -45,6 +45,15 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, method
         json.loads((tmp_path / "one" / "summary.json").read_text())["test_acc"], abs=1.0)
 
 
+@pytest.mark.parametrize("method", ["sgd", "sam"])
+def test_accumulating_two_batches_equals_the_doubled_batch(tmp_path, method):
+    alone(WORKER, str(tmp_path), "acc", f"{method}-acc2", "2")  # SAM ascends with both halves' gradient
+    alone(WORKER, str(tmp_path), "big", method, "2")
+    for key, value in weights(tmp_path / "big").items():
+        torch.testing.assert_close(weights(tmp_path / "acc")[key], value, rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "acc" / "summary.json").read_text())["steps"] == 16
+
+
 def test_a_run_saved_on_two_ranks_continues_on_one(tmp_path):
     torchrun(WORKER, str(tmp_path), "split", "sgd", "1")
     alone(WORKER, str(tmp_path), "split", "sgd", "1", "2")  # extend the 2-rank run, in one process

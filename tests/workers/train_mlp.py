@@ -32,6 +32,8 @@ if __name__ == "__main__":
     else:
         settings = {"method": method, "epochs": epochs, "batch_size": 64, "schedule": "constant", "lr": 0.1,
                     "device": "cpu", "out": out, "name": name, "log_every": 0}
+        if method.endswith("-acc2"):  # two accumulated batches of 32: the same 64 examples per step
+            settings.update({"method": method[: -len("-acc2")], "accumulate": 2, "batch_size": 32})
         if method == "sam-m32":  # one process, one ascent per 32 examples: what 2 ranks of 32 each do
             settings.update({"method": "sam", "sam": {"m": 32}})
         if method == "swa":
