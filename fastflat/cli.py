@@ -116,6 +116,7 @@ def train(
     sam_norm: Annotated[SAMNorm | None, _opt("SAM ball.", SAM_P, S.norm)] = None,
     sam_adaptive: Annotated[bool | None, _opt("ASAM: scale the ball by |w|.", SAM_P, S.adaptive)] = None,
     sam_m: Annotated[int | None, _opt("m-sharpness: examples per perturbation (0 = whole batch).", SAM_P, S.m)] = None,
+    sam_sync_ascent: Annotated[bool | None, _opt("torchrun: ascend with the gradient averaged over the ranks (default: each rank's own, m = per-rank batch).", SAM_P, S.sync_ascent)] = None,
     epochs: Annotated[int | None, _opt("Epochs to train.", OPTIM, D.epochs)] = None,
     max_steps: Annotated[int | None, _opt("Stop after N steps in all: a quick try (the LR schedule still spans --epochs; 0 = no cap).", OPTIM, D.max_steps)] = None,
     batch_size: Annotated[int | None, _opt("Examples per step (per accumulated batch with --accumulate; global under torchrun).", OPTIM, D.batch_size)] = None,

@@ -54,6 +54,7 @@ class SAMConfig:
     norm: str = choice("l2", SAMNorm)  # l2 | linf: the ball's shape
     adaptive: bool = False  # ASAM: scale the ball by |w| (Kwon et al. 2021)
     m: int = 0  # m-sharpness: examples per perturbation; 0 = the whole batch shares one
+    sync_ascent: bool = option(False, "sam_sync_ascent")  # torchrun: ascend with the all-reduced gradient, not each rank's own
 
 
 @dataclass(frozen=True)

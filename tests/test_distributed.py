@@ -45,6 +45,13 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, method
         json.loads((tmp_path / "one" / "summary.json").read_text())["test_acc"], abs=1.0)
 
 
+def test_sam_sync_ascent_on_two_ranks_equals_plain_sam_in_one_process(tmp_path):
+    torchrun(WORKER, str(tmp_path), "two", "sam-sync", "2")
+    alone(WORKER, str(tmp_path), "one", "sam", "2")
+    for key, value in weights(tmp_path / "one").items():
+        torch.testing.assert_close(weights(tmp_path / "two")[key], value, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["sgd", "sam"])
 def test_accumulating_two_batches_equals_the_doubled_batch(tmp_path, method):
     alone(WORKER, str(tmp_path), "acc", f"{method}-acc2", "2")  # SAM ascends with both halves' gradient

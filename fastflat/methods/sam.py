@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastflat import ops
+from fastflat import dist, ops
 from fastflat.flat import FlatParams
 from fastflat.methods.base import Closure, Method
 
@@ -35,6 +35,8 @@ class SAM(Method):
         Returns (loss at w, squared norm of the ascent gradient)."""
         sam = self.cfg.sam
         loss = closure(backward=True, part=part)
+        if sam.sync_ascent:
+            dist.all_reduce_mean_(flat.grads)  # one ascent for the global batch (a no-op in one process)
         ascent_sqnorm = ops.sam_perturb_(flat.params, flat.grads, self.backups, sam.rho, sam.norm, sam.adaptive)
         try:
             closure(backward=True, part=part, update_bn=False)

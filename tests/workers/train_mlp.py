@@ -34,6 +34,8 @@ if __name__ == "__main__":
                     "device": "cpu", "out": out, "name": name, "log_every": 0}
         if method.endswith("-acc2"):  # two accumulated batches of 32: the same 64 examples per step
             settings.update({"method": method[: -len("-acc2")], "accumulate": 2, "batch_size": 32})
+        if method == "sam-sync":  # the ascent from the all-reduced gradient: one process's plain SAM
+            settings.update({"method": "sam", "sam": {"sync_ascent": True}})
         if method == "sam-m32":  # one process, one ascent per 32 examples: what 2 ranks of 32 each do
             settings.update({"method": "sam", "sam": {"m": 32}})
         if method == "swa":
