@@ -120,6 +120,7 @@ def train(
     epochs: Annotated[int | None, _opt("Epochs to train.", OPTIM, D.epochs)] = None,
     max_steps: Annotated[int | None, _opt("Stop after N steps in all: a quick try (the LR schedule still spans --epochs; 0 = no cap).", OPTIM, D.max_steps)] = None,
     batch_size: Annotated[int | None, _opt("Examples per step (per accumulated batch with --accumulate; global under torchrun).", OPTIM, D.batch_size)] = None,
+    sync_bn: Annotated[bool | None, _opt("torchrun: BatchNorm over the global batch, so N ranks train as one process would.", OPTIM, D.sync_bn)] = None,
     accumulate: Annotated[int | None, _opt("Gradient accumulation: a step averages K batches (SAM ascends with the whole accumulated gradient).", OPTIM, D.accumulate)] = None,
     lr: Annotated[float | None, _opt("Peak learning rate.", OPTIM, D.lr)] = None,
     momentum: Annotated[float | None, _opt("SGD momentum.", OPTIM, D.momentum)] = None,

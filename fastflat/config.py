@@ -141,6 +141,7 @@ class TrainConfig:
     epochs: int = 2
     max_steps: int = 0  # stop after N steps in all (a quick try; the LR schedule still spans `epochs`); 0 = no cap
     batch_size: int = 128
+    sync_bn: bool = False  # torchrun: BatchNorm statistics over the global batch (timm's --sync-bn); no-op alone
     accumulate: int = 1  # gradient accumulation: a step averages K batches of batch_size (K x batch_size examples)
     lr: float = 0.05  # peak learning rate
     momentum: float = 0.9

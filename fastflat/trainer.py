@@ -78,6 +78,10 @@ class Trainer(TrainerServices):
                       build_model(cfg.model, data.in_channels, data.num_classes, data.image_size)).to(self.device)
         if cfg.init and not resuming:  # a resumed run has the weights in its checkpoint already
             load_weights(self.model, load_checkpoint(cfg.init)["model"], f"--init {cfg.init}", cfg.model)
+        if cfg.sync_bn and dist.active():
+            from fastflat.syncbn import convert
+
+            self.model = convert(self.model, self.device.type == "cuda")
         self.flat = flatten(self.model)  # after .to(): moving re-creates parameters
         self.full_batch = cfg.method == "fullbatch"  # an epoch is one step over the whole training set
         if self.full_batch and cfg.fullbatch.chunk_size > len(data.train):

@@ -61,6 +61,17 @@ def test_accumulating_two_batches_equals_the_doubled_batch(tmp_path, method):
     assert json.loads((tmp_path / "acc" / "summary.json").read_text())["steps"] == 16
 
 
+def test_sync_bn_makes_two_ranks_train_the_cnn_as_one_process(tmp_path):
+    common = ["train", "--dataset", "synthetic", "--epochs", "1", "--device", "cpu", "--log-every", "0",
+              "--out", str(tmp_path)]
+    assert main([*common, "--nproc", "2", "--sync-bn", "--name", "two"]) == 0
+    assert main([*common, "--name", "one"]) == 0
+    two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
+    assert two.keys() == one.keys()  # the checkpoint loads into a plain model
+    for key in one:  # BatchNorm statistics over both ranks' 64 examples: the one-process batch of 128
+        torch.testing.assert_close(two[key].float(), one[key].float(), rtol=1e-3, atol=1e-4)
+
+
 def test_a_run_saved_on_two_ranks_continues_on_one(tmp_path):
     torchrun(WORKER, str(tmp_path), "split", "sgd", "1")
     alone(WORKER, str(tmp_path), "split", "sgd", "1", "2")  # extend the 2-rank run, in one process
