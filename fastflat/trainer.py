@@ -191,6 +191,12 @@ class Trainer(TrainerServices):
         if dist.any_rank(self.stop.requested, self.device):
             raise Interrupted(self.saved_step)
 
+    def _share(self) -> dict[str, int]:
+        """torchrun: this rank's share of every batch, or all of it for methods that split work, not data (ES)."""
+        if not self.method.splits_data:
+            return {"rank": 0, "world_size": 1}
+        return {"rank": dist.rank(), "world_size": dist.world_size()}
+
     def _steps_spent(self) -> bool:
         return bool(self.cfg.max_steps) and self.position.step >= self.cfg.max_steps
 
@@ -205,8 +211,7 @@ class Trainer(TrainerServices):
             yield SplitClosure(self.model, self.flat, list(chunks), cfg.amp)
             return
         for x, y in datasets.iterate_batches(self.data.train, cfg.batch_size * cfg.accumulate, dataset=self.data,
-                                             train=True, generator=generator, drop_last=True, rank=dist.rank(),
-                                             world_size=dist.world_size()):  # torchrun: this rank's share
+                                             train=True, generator=generator, drop_last=True, **self._share()):
             if cfg.accumulate == 1:
                 yield BatchClosure(self.model, self.flat, x, y, cfg.amp)
             else:  # K micro-batches, gradients summed into the flat buffer: one closure over all of them
@@ -394,9 +399,9 @@ def check_distributable(cfg: TrainConfig) -> None:
     """Under torchrun: the methods that run across ranks so far, and a batch the ranks can share."""
     if not dist.active():
         return
-    if cfg.method in ("es", "spartan", "fullbatch", "curve"):
+    if cfg.method in ("fullbatch", "curve"):
         raise UserError(f"--method {cfg.method} does not run across ranks yet; train it in one process")
-    if cfg.batch_size % dist.world_size():
+    if cfg.batch_size % dist.world_size() and cfg.method != "es":
         raise UserError(f"--batch-size {cfg.batch_size} (the global batch) does not split over {dist.world_size()} "
                         f"processes; use a multiple of {dist.world_size()}")
 

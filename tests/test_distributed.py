@@ -72,6 +72,22 @@ def test_sync_bn_makes_two_ranks_train_the_cnn_as_one_process(tmp_path):
         torch.testing.assert_close(two[key].float(), one[key].float(), rtol=1e-3, atol=1e-4)
 
 
+def test_es_on_two_ranks_splits_the_children_and_updates_bitwise_as_one_process(tmp_path):
+    common = ["train", "--method", "es", "--dataset", "synthetic", "--epochs", "1", "--max-steps", "3",
+              "--children", "16", "--chunk", "4", "--device", "cpu", "--out", str(tmp_path)]
+    assert main([*common, "--nproc", "2", "--name", "two"]) == 0
+    assert main([*common, "--name", "one"]) == 0
+    two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
+    assert all(torch.equal(two[k], one[k]) for k in one)  # only (member, fitness) crossed ranks
+
+
+def test_spartan_runs_across_ranks_with_its_mutation_rounds(tmp_path):
+    assert main(["train", "--nproc", "2", "--method", "spartan", "--dataset", "synthetic", "--epochs", "1",
+                 "--children", "8", "--device", "cpu", "--out", str(tmp_path), "--name", "sp"]) == 0
+    rounds = (tmp_path / "sp" / "evolution.jsonl").read_text().splitlines()
+    assert len(rounds) == 1 and json.loads((tmp_path / "sp" / "summary.json").read_text())["ranks"] == 2
+
+
 def test_a_run_saved_on_two_ranks_continues_on_one(tmp_path):
     torchrun(WORKER, str(tmp_path), "split", "sgd", "1")
     alone(WORKER, str(tmp_path), "split", "sgd", "1", "2")  # extend the 2-rank run, in one process
@@ -91,7 +107,7 @@ def test_nproc_launches_torchrun_and_rank_0_alone_writes(tmp_path, capfd):
 @pytest.mark.parametrize("args, message", [
     (["--nproc", "999"], "this machine has"),
     (["--nproc", "2", "--batch-size", "127"], "does not split over 2 processes"),
-    (["--nproc", "2", "--method", "es"], "does not run across ranks yet"),
+    (["--nproc", "2", "--method", "fullbatch"], "does not run across ranks yet"),
 ])
 def test_distributed_bad_input_is_one_line(tmp_path, capfd, args, message):
     code = main(["train", *args, "--dataset", "synthetic", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path)])

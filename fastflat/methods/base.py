@@ -57,6 +57,7 @@ class Method:
     """
 
     name = "base"
+    splits_data = True  # torchrun: each rank takes its share of every batch (False: every rank sees it whole)
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg

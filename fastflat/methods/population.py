@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, vmap
 
+from fastflat import dist
 from fastflat.evaluation import at_least_fp32
 from fastflat.flat import FlatParams
 
@@ -26,7 +27,28 @@ WriteChild = Callable[[int, Tensor], None]
 
 def population_scores(flat: FlatParams, write_child: WriteChild, count: int,
                       batches: list[tuple[Tensor, Tensor]], chunk: int) -> tuple[Tensor, Tensor]:
-    """(count,) mean cross-entropy and (count,) accuracy (%) of each child over all `batches`."""
+    """(count,) mean cross-entropy and (count,) accuracy (%) of each child over all `batches`.
+
+    Under torchrun the children are split over the ranks in whole chunks (rank r scores its share of
+    the chunks, each exactly as one process would build and run it), and only the (count,) scores are
+    exchanged: every rank ends with the same, bitwise, vectors."""
+    if not dist.active():
+        return _local_scores(flat, write_child, count, batches, chunk)
+    chunks = -(-count // max(chunk, 1))
+    first = chunks * dist.rank() // dist.world_size() * max(chunk, 1)
+    last = min(count, chunks * (dist.rank() + 1) // dist.world_size() * max(chunk, 1))
+    device = flat.params[0].device
+    loss, acc = torch.zeros(count, device=device), torch.zeros(count, device=device)
+    if last > first:
+        mine = _local_scores(flat, lambda i, out: write_child(first + i, out), last - first, batches, chunk)
+        loss[first:last], acc[first:last] = mine
+    both = torch.cat([loss, acc])
+    torch.distributed.all_reduce(both)  # each child's scores come from one rank, zeros elsewhere: a gather
+    return both[:count], both[count:]
+
+
+def _local_scores(flat: FlatParams, write_child: WriteChild, count: int,
+                  batches: list[tuple[Tensor, Tensor]], chunk: int) -> tuple[Tensor, Tensor]:
     model = flat.model
     was_training = model.training
     model.eval()

@@ -174,6 +174,7 @@ class EvolutionStrategies(Method):
     """Pure ES, no gradients: every step is one OpenAI-ES generation scored on the current batch."""
 
     name = "es"
+    splits_data = False
 
     def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
         if len(flat.vectors) != 1:
@@ -182,6 +183,7 @@ class EvolutionStrategies(Method):
         self.generations = 0
 
     def step(self, flat: FlatParams, closure: Closure, lr: float) -> dict[str, Any]:
+        # torchrun: every rank holds the whole batch (splits_data False) and scores its share of the children
         loss = closure(backward=False)
         es_update_(flat, self.cfg, round_seed(self.cfg.seed, self.generations), [(closure.x, closure.y)])
         self.generations += 1
