@@ -253,7 +253,12 @@ def _launch(nproc: int, device: str) -> int:
             argv.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "fastflat", *argv]
-    return subprocess.run(command).returncode
+    code = subprocess.run(command).returncode
+    if code != 0:  # torchrun stopped every rank when one failed; checkpoints are written whole or not at all
+        err_console.print(f"error: a process of the {nproc}-process job failed (torchrun exit {code}, its report "
+                          "above); the last checkpoint is kept: continue with --resume", highlight=False, soft_wrap=True)
+        return 2
+    return 0
 
 
 _ARGV: list[str] = []  # the command line main() was given, for --nproc to pass on
