@@ -98,18 +98,30 @@ def train(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     out: Annotated[str, typer.Option(help="Folder for the JSON and CSV results (never overwritten).")] = OUT,
     fmt: Annotated[str, typer.Option("--format", help="table (Rich) | csv | json (every field, unrounded, on stdout).")] = "table",
+    nproc: Annotated[int | None, typer.Option(help="Time the steps in N processes (torchrun, the batch split over them; gloo on CPU).")] = None,
 ) -> None:
     """Steps/s and samples/s per method on a synthetic 3x32x32 batch, SAM/SGD time, time outside fwd+bwd."""
+    from fastflat import dist
     from fastflat.bench.train import TrainSettings, run_train
 
     _check_format(fmt)
+    if nproc is not None and not dist.launched():
+        from fastflat.cli import _launch  # imported late: fastflat.cli mounts this app
+
+        raise typer.Exit(_launch(nproc, device))
+    dist.init_from_env(device)
+    if batch_size % dist.world_size():
+        raise UserError(f"--batch-size {batch_size} does not split over {dist.world_size()} processes")
     dev = _device(device)
     settings = TrainSettings(model=model, methods=_names(methods, None, "--methods"), steps=steps,
                              batch_size=batch_size, warmup=warmup, device=dev)
     say = console if fmt == "table" else err_console  # csv/json own stdout
     rows = run_train(settings, on_method=lambda name: say.print(f"[dim]timing {name} on {model}[/dim]"))
-    _report("train", dev, rows, out, {"model": model, "methods": settings.methods, "steps": steps,
-                                      "warmup": warmup, "batch_size": batch_size}, fmt)
+    if dist.is_main():  # rank 0's timings speak for the job (every step ends in the same all-reduce)
+        _report("train", dev, rows, out, {"model": model, "methods": settings.methods, "steps": steps,
+                                          "warmup": warmup, "batch_size": batch_size,
+                                          "processes": dist.world_size()}, fmt)
+    dist.finish()
 
 
 @bench_app.command("es-memory")

@@ -120,7 +120,8 @@ def print_notes(console: Console, rows: list[dict[str, Any]]) -> None:
 
 
 def train_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="fastflat bench train (step: median ms, IQR)")
+    processes = rows[0].get("processes", 1) if rows else 1
+    table = Table(title=f"fastflat bench train (step: median ms, IQR; {processes} process{'es' if processes > 1 else ''})")
     for name in ("method", "model", "status", "step ms", "IQR", "steps/s", "samples/s", "fwd+bwd ms",
                  "passes", "outside fwd+bwd ms", "x SGD time", "round ms", "note"):
         table.add_column(name, justify="left" if name in ("method", "model", "status", "note") else "right")

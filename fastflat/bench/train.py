@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fastflat import dist
 from fastflat.config import SWAConfig, TrainConfig
 from fastflat.flat import flatten
 from fastflat.methods import METHODS, WRAPPERS, build_method
@@ -155,9 +156,11 @@ def run_train(settings: TrainSettings, on_method: Callable[[str], None] | None =
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(settings.batch_size, *IMAGE_SHAPE, generator=generator).to(settings.device)
     y = torch.randint(0, NUM_CLASSES, (settings.batch_size,), generator=generator).to(settings.device)
+    share = settings.batch_size // dist.world_size()  # torchrun: each rank its share of the batch,
+    x, y = x[dist.rank() * share : (dist.rank() + 1) * share], y[dist.rank() * share : (dist.rank() + 1) * share]
     rows = []
     for name in settings.methods:
-        row = {**dict.fromkeys(TRAIN_FIELDS), "method": name, "model": settings.model,
+        row = {**dict.fromkeys(TRAIN_FIELDS), "processes": dist.world_size(), "method": name, "model": settings.model,
                "batch_size": settings.batch_size, "steps": settings.steps}
         known = [*METHODS, *WRAPPERS, *FULL_BATCH_VARIANTS]
         if name not in known:
