@@ -107,15 +107,28 @@ class RichHooks(Hooks):
         self.console.print(table)
 
 
+PIPED_EVERY_S = 30.0  # piped output: a plain progress line at most this often (short work prints none)
+
+
 @contextmanager
 def progress_bar(console: Console, what: str):
-    """A Rich progress bar with ETA on stderr, shown from the first report on (so an input error is
-    one line, with no empty bar before it); yields the (done, total) callback the landscape takes."""
+    """Progress with ETA for long work; yields the (done, total) callback the landscape and ensembles take.
+
+    On a terminal, a Rich bar shown from the first report on (so an input error is one line, with no
+    empty bar before it). Piped, a timestamped plain line at most every PIPED_EVERY_S seconds."""
     bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
-    task = None
+    task, started, last_line = None, time.perf_counter(), [time.perf_counter()]
 
     def update(done: int, total: int) -> None:
         nonlocal task
+        if not console.is_terminal:
+            now = time.perf_counter()
+            if now - last_line[0] >= PIPED_EVERY_S and 0 < done < total:
+                rate = done / (now - started)
+                console.print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {what}: {done}/{total}, about "
+                              f"{(total - done) / max(rate, 1e-9):.0f} s left", highlight=False, soft_wrap=True)
+                last_line[0] = now
+            return
         if task is None:
             bar.start()
             task = bar.add_task(what, total=total)

@@ -1,4 +1,5 @@
-"""The runs in a folder, as `fastflat runs` lists them, and the run `--resume auto` picks.
+"""Run management: the runs in a folder (`fastflat runs`), the run `--resume auto` picks, what a new run
+is named, whether a run may be extended, and whether it can run across ranks.
 
 A run's status comes from its files: summary.json (finished), failed.json (stopped by an error, e.g.
 non-finite losses), a held lock (being trained now), else a checkpoint to resume (interrupted).
@@ -6,14 +7,17 @@ non-finite losses), a held lock (being trained now), else a checkpoint to resume
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fastflat import dist
 from fastflat.config import TrainConfig
 from fastflat.errors import UserError
 from fastflat.rundir import CHECKPOINT, LOCK
@@ -111,3 +115,22 @@ def extension_problem(cfg: TrainConfig, epochs: int) -> str | None:
     if owner == "fge":
         return None if cfg.init else "FGE extends only when started from --init (its pretraining is a share of the budget)"
     return "a snapshot ensemble's cycles divide the old budget"
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    """method-data-model-seed-time; a folder:PATH dataset is named by its last folder, and anything
+    that cannot sit in a file name (':' of torchvision:NAME, '/') becomes '-'."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    data = f"folder-{Path(cfg.dataset[len('folder:'):]).name}" if cfg.dataset.startswith("folder:") else cfg.dataset
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{cfg.method}-{data}-{cfg.model}-s{cfg.seed}-{stamp}")
+
+
+def check_distributable(cfg: TrainConfig) -> None:
+    """Under torchrun: the methods that run across ranks so far, and a batch the ranks can share."""
+    if not dist.active():
+        return
+    if cfg.method in ("fullbatch", "curve"):
+        raise UserError(f"--method {cfg.method} does not run across ranks yet; train it in one process")
+    if cfg.batch_size % dist.world_size() and cfg.method != "es":
+        raise UserError(f"--batch-size {cfg.batch_size} (the global batch) does not split over {dist.world_size()} "
+                        f"processes; use a multiple of {dist.world_size()}")

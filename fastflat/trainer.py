@@ -12,8 +12,6 @@ resumed run writes the same metrics as one that never stopped. Progress reaches 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,17 +31,9 @@ from fastflat.methods import Closure, Method, build_method
 from fastflat.models import build_model
 from fastflat.rundir import RunDir, load_checkpoint, load_weights, provenance
 from fastflat.schedules import make_schedule
-from fastflat.runs import extension_problem
+from fastflat.runs import check_distributable, default_run_name, extension_problem
 from fastflat.services import TrainerServices
 from fastflat.steps import MAX_ROLLBACKS, MAX_SKIPS_IN_A_ROW, Hooks, Position, epoch_generator, train_step
-
-def default_run_name(cfg: TrainConfig) -> str:
-    """method-data-model-seed-time; a folder:PATH dataset is named by its last folder, and anything
-    that cannot sit in a file name (':' of torchvision:NAME, '/') becomes '-'."""
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    data = f"folder-{Path(cfg.dataset[len('folder:'):]).name}" if cfg.dataset.startswith("folder:") else cfg.dataset
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{cfg.method}-{data}-{cfg.model}-s{cfg.seed}-{stamp}")
-
 
 class Trainer(TrainerServices):
     """Builds data, model, flat buffer and method for a config, then runs epochs from a Position."""
@@ -393,17 +383,6 @@ def resume(run_dir: str | Path, hooks: Hooks | None = None, model: torch.nn.Modu
         trainer.restore(state)
         run.clear_failed()
         return _run_marking_failures(trainer, run)
-
-
-def check_distributable(cfg: TrainConfig) -> None:
-    """Under torchrun: the methods that run across ranks so far, and a batch the ranks can share."""
-    if not dist.active():
-        return
-    if cfg.method in ("fullbatch", "curve"):
-        raise UserError(f"--method {cfg.method} does not run across ranks yet; train it in one process")
-    if cfg.batch_size % dist.world_size() and cfg.method != "es":
-        raise UserError(f"--batch-size {cfg.batch_size} (the global batch) does not split over {dist.world_size()} "
-                        f"processes; use a multiple of {dist.world_size()}")
 
 
 def _run_marking_failures(trainer: Trainer, run: RunDir) -> dict[str, Any]:

@@ -38,7 +38,7 @@ def test_train_then_eval_a_checkpoint(capsys, tmp_path):
     (["train", "--rho", "-1"], "sam.rho = -1.0"),
     (["train", "--lr", "0"], "lr = 0.0"),
     (["train", "--model", "resnet9000", *TINY], "resnet9000"),
-    (["train", "--dataset", "imagenet"], "'imagenet' is not one of"),
+    (["train", "--dataset", "imagenet"], "dataset = 'imagenet' is invalid: use one of fashion-mnist"),
     (["train", "--no-such-option"], "--no-such-option"),
     (["train", "--epochs", "many"], "--epochs"),
 ])
