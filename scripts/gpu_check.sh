@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared command for a borrowed GPU (device tool): the GPU tests, then the kernel, training and
-# ES-memory benchmarks, in under 8 minutes, results named by the device. Run from the repo root:
+# ES-memory and landscape benchmarks, in under 9 minutes, results named by the device. Run from the repo root:
 #
 #   bash scripts/gpu_check.sh                 # on the GPU machine (its own torch 2.11 / triton 3.6)
 #   bash scripts/gpu_check.sh --cpu-smoke     # here, to check the script itself (tiny sizes, no GPU)
@@ -60,6 +60,7 @@ if [ "$SMOKE" = 1 ]; then
   stage bench-kernels 120 $PY -m fastflat bench kernels --quick --sizes 2^10 --models none --dtypes fp32 --out "$RESULTS"
   stage bench-train 120 $PY -m fastflat bench train --model cnn --methods sgd,sam --steps 2 --warmup 1 --batch-size 16 --out "$RESULTS"
   stage bench-es-memory 60 $PY -m fastflat bench es-memory --children 8 --size 2^12 --out "$RESULTS"
+  stage bench-landscape 60 $PY -m fastflat bench landscape --dataset synthetic --examples 64 --grid 2 --at-once 2 --out "$RESULTS"
 else
   # 2) Compiled kernels against their twins at real sizes, SAM on ResNet-18, the kernel test files on CUDA.
   stage tests 180 $PY -m pytest -q tests/test_gpu.py tests/test_kernels.py tests/test_noise.py tests/test_average.py
@@ -68,6 +69,8 @@ else
   # 4) Steps/s of each method on ResNet-18 (CIFAR shape), and ES peak memory against K at ResNet-18 size.
   stage bench-train 90 $PY -m fastflat bench train --model resnet18 --methods sgd,sam,swa,spartan --out "$RESULTS"
   stage bench-es-memory 45 $PY -m fastflat bench es-memory --children 8,512 --size 11_173_962 --out "$RESULTS"
+  # 5) Landscape points/s: the per-parameter loop against our per-point and vmapped scoring.
+  stage bench-landscape 60 $PY -m fastflat bench landscape --dataset synthetic --examples 1024 --grid 8 --at-once 8,32 --out "$RESULTS"
 fi
 
 printf '%s\n' "${STATUS[@]}" | tee "$RESULTS/status.txt"

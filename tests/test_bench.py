@@ -186,7 +186,7 @@ def test_gpu_check_script_runs_end_to_end_in_cpu_smoke_mode(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (results,) = (tmp_path / "results").iterdir()
     status = (results / "status.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in status] == ["tests", "bench-kernels", "bench-train", "bench-es-memory"]
+    assert [line.split(":")[0] for line in status] == ["tests", "bench-kernels", "bench-train", "bench-es-memory", "bench-landscape"]
     assert all(": exit 0 " in line for line in status), status
     assert "device: cpu" in (results / "provenance.txt").read_text()
     assert len(list(results.glob("*.json"))) == 3
