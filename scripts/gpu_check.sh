@@ -1,5 +1,5 @@
-#!/usr/bin/env bash
-# One prepared command for a borrowed GPU (device tool): the GPU tests, then the kernel, training and
+# One prepared command for a borrowed GPU (device tool): the GPU tests, then the
+# kernel, training, ES-memory and landscape benchmarks, in under 9 minutes, results named by the device. Run from the repo root:
 # ES-memory and landscape benchmarks, in under 9 minutes, results named by the device. Run from the repo root:
 #
 #   bash scripts/gpu_check.sh                 # on the GPU machine (its own torch 2.11 / triton 3.6)
