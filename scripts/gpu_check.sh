@@ -1,6 +1,5 @@
 # One prepared command for a borrowed GPU (device tool): the GPU tests, then the
 # kernel, training, ES-memory and landscape benchmarks, in under 9 minutes, results named by the device. Run from the repo root:
-# ES-memory and landscape benchmarks, in under 9 minutes, results named by the device. Run from the repo root:
 #
 #   bash scripts/gpu_check.sh                 # on the GPU machine (its own torch 2.11 / triton 3.6)
 #   bash scripts/gpu_check.sh --cpu-smoke     # here, to check the script itself (tiny sizes, no GPU)
