@@ -10,13 +10,18 @@ NOISE = [0, 20, 40, 60, 80]
 METHODS = [("sgd", "SGD, 8 epochs"), ("sam", "SAM rho 0.05, 8 epochs"), ("sgd2x", "SGD, 16 epochs")]
 
 
-def accuracies(out: Path, pattern: str) -> list[float]:
-    found = []
+def by_seed(out: Path, pattern: str) -> dict[int, float]:
+    """Test accuracy of each seed whose run finished."""
+    found = {}
     for seed in range(3):
         path = out / pattern.format(seed=seed) / "summary.json"
         if path.exists():
-            found.append(json.loads(path.read_text())["test_acc"])
+            found[seed] = json.loads(path.read_text())["test_acc"]
     return found
+
+
+def accuracies(out: Path, pattern: str) -> list[float]:
+    return list(by_seed(out, pattern).values())
 
 
 def cell(values: list[float]) -> str:
@@ -30,9 +35,10 @@ def main(out: Path) -> None:
     print("| label noise | " + " | ".join(label for _, label in METHODS) + " | SAM - SGD (equal epochs) |")
     print("| --- |" + " --- |" * (len(METHODS) + 1))
     for pct in NOISE:
-        accs = {m: accuracies(out, f"{m}-n{pct}-s{{seed}}") for m, _ in METHODS}
-        pairs = list(zip(accs["sam"], accs["sgd"]))
-        diff = cell([a - b for a, b in pairs]) if pairs else "-"
+        seeds = {m: by_seed(out, f"{m}-n{pct}-s{{seed}}") for m, _ in METHODS}
+        accs = {m: list(v.values()) for m, v in seeds.items()}
+        paired = [seeds["sam"][s] - seeds["sgd"][s] for s in seeds["sam"] if s in seeds["sgd"]]  # same seed
+        diff = cell(paired) if paired else "-"
         print(f"| {pct} % | " + " | ".join(cell(accs[m]) for m, _ in METHODS) + f" | {diff} |")
     print()
     print("| SAM m (examples per perturbation) | clean test accuracy (%) |")
