@@ -116,7 +116,7 @@ def train(
     settings = TrainSettings(model=model, methods=_names(methods, None, "--methods"), steps=steps,
                              batch_size=batch_size, warmup=warmup, device=dev)
     say = console if fmt == "table" else err_console  # csv/json own stdout
-    rows = run_train(settings, on_method=lambda name: say.print(f"[dim]timing {name} on {model}[/dim]"))
+    rows = run_train(settings, on_method=lambda name: dist.is_main() and say.print(f"[dim]timing {name} on {model}[/dim]"))
     if dist.is_main():  # rank 0's timings speak for the job (every step ends in the same all-reduce)
         _report("train", dev, rows, out, {"model": model, "methods": settings.methods, "steps": steps,
                                           "warmup": warmup, "batch_size": batch_size,
