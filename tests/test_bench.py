@@ -259,4 +259,4 @@ def test_kernel_bench_defaults_on_a_cpu_skip_compile_and_bf16(monkeypatch, tmp_p
     main(["bench", "kernels", "--device", "cpu", "--out", str(tmp_path), *(["--quick"] if quick else [])])
     settings = seen["s"]
     assert settings.dtypes == ["fp32"] and "compile" not in settings.providers
-    assert [w.label for w in settings.workloads] == (["2^16", "2^20"] if quick else ["2^16", "2^20", "2^22", "resnet18"])
+    assert [w.label for w in settings.workloads] == (["2^16", "2^20"] if quick else ["2^16", "2^20", "2^22", "cnn"])

@@ -152,7 +152,9 @@ def noise_warnings(rows: list[dict[str, Any]]) -> list[str]:
         if median and r.get("iqr_ms") is not None and r["iqr_ms"] / median > NOISY_IQR:
             found.append(f"IQR {r['iqr_ms']:.3g} ms is {100 * r['iqr_ms'] / median:.0f}% of the median")
         if r.get("pct_copy") is not None and r["pct_copy"] > MAX_PCT_COPY:
-            found.append(f"{r['pct_copy']:.0f}% of copy bandwidth: faster than a copy, so one of the two was timed under load")
+            found.append(f"{r['pct_copy']:.0f}% of copy bandwidth: faster than a plain copy of its byte floor, so the "
+                         "copy was timed under load, caches held the data, or the op skipped its write (clip "
+                         "below its limit); compare at a larger size")
         if r.get("op") == "copy" and r.get("gbps") is not None and r["gbps"] < MIN_COPY_GBPS:
             found.append(f"copy bandwidth {r['gbps']:.2f} GB/s is implausibly low: the machine was busy")
         if r.get("outside_fwd_bwd_ms") is not None and r["outside_fwd_bwd_ms"] < 0:
