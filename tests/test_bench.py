@@ -189,7 +189,7 @@ def test_gpu_check_script_runs_end_to_end_in_cpu_smoke_mode(tmp_path):
     assert [line.split(":")[0] for line in status] == ["tests", "bench-kernels", "bench-train", "bench-es-memory", "bench-landscape"]
     assert all(": exit 0 " in line for line in status), status
     assert "device: cpu" in (results / "provenance.txt").read_text()
-    assert len(list(results.glob("*.json"))) == 3
+    assert len(list(results.glob("*.json"))) == 4  # kernels, train, es-memory, landscape
     with tarfile.open(next(tmp_path.glob("*.tar.gz"))) as packed:
         assert f"{results.name}/status.txt" in packed.getnames()
 
