@@ -87,22 +87,27 @@ class PointScorer:
         self.reference_probs = reference_probs
 
     # -- one point at a time ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def score_one(self, vector: Tensor) -> dict[str, float]:
+    def _load(self, vector: Tensor) -> None:
+        """Put the point in the model, re-estimate BatchNorm on the train subset, switch to eval."""
         self.space.set_(vector)
         if self.bn_update:
             torch.optim.swa_utils.update_bn([(x,) for x, _ in self.train_batches], self.model)
         self.model.eval()
+
+    @torch.no_grad()
+    def score_one(self, vector: Tensor) -> dict[str, float]:
+        self._load(vector)
         train = _metrics([self.model(x) for x, _ in self.train_batches], self.train_batches)
         test_logits = [self.model(x) for x, _ in self.test_batches]
         return {**_named(train, "train"), **_named(_metrics(test_logits, self.test_batches), "test"),
                 **self._ensemble(torch.cat(test_logits)[None])[0]}
 
+    @torch.no_grad()
     def test_probs(self, vector: Tensor) -> Tensor:
-        """(n_test, C) softmax of one point (BatchNorm as score_one sets it), e.g. an ensemble's reference."""
-        self.score_one(vector)
-        with torch.no_grad():
-            return torch.cat([at_least_fp32(self.model(x)).softmax(1) for x, _ in self.test_batches])
+        """(n_test, C) softmax of one point, BatchNorm as score_one sets it (an ensemble's member or
+        reference): one pass over the test subset, none over the train subset beyond BatchNorm's."""
+        self._load(vector)
+        return torch.cat([at_least_fp32(self.model(x)).softmax(1) for x, _ in self.test_batches])
 
     # -- several points in one vmapped pass ------------------------------------------------------------
     @torch.no_grad()

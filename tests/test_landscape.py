@@ -151,6 +151,38 @@ def test_batched_scoring_equals_the_per_point_loop(scorer):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
 
 
+def test_test_probs_are_the_predictions_score_one_scores(scorer):
+    w = scorer.space.get() + 0.05 * torch.randn(scorer.space.numel, generator=torch.Generator().manual_seed(5))
+    probs = scorer.test_probs(w)
+    labels = torch.cat([y for _, y in scorer.test_batches])
+    row = scorer.score_one(w)
+    assert probs.shape == (len(labels), 10)
+    assert 100.0 * float((probs.argmax(1) != labels).float().mean()) == pytest.approx(row["test_err"], abs=1e-4)
+    assert float(-probs[torch.arange(len(labels)), labels].log().mean()) == pytest.approx(row["test_loss"], rel=1e-4)
+
+
+def test_filter_normalised_directions_match_each_filter_of_the_weights(scorer):
+    w = scorer.space.get()
+    first = landscape.random_directions(scorer.space, 2, seed=3, filter_norm=True, at=w)
+    again = landscape.random_directions(scorer.space, 2, seed=3, filter_norm=True, at=w)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], first[1])
+    conv_or_linear = 0
+    for offset, shape in scorer.space.layout.values():
+        for d in first:
+            part = d[offset : offset + shape.numel()]
+            if len(shape) <= 1:  # biases and BatchNorm's affine: no perturbation
+                assert torch.count_nonzero(part) == 0
+                continue
+            conv_or_linear += 1
+            filters = part.view(shape[0], -1).norm(dim=1)
+            expected = w[offset : offset + shape.numel()].view(shape[0], -1).norm(dim=1)
+            torch.testing.assert_close(filters, expected, rtol=1e-5, atol=1e-7)
+    assert conv_or_linear >= 4
+    for d in landscape.random_directions(scorer.space, 2, seed=3, filter_norm=False, at=w):
+        assert float(d.double().norm()) == pytest.approx(1.0, rel=1e-6)
+
+
 def test_a_killed_grid_resumes_without_recomputing_done_points(scorer, tmp_path):
     w = scorer.space.get()
     made = []
