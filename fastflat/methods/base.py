@@ -106,8 +106,9 @@ class Method:
         return metrics
 
     def weights(self, flat: FlatParams) -> list[Tensor]:
-        """What to evaluate as "the model" of this method: the current weights (an average, a point
-        on a curve for methods that override), one (N,) vector per flat group."""
+        """What to evaluate as "the model" of this method: the current weights, or an average for
+        methods that keep one (SWA), one (N,) vector per flat group. A curve has no single model: its
+        epochs score the midpoint via `point`, its report scores every t."""
         return flat.params
 
     def lr(self, step: int, scheduled: float) -> float:

@@ -84,11 +84,6 @@ class Curve(Method):
         """Put phi(t) into the model (BatchNorm statistics are left to the caller)."""
         curve_point_(flat.params, self.start, self.bend, self.end, self.kind, t)
 
-    def weights(self, flat: FlatParams) -> list[Tensor]:
-        point = [torch.empty_like(b) for b in self.bend]
-        curve_point_(point, self.start, self.bend, self.end, self.kind, 0.5)
-        return point
-
     def end_epoch(self, flat: FlatParams, epoch: int) -> None:
         """The epoch's test score is the curve's midpoint, BatchNorm re-estimated there."""
         self.point(flat, 0.5)
