@@ -1,6 +1,5 @@
 """Sharpness measures against matrices with known spectra, a tiny network's dense Hessian, and quadratics."""
 
-import math
 
 import pytest
 import torch
