@@ -129,7 +129,7 @@ def train(
     schedule: Annotated[Schedule | None, _opt("LR schedule (sgd, sam, es; swa/sse/fge set their own).", OPTIM, D.schedule)] = None,
     warmup_epochs: Annotated[float | None, _opt("Linear LR warmup, in epochs.", OPTIM, D.warmup_epochs)] = None,
     clip_grad: Annotated[float | None, _opt("Clip the gradient to this global L2 norm.", OPTIM)] = None,
-    amp: Annotated[Amp | None, _opt("Mixed precision.", OPTIM, D.amp)] = None,
+    amp: Annotated[Amp | None, _opt("Mixed precision: bf16 autocast; fp16 autocast with a loss scale (CUDA; sgd, sam and swa/sse/fge over them).", OPTIM, D.amp)] = None,
     on_nonfinite: Annotated[OnNonFinite | None, _opt("NaN/inf loss or gradient: stop (exit 3, last finite checkpoint kept), skip the step, or roll back with half the LR.", RUN, D.on_nonfinite)] = None,
     model: Annotated[str | None, _opt("cnn | resnet18 | preact-resnet18 | wrn-D-K | vgg16-bn | torchvision:NAME | timm:NAME (pip install 'fastflat[timm]').", DATA, D.model)] = None,
     dataset: Annotated[str | None, _opt("fashion-mnist | mnist | cifar10 | cifar100 | synthetic (a small fixed 10-class set for tests) | folder:PATH (train/ and val/ or test/ class folders).", DATA, D.dataset)] = None,

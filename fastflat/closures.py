@@ -5,6 +5,9 @@
 
 Calling one with backward=True zeroes the flat gradient once and fills it; both tally the training
 loss and accuracy of the first pass over each part, which every method takes at unperturbed weights.
+With `scaler` (--amp fp16: a torch.amp.GradScaler) the backward pass runs on the loss times the
+current loss scale, so the flat gradient holds scale x grad until the method's update unscales it;
+the returned loss is never scaled.
 """
 
 from __future__ import annotations
@@ -54,9 +57,10 @@ class BatchClosure(_Tallied):
     """Loss on one batch (methods.Closure). `part` restricts a pass to a slice of the batch
     (m-sharpness); update_bn=False keeps BatchNorm running statistics unchanged (SAM's second pass)."""
 
-    def __init__(self, model: nn.Module, flat: FlatParams, x: Tensor, y: Tensor, amp: str = "none"):
+    def __init__(self, model: nn.Module, flat: FlatParams, x: Tensor, y: Tensor, amp: str = "none",
+                 scaler: torch.amp.GradScaler | None = None):
         super().__init__(x.device)
-        self.model, self.flat, self.x, self.y, self.amp = model, flat, x, y, amp
+        self.model, self.flat, self.x, self.y, self.amp, self.scaler = model, flat, x, y, amp, scaler
         self.batch_size = x.shape[0]
 
     def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True) -> Tensor:
@@ -64,7 +68,7 @@ class BatchClosure(_Tallied):
         x, y = self.x[span[0] : span[1]], self.y[span[0] : span[1]]
         if backward:
             self.flat.zero_grad_()
-        loss, logits = _forward(self.model, x, y, self.amp, backward, update_bn, weight=1.0)
+        loss, logits = _forward(self.model, x, y, self.amp, backward, update_bn, 1.0, self.scaler)
         self._tally_once(span, loss, logits, y)
         return loss
 
@@ -75,9 +79,10 @@ class SplitClosure(_Tallied):
     Chunk sizes change speed and memory, never the result beyond float rounding (without BatchNorm;
     with it, each chunk normalises by its own statistics: ghost batches)."""
 
-    def __init__(self, model: nn.Module, flat: FlatParams, chunks: list[tuple[Tensor, Tensor]], amp: str = "none"):
+    def __init__(self, model: nn.Module, flat: FlatParams, chunks: list[tuple[Tensor, Tensor]], amp: str = "none",
+                 scaler: torch.amp.GradScaler | None = None):
         super().__init__(chunks[0][0].device)
-        self.model, self.flat, self.chunks, self.amp = model, flat, chunks, amp
+        self.model, self.flat, self.chunks, self.amp, self.scaler = model, flat, chunks, amp, scaler
         self.batch_size = sum(len(y) for _, y in chunks)
 
     def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True) -> Tensor:
@@ -87,7 +92,7 @@ class SplitClosure(_Tallied):
             x, y = self.block(part)
             if backward:
                 self.flat.zero_grad_()
-            loss, logits = _forward(self.model, x, y, self.amp, backward, update_bn, weight=1.0)
+            loss, logits = _forward(self.model, x, y, self.amp, backward, update_bn, 1.0, self.scaler)
             self._tally_once((part.start, part.stop), loss, logits, y)
             return loss
         if backward:
@@ -96,12 +101,11 @@ class SplitClosure(_Tallied):
         start = 0
         for x, y in self.chunks:
             weight = len(y) / self.batch_size  # mean over the split = sum of chunk means x size share
-            loss, logits = _forward(self.model, x, y, self.amp, backward, update_bn, weight)
+            loss, logits = _forward(self.model, x, y, self.amp, backward, update_bn, weight, self.scaler)
             self._tally_once((start, start + len(y)), loss, logits, y)
             total += loss * weight
             start += len(y)
         return total
-
 
     def block(self, part: slice) -> tuple[Tensor, Tensor]:
         """(x, y) of examples part.start:part.stop, which must lie inside one chunk."""
@@ -116,12 +120,14 @@ class SplitClosure(_Tallied):
 
 
 def _forward(model: nn.Module, x: Tensor, y: Tensor, amp: str, backward: bool, update_bn: bool,
-             weight: float) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy of one chunk (detached) and its logits; backward adds weight * its gradient."""
+             weight: float, scaler: torch.amp.GradScaler | None = None) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy of one chunk (detached) and its logits; backward adds weight * its gradient
+    (times the loss scale with a scaler: a device-side multiply, no host sync)."""
     bn = contextlib.nullcontext() if update_bn else frozen_bn_stats(model)
     with torch.set_grad_enabled(backward), bn, autocast(x.device, amp):
         logits = model(x)  # (B, classes)
         loss = F.cross_entropy(at_least_fp32(logits), y)
     if backward:
-        (loss * weight if weight != 1.0 else loss).backward()
+        scaled = loss * weight if weight != 1.0 else loss
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
     return loss.detach(), logits.detach()

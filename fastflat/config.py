@@ -21,7 +21,7 @@ from fastflat.config_yaml import Choice, _build, _merge, _nest, _raise_problems,
 Method = Choice("Method", {m: m for m in ("sgd", "sam", "es", "fullbatch", "swa", "sse", "fge", "spartan", "curve")})
 InnerMethod = Choice("InnerMethod", {m: m for m in ("sgd", "sam")})
 Schedule = Choice("Schedule", {m: m for m in ("constant", "step", "cosine")})
-Amp = Choice("Amp", {m: m for m in ("none", "bf16")})
+Amp = Choice("Amp", {m: m for m in ("none", "bf16", "fp16")})
 OnNonFinite = Choice("OnNonFinite", {m: m for m in ("raise", "skip", "rollback")})
 Dataset = Choice("Dataset", {m: m for m in ("fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic")})
 SAMNorm = Choice("SAMNorm", {m: m for m in ("l2", "linf")})
@@ -150,7 +150,7 @@ class TrainConfig:
     schedule: str = choice("cosine", Schedule)  # constant | step (x0.1 at 50% and 75%) | cosine (to 0)
     warmup_epochs: float = 0.0  # linear warmup from 0 to lr, before the schedule
     clip_grad: float | None = None  # global L2 norm limit on the gradient; None = no clipping
-    amp: str = choice("none", Amp)  # none | bf16 (autocast forward/backward; weights stay fp32)
+    amp: str = choice("none", Amp)  # none | bf16 | fp16 (autocast; weights stay fp32; fp16 adds a loss scale, CUDA)
     on_nonfinite: str = choice("raise", OnNonFinite)  # NaN/inf loss or gradient: raise (stop, exit 3,
     #                     last finite checkpoint kept) | skip (drop that step) | rollback (last checkpoint, LR / 2)
     seed: int = 0  # 0 .. 2^32 - 1
@@ -227,6 +227,8 @@ def _check(cfg: TrainConfig) -> list[str]:
          "applies to gradient methods with batches (not es or fullbatch)")
     need(cfg.accumulate == 1 or cfg.sam.m == 0 or cfg.batch_size % cfg.sam.m == 0, "accumulate",
          f"with --sam-m, m must divide --batch-size (each accumulated batch of {cfg.batch_size} holds whole chunks)")
+    need(cfg.amp != "fp16" or cfg.method not in ("es", "spartan", "fullbatch", "curve"), "amp",
+         f"fp16 (a loss-scaled gradient) applies to sgd and sam, and swa/sse/fge over them; use bf16 for --method {cfg.method}")
     need(cfg.lr > 0, "lr", "must be > 0")
     need(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")
     need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")

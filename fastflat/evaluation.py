@@ -32,9 +32,22 @@ def at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
 
 
 def autocast(device: torch.device, amp: str):
-    """The forward pass's autocast context for `--amp` (none | bf16); weights stay fp32."""
-    dtype = torch.bfloat16 if amp == "bf16" else None
+    """The forward pass's autocast context for `--amp` (none | bf16 | fp16); weights stay fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+FP16_DEVICE_TYPES = ("cuda",)  # fp16 autocast on CPU runs slowly and is not what CPUs train in: bf16 is
+
+
+def loss_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler | None:
+    """--amp fp16: torch's GradScaler (scale 2^16, halved on overflow, doubled after 2000 clean
+    steps); None otherwise. fp16 is refused on devices without fast fp16 (a CPU)."""
+    if amp != "fp16":
+        return None
+    if device.type not in FP16_DEVICE_TYPES:
+        raise UserError(f"--amp fp16 needs a CUDA device (this run is on {device.type}); use --amp bf16 on a CPU")
+    return torch.amp.GradScaler(device.type)
 
 
 @torch.no_grad()

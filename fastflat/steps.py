@@ -37,6 +37,7 @@ class Position:
     seen: int = 0  # this epoch so far: training examples
     seconds: float = 0.0  # this epoch so far: wall time of its steps, across interruptions
     skipped: int = 0  # non-finite steps skipped (--on-nonfinite skip), whole run
+    overflows: int = 0  # --amp fp16: steps the loss scaler skipped (overflowed gradient), whole run
     lr_scale: float = 1.0  # halved by each rollback (--on-nonfinite rollback)
     rollbacks: int = 0
 

@@ -24,7 +24,7 @@ from fastflat import dist
 from fastflat.closures import BatchClosure, SplitClosure
 from fastflat.config import TrainConfig, config_from_dict, to_dict
 from fastflat.errors import Interrupted, NonFiniteError, UserError
-from fastflat.evaluation import evaluate, resolve_device
+from fastflat.evaluation import evaluate, loss_scaler, resolve_device
 from fastflat.faults import StopRequests
 from fastflat.flat import flatten
 from fastflat.methods import Closure, Method, build_method
@@ -43,6 +43,7 @@ class Trainer(TrainerServices):
         self.cfg, self.run, self.hooks = cfg, run, hooks or Hooks()
         self.resuming = resuming  # methods need not reload what the checkpoint holds (a curve's end points)
         self.device = resolve_device(cfg.device)
+        self.scaler = loss_scaler(self.device, cfg.amp)  # --amp fp16 only; methods read it from services
         torch.manual_seed(cfg.seed)
         self.method: Method = build_method(cfg)
         if data is not None:  # fastflat.train(..., data=(train, test)): the user's own
@@ -101,6 +102,7 @@ class Trainer(TrainerServices):
             "position": dataclasses.asdict(self.position),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "logs": self.run.log_sizes(),  # resume cuts each log back to this: no line twice
         })
         self.saved_step = self.position.step
@@ -112,6 +114,8 @@ class Trainer(TrainerServices):
             self.method.load_state_dict(state["method"])
             self.position = Position(**state["position"])
             torch.set_rng_state(state["rng_cpu"])
+            if self.scaler is not None:
+                self.scaler.load_state_dict(state["scaler"])
         except (KeyError, RuntimeError, TypeError, ValueError, IndexError) as e:
             raise UserError(f"{where} does not fit --method {self.cfg.method} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else e}); it was not written by this run") from None
@@ -198,15 +202,15 @@ class Trainer(TrainerServices):
         if self.full_batch:
             chunks = datasets.iterate_batches(self.data.train, cfg.fullbatch.chunk_size, dataset=self.data, train=True,
                                               generator=generator, shuffle=cfg.fullbatch.shuffle)
-            yield SplitClosure(self.model, self.flat, list(chunks), cfg.amp)
+            yield SplitClosure(self.model, self.flat, list(chunks), cfg.amp, self.scaler)
             return
         for x, y in datasets.iterate_batches(self.data.train, cfg.batch_size * cfg.accumulate, dataset=self.data,
                                              train=True, generator=generator, drop_last=True, **self._share()):
             if cfg.accumulate == 1:
-                yield BatchClosure(self.model, self.flat, x, y, cfg.amp)
+                yield BatchClosure(self.model, self.flat, x, y, cfg.amp, self.scaler)
             else:  # K micro-batches, gradients summed into the flat buffer: one closure over all of them
                 micro = len(y) // cfg.accumulate
-                yield SplitClosure(self.model, self.flat, list(zip(x.split(micro), y.split(micro))), cfg.amp)
+                yield SplitClosure(self.model, self.flat, list(zip(x.split(micro), y.split(micro))), cfg.amp, self.scaler)
 
     def _step(self, index: int, closure: Closure) -> None:
         pos = self.position
@@ -226,6 +230,7 @@ class Trainer(TrainerServices):
             self.hooks.on_event(f"skipped step {pos.step}: {e}")
             return
         self.skips_in_a_row = 0
+        pos.overflows += bool(metrics.get("overflow"))  # fp16: skipped by the loss scaler, not an error
         if self.cfg.trajectory_every and (pos.step + 1) % self.cfg.trajectory_every == 0:
             self._save_trajectory_point(pos.step + 1)
         self.loss_sum += closure.loss_sum
@@ -313,6 +318,8 @@ class Trainer(TrainerServices):
             "evolution_split_size": sum(len(s) for s in self.holdouts.values()),
             "val_split_size": len(self.validation) if self.validation is not None else 0,
             "val_acc": final.get("val_acc"), "skipped_steps": self.position.skipped,
+            **({"fp16_overflow_steps": self.position.overflows, "loss_scale": self.scaler.get_scale()}
+               if self.scaler is not None else {}),
             "noisy_labels": self.data.noisy_labels, "data_source": self.data.source,
             "planned_steps": self.total_steps, "ranks": dist.world_size(),
             **extra, "config": to_dict(self.cfg), "provenance": provenance(self.device),

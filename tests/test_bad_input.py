@@ -72,7 +72,7 @@ def test_every_config_error_is_reported_at_once_with_its_key_path(capsys, tmp_pa
 
 @pytest.mark.parametrize("text, fragment", [
     ("lr: 0.1\nepochs: 3\nlr: 0.2\n", "key 'lr' appears twice (lines 1 and 3)"),
-    ("amp: no\n", "amp = False is invalid: use one of none, bf16 (YAML reads an unquoted no"),
+    ("amp: no\n", "amp = False is invalid: use one of none, bf16, fp16 (YAML reads an unquoted no"),
     ("sam: 0.1\n", "sam must be a mapping"),
     ("sse: {keep: yes}\n", "sse.keep = True is invalid: a count in [0, sse.cycles = 2] (0 = all), or auto"),
 ])

@@ -59,3 +59,18 @@ def test_sam_dropin_on_resnet18_flat_matches_foreach(monkeypatch):
             opt.second_step(zero_grad=True)
         results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["sgd", "sam"])
+def test_fp16_training_on_cuda_learns_and_keeps_bf16s_accuracy(tmp_path, method):
+    """--amp fp16 end to end: the loss scale in the summary, and accuracy within 3 points of bf16."""
+    from fastflat.config import load_config
+    from fastflat.trainer import train
+
+    results = {}
+    for amp in ("bf16", "fp16"):
+        cfg = load_config(overrides={"dataset": "synthetic", "method": method, "amp": amp, "epochs": 3, "device": "cuda",
+                                     "out": str(tmp_path), "name": f"{method}-{amp}"})
+        results[amp] = train(cfg)
+    assert results["fp16"]["loss_scale"] > 0 and "loss_scale" not in results["bf16"]
+    assert results["fp16"]["test_acc"] > results["bf16"]["test_acc"] - 3.0

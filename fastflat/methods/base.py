@@ -13,8 +13,11 @@ from torch import Tensor
 
 from fastflat import dist, ops
 from fastflat.config import TrainConfig
+from fastflat.errors import NonFiniteError
 from fastflat.faults import finite_or_raise
 from fastflat.flat import FlatParams
+
+MAX_OVERFLOWS_IN_A_ROW = 40  # --amp fp16: the scale halves each time (2^16 -> 2^-24); beyond that it is not overflow
 
 
 class Closure(Protocol):
@@ -38,6 +41,7 @@ class RunServices(Protocol):
     steps_per_epoch: int
     total_steps: int
     resuming: bool  # the method's state will come from a checkpoint (load_state_dict) after init
+    scaler: torch.amp.GradScaler | None  # --amp fp16: the closures' gradients arrive times its scale
 
     def update_bn(self) -> None: ...  # re-estimate BatchNorm statistics at the current weights
     def holdout_batches(self, purpose: str, limit: int = 0) -> list[tuple[Tensor, Tensor]]: ...  # split from holdout()
@@ -62,6 +66,8 @@ class Method:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.overflows_in_a_row = 0  # --amp fp16: steps skipped in a row because the gradient overflowed
 
     def holdout(self) -> tuple[str, float] | None:
         """(purpose, fraction) of the training set this method needs held out of SGD, or None.
@@ -70,6 +76,7 @@ class Method:
 
     def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
         self.services = services
+        self.scaler = getattr(services, "scaler", None)
         self.optimizer = self.make_optimizer(flat.params)
 
     def make_optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
@@ -87,23 +94,46 @@ class Method:
         `params` are the optimizer's vectors with `grads` their gradients (param.grad is grad for
         flat vectors). Under torchrun the gradients are first averaged over the ranks (each holds its
         shard's mean): every rank then takes the same step, so weights stay bitwise identical; SAM's
-        ascent, taken before, stays per rank (m = the per-rank batch, as the SAM paper's setup). The gradient norm and `checks` (the loss, SAM's ascent norm) are tested
-        with one host sync; NonFiniteError is raised before anything moves, so the weights and the
-        optimizer state stay those of the last good step.
+        ascent, taken before, stays per rank (m = the per-rank batch, as the SAM paper's setup). The
+        gradient norm and `checks` (the loss, SAM's ascent norm) are tested with one host sync;
+        NonFiniteError is raised before anything moves, so the weights and the optimizer state stay
+        those of the last good step. With a scaler (fp16) the gradient is unscaled in place first, and
+        an overflow skips the step and halves the scale instead (GradScaler's policy).
         """
         dist.all_reduce_mean_(grads)  # torchrun: the global batch's gradient, one all-reduce per flat vector
+        for p, g in zip(params, grads):
+            if p.grad is not g:
+                p.grad = g
+        if self.scaler is not None:  # fp16: grads hold scale x gradient; an inf on any rank is inf on all now
+            self.scaler.unscale_(self.optimizer)  # in place, and notes whether any value is inf/nan
         sqnorm = ops.total_sqnorm(grads)  # (1,) fp32 (fp64 for fp64 grads): one read of N
+        if self.scaler is not None and not bool(torch.isfinite(sqnorm).all()):
+            return self._skip_overflow()
+        self.overflows_in_a_row = 0
         finite_or_raise({**(checks or {}), "gradient norm": sqnorm})
         metrics: dict[str, Any] = {}
         if self.cfg.clip_grad is not None:
             metrics["grad_norm"] = ops.clip_grad_norm_flat_(grads, self.cfg.clip_grad, sqnorm)
-        for p, g in zip(params, grads):
-            if p.grad is not g:
-                p.grad = g
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)  # the gradient is finite: it steps
+            self.scaler.update()  # grows the scale after growth_interval clean steps
         return metrics
+
+    def _skip_overflow(self) -> dict[str, Any]:
+        """fp16: the scaled gradient overflowed. Nothing moves (no optimizer step), the scale halves
+        (update() reads the inf that unscale_ found); only a run of overflows no scale explains is a
+        non-finite error."""
+        self.scaler.update()
+        self.overflows_in_a_row += 1
+        if self.overflows_in_a_row >= MAX_OVERFLOWS_IN_A_ROW:
+            self.overflows_in_a_row = 0
+            raise NonFiniteError(f"non-finite gradient in {MAX_OVERFLOWS_IN_A_ROW} fp16 steps in a row "
+                                 f"(loss scale now {self.scaler.get_scale():.3g}): not an overflow")
+        return {"overflow": True}
 
     def weights(self, flat: FlatParams) -> list[Tensor]:
         """What to evaluate as "the model" of this method: the current weights, or an average for
@@ -126,7 +156,11 @@ class Method:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.scaler is not None:
+            state["overflows_in_a_row"] = self.overflows_in_a_row
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        self.overflows_in_a_row = int(state.get("overflows_in_a_row", 0))

@@ -7,6 +7,10 @@
 
 m-sharpness (--sam-m M): the batch is cut into chunks of M examples, each chunk takes its own
 ascent step from its own gradient, and the descent uses the mean of the chunks' g'.
+
+--amp fp16: both passes' gradients arrive times the loss scale. The ascent needs no unscaling, since
+e depends on g only through g/||g|| (L2, ASAM) or sign(g) (L-inf) and the scale is a power of two; a
+first gradient that overflowed skips the second pass, and the descent's update skips the step.
 """
 
 from __future__ import annotations
@@ -29,31 +33,35 @@ class SAM(Method):
         self.backups = [torch.empty_like(w) for w in flat.params]  # (N,) per group: w before ascent
         self.grad_sums: list[Tensor] | None = None  # (N,) per group, allocated if m-sharpness is on
 
-    def _ascend_and_grad(self, flat: FlatParams, closure: Closure, part: slice | None) -> tuple[Tensor, Tensor]:
+    def _ascend_and_grad(self, flat: FlatParams, closure: Closure, part: slice | None) -> tuple[Tensor, Tensor, bool]:
         """Steps 1-3 on one part of the batch; leaves g' in flat.grads and w restored, whatever
         happens in the second pass (an exception there must not leave the weights at w + e).
-        Returns (loss at w, squared norm of the ascent gradient)."""
+        Returns (loss at w, squared norm of the ascent gradient, whether that gradient overflowed:
+        fp16 only; then flat.grads keep it and there is no second pass)."""
         sam = self.cfg.sam
         loss = closure(backward=True, part=part)
         if sam.sync_ascent:
             dist.all_reduce_mean_(flat.grads)  # one ascent for the global batch (a no-op in one process)
         ascent_sqnorm = ops.sam_perturb_(flat.params, flat.grads, self.backups, sam.rho, sam.norm, sam.adaptive)
+        if self.scaler is not None and not bool(torch.isfinite(ascent_sqnorm).all()):
+            ops.restore_(flat.params, self.backups)
+            return loss, ascent_sqnorm, True
         try:
             closure(backward=True, part=part, update_bn=False)
         finally:
             ops.restore_(flat.params, self.backups)
-        return loss, ascent_sqnorm
+        return loss, ascent_sqnorm, False
 
     def step(self, flat: FlatParams, closure: Closure, lr: float) -> dict[str, Any]:
         m, batch = self.cfg.sam.m, closure.batch_size
         if m == 0 or m >= batch:
-            loss, ascent = self._ascend_and_grad(flat, closure, None)
+            loss, ascent, overflow = self._ascend_and_grad(flat, closure, None)
         else:
-            loss, ascent = self._m_sharpness_grad(flat, closure, m, batch)
-        checks = {"loss": loss, "SAM ascent gradient norm": ascent}
-        return {"loss": loss, **self.base_update(flat.params, flat.grads, lr, checks)}
+            loss, ascent, overflow = self._m_sharpness_grad(flat, closure, m, batch)
+        checks = {} if overflow else {"loss": loss, "SAM ascent gradient norm": ascent}
+        return {"loss": loss, **self.base_update(flat.params, flat.grads, lr, checks)}  # overflow: skipped there
 
-    def _m_sharpness_grad(self, flat: FlatParams, closure: Closure, m: int, batch: int) -> tuple[Tensor, Tensor]:
+    def _m_sharpness_grad(self, flat: FlatParams, closure: Closure, m: int, batch: int) -> tuple[Tensor, Tensor, bool]:
         if self.grad_sums is None:
             self.grad_sums = [torch.empty_like(g) for g in flat.grads]
         for s in self.grad_sums:
@@ -63,9 +71,11 @@ class SAM(Method):
         for start in range(0, batch, m):
             part = slice(start, min(start + m, batch))
             weight = (part.stop - part.start) / batch  # chunks may be uneven: weight by size
-            part_loss, part_ascent = self._ascend_and_grad(flat, closure, part)
+            part_loss, part_ascent, overflow = self._ascend_and_grad(flat, closure, part)
             loss, ascent = loss + weight * part_loss, ascent + part_ascent.to(ascent.dtype)
+            if overflow:
+                return loss, ascent, True  # flat.grads hold the overflowed chunk's gradient: the step is skipped
             torch._foreach_add_(self.grad_sums, flat.grads, alpha=weight)
         for g, s in zip(flat.grads, self.grad_sums):
             g.copy_(s)
-        return loss, ascent
+        return loss, ascent, False
