@@ -9,6 +9,16 @@
 `second_step`, `step(closure)`, per-group `rho` / `adaptive`. Two deliberate differences: the restore
 copies the saved weights back in place (never `p.data = old`, which would detach a flat buffer), and
 `zero_grad` zeroes flat gradient buffers in place instead of setting them to None.
+
+fp16 with torch's GradScaler: pass it to both steps (the ascent needs no unscaling: e depends on g
+only through g/||g|| or sign(g)); `scaler.unscale_(opt)` before clipping works as usual:
+
+    scaler.scale(loss_fn()).backward(); opt.first_step(zero_grad=True, scaler=scaler)
+    scaler.scale(loss_fn()).backward(); scaler.unscale_(opt); fastflat.clip_grad_norm_(params, 1.0)
+    opt.second_step(zero_grad=True, scaler=scaler); scaler.update()
+
+A first gradient that overflowed is neither used nor zeroed: the second backward adds to its inf, so
+the scaler skips the step and halves the scale, and the weights never leave w.
 """
 
 from __future__ import annotations
@@ -82,6 +92,7 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self._flat_backups: list[tuple[Tensor, Tensor]] = []  # (param cover, saved copy)
+        self._scaled_second_step = False  # GradScaler.step(self) is running second_step's base step
 
     # -- the one-launch path ---------------------------------------------------------------------
     def _flat_covers(self) -> list[tuple[Tensor, Tensor]] | None:
@@ -114,8 +125,13 @@ class SAM(torch.optim.Optimizer):
             self.state[p].pop("old_p", None)  # a perturbation in flight when saved: meaningless now
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None) -> None:
         check_flattened_views(p for g in self.param_groups for p in g["params"])
+        if scaler is not None and scaler.is_enabled():
+            grads = [p.grad for p in _with_grads(p for g in self.param_groups for p in g["params"])]
+            if grads and not bool(torch.stack([torch.isfinite(g).all().to(grads[0].device) for g in grads]).all()):
+                return  # overflow: no ascent, and the inf stays in .grad for the scaler to find
+
         covers = self._flat_covers()
         if covers is not None:
             group = self.param_groups[0]
@@ -129,7 +145,9 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Back to w, then the base optimizer's step; with a scaler, through scaler.step (which
+        unscales unless scaler.unscale_(self) did, and skips a step whose gradient overflowed)."""
         if self._flat_backups:
             ops.restore_([w for w, _ in self._flat_backups], [b for _, b in self._flat_backups])
             self._flat_backups = []
@@ -138,7 +156,14 @@ class SAM(torch.optim.Optimizer):
                 for p in group["params"]:
                     if "old_p" in self.state[p]:
                         p.copy_(self.state[p].pop("old_p"))
-        self.base_optimizer.step()
+        if scaler is None:
+            self.base_optimizer.step()
+        else:
+            self._scaled_second_step = True
+            try:
+                scaler.step(self)  # calls self.step() below when the gradient is finite
+            finally:
+                self._scaled_second_step = False
         self._opt_called = True  # what an LR scheduler checks: the optimizer did step before it
         if zero_grad:
             self.zero_grad()
@@ -148,6 +173,8 @@ class SAM(torch.optim.Optimizer):
         """The popular SAM's step: the gradient at w is already in .grad; `closure` recomputes the loss
         and its gradient at w + e. Returns what the closure returned: the loss at w + e, the one SAM
         minimises (torch optimizers return their closure's loss too)."""
+        if self._scaled_second_step:  # GradScaler.step(self) from second_step: the base step alone
+            return self.base_optimizer.step()
         if closure is None:
             raise ValueError("SAM requires a closure that re-evaluates the loss and calls backward()")
         closure = torch.enable_grad()(closure)

@@ -173,3 +173,46 @@ def test_loss_scaler_is_none_without_fp16_and_refuses_a_cpu():
     assert evaluation.loss_scaler(torch.device("cpu"), "bf16") is None
     with pytest.raises(UserError, match="use --amp bf16 on a CPU"):
         evaluation.loss_scaler(torch.device("cpu"), "fp16")
+
+
+# -- the drop-in fastflat.SAM with torch's GradScaler ---------------------------------------------------
+def dropin_steps(flat_params, scale=None, clip=None, overflow_at=None):
+    """Three steps of the documented drop-in recipe; returns the weights and the scaler."""
+    import fastflat
+
+    torch.manual_seed(0)
+    model = build_model("cnn", 1, 10, 16)
+    if flat_params:
+        fastflat.flatten(model)
+    opt = fastflat.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale, enabled=scale is not None)
+    for i, (x, y) in enumerate(batches()):
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        if i == overflow_at:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.first_step(zero_grad=True, scaler=scaler)
+        scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+        if clip is not None:
+            scaler.unscale_(opt)
+            fastflat.clip_grad_norm_(model.parameters(), clip)
+        opt.second_step(zero_grad=True, scaler=scaler)
+        scaler.update()
+        if i == overflow_at:
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # never left w
+            assert all(torch.isfinite(b).all() for b in model.buffers())  # no pass at w + NaN fed BatchNorm
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), scaler
+
+
+@pytest.mark.parametrize("flat_params", [False, True])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_the_dropin_with_a_grad_scaler_steps_as_without_one(flat_params, clip):
+    plain, _ = dropin_steps(flat_params, clip=clip)
+    scaled, scaler = dropin_steps(flat_params, scale=2.0**12, clip=clip)
+    assert torch.equal(plain, scaled) and scaler.get_scale() == 2.0**12
+
+
+@pytest.mark.parametrize("flat_params", [False, True])
+def test_the_dropin_skips_a_step_whose_first_gradient_overflowed(flat_params):
+    _, scaler = dropin_steps(flat_params, scale=2.0**12, overflow_at=1)
+    assert scaler.get_scale() == 2.0**11
