@@ -123,3 +123,16 @@ def test_bench_train_times_steps_on_two_processes(tmp_path, capfd):
     rows = json.loads(path.read_text())["rows"]
     assert code == 0 and [r["processes"] for r in rows] == [2, 2] and all(r["status"] == "ok" for r in rows)
     assert rows[0]["samples_per_s"] == pytest.approx(16 * rows[0]["steps_per_s"])  # the global batch
+
+
+@pytest.mark.parametrize("mode", ["plain", "flat"])
+def test_the_sam_dropin_in_your_own_ddp_loop_keeps_ranks_equal_and_is_per_rank_m_sharpness(tmp_path, mode):
+    """The README recipe (tests/workers/sam_ddp_loop.py): ascent inside no_sync(), DDP's descent."""
+    loop = str(Path(__file__).parent / "workers" / "sam_ddp_loop.py")
+    torchrun(loop, str(tmp_path), mode)
+    alone(loop, str(tmp_path), "reference")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    expected = torch.load(tmp_path / "reference.pt")
+    for a, b, e in zip(*ranks, expected):
+        assert torch.equal(a, b)  # DDP averaged the same gradient into both ranks
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
