@@ -189,15 +189,20 @@ def train(
         else:
             summary = training.train(load_config(config, overrides), hooks)
     except KeyboardInterrupt as e:
-        hooks.stop()
-        err_console.print(_interrupted_message(e, hooks.run_dir), highlight=False, markup=False, soft_wrap=True)
+        _stop_display(hooks)
+        if isinstance(hooks, RichHooks):  # rank 0 speaks for all (the others have plain Hooks)
+            message = _interrupted_message(e, hooks.run_dir)
+            err_console.print(message, highlight=False, markup=False, soft_wrap=True)
+            if os.environ.get(ERROR_FILE_ENV):  # `--nproc`: its launcher repeats it after torchrun's report
+                Path(os.environ[ERROR_FILE_ENV]).write_text(message)
         raise typer.Exit(130) from None
     except NonFiniteError as e:
-        hooks.stop()
-        err_console.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
+        _stop_display(hooks)
+        if isinstance(hooks, RichHooks):
+            err_console.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(3) from None
     except UserError:
-        hooks.stop()
+        _stop_display(hooks)
         raise
     from fastflat import dist
 
@@ -232,6 +237,13 @@ def runs_command(
     console.print(table)
 
 
+def _stop_display(hooks: Any) -> None:
+    """End rank 0's live display before an error line; other ranks have no display (plain Hooks)."""
+    stop = getattr(hooks, "stop", None)
+    if stop is not None:
+        stop()
+
+
 def _launch(nproc: int, device: str) -> int:
     """fastflat train --nproc N ...: the same command under torch.distributed.run, N processes here."""
     import subprocess
@@ -253,15 +265,43 @@ def _launch(nproc: int, device: str) -> int:
             argv.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "fastflat", *argv]
-    code = subprocess.run(command).returncode
-    if code != 0:  # torchrun stopped every rank when one failed; checkpoints are written whole or not at all
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        error_file = Path(folder) / "error"
+        env = {**os.environ, ERROR_FILE_ENV: str(error_file)}
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # torchrun's banner otherwise
+        code = _wait_for_torchrun(subprocess.Popen(command, env=env))
+        said = error_file.read_text().strip() if error_file.exists() else ""
+    if code == 0:
+        return 0
+    if said.startswith("interrupted"):  # Ctrl-C: rank 0's checkpoint line again, after torchrun's report
+        err_console.print(said, highlight=False, markup=False, soft_wrap=True)
+        return 130
+    if said:  # a user error on the ranks (each stopped before training): the one line that matters, last
+        err_console.print(f"error: {said}", highlight=False, markup=False, soft_wrap=True)
+    else:  # torchrun stopped every rank when one failed; checkpoints are written whole or not at all
         err_console.print(f"error: a process of the {nproc}-process job failed (torchrun exit {code}, its report "
                           "above); the last checkpoint is kept: continue with --resume", highlight=False, soft_wrap=True)
-        return 2
-    return 0
+    return 2
+
+
+def _wait_for_torchrun(process) -> int:
+    """Wait for torchrun, outliving a Ctrl-C (the terminal sends it to torchrun and every rank too: they
+    checkpoint and stop) so the last line can say what was kept; a SIGTERM is passed on to torchrun."""
+    import signal
+
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))}
+    try:
+        return process.wait()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 _ARGV: list[str] = []  # the command line main() was given, for --nproc to pass on
+ERROR_FILE_ENV = "FASTFLAT_ERROR_FILE"  # set by --nproc: rank 0 leaves a user error's message there
 
 
 def _interrupted_message(error: KeyboardInterrupt, run_dir: str | None) -> str:
@@ -336,7 +376,10 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"error: {e.format_message()} (see: {name} --help)", highlight=False, markup=False, soft_wrap=True)
         return 2
     except UserError as e:
-        err_console.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
+        if os.environ.get("RANK", "0") == "0":  # torchrun: every rank refuses alike; rank 0 says it
+            err_console.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
+            if os.environ.get(ERROR_FILE_ENV):  # for `--nproc`'s launcher, which prints it after torchrun's report
+                Path(os.environ[ERROR_FILE_ENV]).write_text(str(e))
         return 2
     except typer.Exit as e:
         return e.exit_code

@@ -126,11 +126,25 @@ def default_run_name(cfg: TrainConfig) -> str:
 
 
 def check_distributable(cfg: TrainConfig) -> None:
-    """Under torchrun: the methods that run across ranks so far, and a batch the ranks can share."""
+    """Under torchrun: a global batch the ranks can share (every method runs across ranks)."""
     if not dist.active():
         return
-    if cfg.method in ("fullbatch", "curve"):
-        raise UserError(f"--method {cfg.method} does not run across ranks yet; train it in one process")
-    if cfg.batch_size % dist.world_size() and cfg.method != "es":
+    if cfg.batch_size % dist.world_size() and cfg.method not in ("es", "fullbatch"):
         raise UserError(f"--batch-size {cfg.batch_size} (the global batch) does not split over {dist.world_size()} "
                         f"processes; use a multiple of {dist.world_size()}")
+
+
+def check_full_batch_shares(cfg: TrainConfig, examples: int) -> None:
+    """Full batch under torchrun: each rank takes chunk_size / N of every chunk, so every rank holds
+    examples / N of the set and the mean of the ranks' mean gradients is the whole set's."""
+    n = dist.world_size()
+    fb = cfg.fullbatch
+    if n == 1:
+        return
+    if examples % n or fb.chunk_size % n:
+        raise UserError(f"--method fullbatch on {n} processes needs the training-set size ({examples}) and "
+                        f"--chunk-size ({fb.chunk_size}) divisible by {n}: use --subset {examples - examples % n} "
+                        f"and --chunk-size {max(n, fb.chunk_size - fb.chunk_size % n)}")
+    if fb.block and (fb.chunk_size // n) % fb.block:
+        raise UserError(f"--gradreg-block {fb.block} must divide each process's share of a chunk "
+                        f"({fb.chunk_size} / {n} = {fb.chunk_size // n}): use --chunk-size {fb.block * n * max(1, fb.chunk_size // (fb.block * n))}")

@@ -31,7 +31,7 @@ from fastflat.methods import Closure, Method, build_method
 from fastflat.models import build_model
 from fastflat.rundir import RunDir, load_checkpoint, load_weights, provenance
 from fastflat.schedules import make_schedule
-from fastflat.runs import check_distributable, default_run_name, extension_problem
+from fastflat.runs import check_distributable, check_full_batch_shares, default_run_name, extension_problem
 from fastflat.services import TrainerServices
 from fastflat.steps import MAX_ROLLBACKS, MAX_SKIPS_IN_A_ROW, Hooks, Position, epoch_generator, train_step
 
@@ -78,6 +78,8 @@ class Trainer(TrainerServices):
         if self.full_batch and cfg.fullbatch.chunk_size > len(data.train):
             raise UserError(f"fullbatch.chunk_size {cfg.fullbatch.chunk_size} is larger than the "
                             f"{len(data.train)} training examples")
+        if self.full_batch:
+            check_full_batch_shares(cfg, len(data.train))
         self.steps_per_epoch = 1 if self.full_batch else datasets.num_batches(
             len(data.train), cfg.batch_size * cfg.accumulate, drop_last=True)
         if self.steps_per_epoch == 0:
@@ -201,7 +203,7 @@ class Trainer(TrainerServices):
         generator = epoch_generator(cfg.seed, epoch)
         if self.full_batch:
             chunks = datasets.iterate_batches(self.data.train, cfg.fullbatch.chunk_size, dataset=self.data, train=True,
-                                              generator=generator, shuffle=cfg.fullbatch.shuffle)
+                                              generator=generator, shuffle=cfg.fullbatch.shuffle, **self._share())
             yield SplitClosure(self.model, self.flat, list(chunks), cfg.amp, self.scaler)
             return
         for x, y in datasets.iterate_batches(self.data.train, cfg.batch_size * cfg.accumulate, dataset=self.data,

@@ -45,6 +45,47 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, method
         json.loads((tmp_path / "one" / "summary.json").read_text())["test_acc"], abs=1.0)
 
 
+@pytest.mark.parametrize("method", ["fullbatch", "fullbatch-finite", "fullbatch-exact"])
+def test_full_batch_on_two_ranks_equals_one_process_with_and_without_the_penalty(tmp_path, method):
+    """Each rank holds half the set; the whole-set penalty perturbs along the all-reduced g."""
+    torchrun(WORKER, str(tmp_path), "two", method, "6")
+    alone(WORKER, str(tmp_path), "one", method, "6")
+    for key, value in weights(tmp_path / "one").items():
+        torch.testing.assert_close(weights(tmp_path / "two")[key], value, rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["steps"] == 6
+
+
+def test_a_curve_trained_on_two_ranks_equals_one_process(tmp_path):
+    """The same t each step on every rank (one seeded generator), the bend's gradient all-reduced."""
+    alone(WORKER, str(tmp_path), "end-a", "sgd", "1")
+    alone(WORKER, str(tmp_path), "end-b", "sgd", "3")
+    torchrun(WORKER, str(tmp_path), "two", "curve", "2")
+    alone(WORKER, str(tmp_path), "one", "curve", "2")
+    for tag in ("start", "bend", "end"):
+        one = torch.load(tmp_path / "one" / "members" / f"{tag}.pt", weights_only=True)
+        two = torch.load(tmp_path / "two" / "members" / f"{tag}.pt", weights_only=True)
+        for key, value in one.items():
+            torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["curve_kind"] == "bezier"
+
+
+def test_ctrl_c_under_torchrun_checkpoints_one_agreed_step_and_resumes_bitwise(tmp_path):
+    """SIGINT to the whole group (torchrun forwards a second one to the ranks): every rank stops after
+    the same step, rank 0 writes one checkpoint, and the resumed run ends where the whole one does."""
+    torchrun(WORKER, str(tmp_path), "whole", "sam", "3")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               WORKER, str(tmp_path), "cut", "sam", "3", "sigint@13"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, start_new_session=True)
+    assert done.returncode != 0 and not (tmp_path / "cut" / "summary.json").exists()
+    saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["position"]["step"]
+    assert 0 < saved < 24  # stopped mid-run (at step 13, or the checkpoint before a second signal)
+    torchrun(WORKER, str(tmp_path), "cut", "sam", "3", "resume")
+    whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text().count("\n") == 3
+
+
 def test_sam_sync_ascent_on_two_ranks_equals_plain_sam_in_one_process(tmp_path):
     torchrun(WORKER, str(tmp_path), "two", "sam-sync", "2")
     alone(WORKER, str(tmp_path), "one", "sam", "2")
@@ -68,8 +109,15 @@ def test_sync_bn_makes_two_ranks_train_the_cnn_as_one_process(tmp_path):
     assert main([*common, "--name", "one"]) == 0
     two, one = weights(tmp_path / "two"), weights(tmp_path / "one")
     assert two.keys() == one.keys()  # the checkpoint loads into a plain model
-    for key in one:  # BatchNorm statistics over both ranks' 64 examples: the one-process batch of 128
-        torch.testing.assert_close(two[key].float(), one[key].float(), rtol=1e-3, atol=1e-4)
+    # BatchNorm statistics over both ranks' 64 examples: the one-process batch of 128, up to float rounding,
+    # which 8 steps amplify differently on different CPUs (oneDNN kernels). Measured on this machine, the
+    # worst tensor's relative difference: 0.003 with --sync-bn, 0.40 without it (per-rank statistics).
+    for key in one:
+        if one[key].is_floating_point():
+            difference = (two[key].float() - one[key].float()).norm() / one[key].float().norm().clamp(min=1e-12)
+            assert difference < 1e-2, key
+        else:
+            assert torch.equal(two[key], one[key]), key  # num_batches_tracked
 
 
 def test_es_on_two_ranks_splits_the_children_and_updates_bitwise_as_one_process(tmp_path):
@@ -107,12 +155,13 @@ def test_nproc_launches_torchrun_and_rank_0_alone_writes(tmp_path, capfd):
 @pytest.mark.parametrize("args, message", [
     (["--nproc", "999"], "this machine has"),
     (["--nproc", "2", "--batch-size", "127"], "does not split over 2 processes"),
-    (["--nproc", "2", "--method", "fullbatch"], "does not run across ranks yet"),
+    (["--nproc", "2", "--method", "fullbatch", "--subset", "1023", "--chunk-size", "512"], "divisible by 2: use --subset 1022"),
 ])
 def test_distributed_bad_input_is_one_line(tmp_path, capfd, args, message):
     code = main(["train", *args, "--dataset", "synthetic", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path)])
     err = capfd.readouterr().err
-    assert code != 0 and message in err
+    assert code == 2 and message in err.strip().splitlines()[-1]  # the last line names the problem
+    assert "[rank" not in err  # no rank's traceback (rank 1 once died in its error handler)
 
 
 def test_bench_train_times_steps_on_two_processes(tmp_path, capfd):

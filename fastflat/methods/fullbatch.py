@@ -11,6 +11,11 @@ tau = strength * lr / 2 unless --tau is given, so the update adds (lr/4) * stren
 the paper's code (strength 0.5 there). With --gradreg-block b the penalty is taken per block of b
 examples and averaged ("strong regularization", b = 32 in the paper): each block costs two passes of
 its own, and the mean of the blocks' gradients is the full gradient, so nothing else is computed.
+
+Under torchrun each rank holds 1/N of the set. Blocks stay inside a rank, so blocked penalties need no
+extra communication; the whole-set penalty all-reduces g first (one more all-reduce a step), since the
+finite difference and the HVP must follow the global g: each rank's g + (tau/2) H_r g then averages to
+the whole set's g + (tau/2) H g in base_update's all-reduce.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastflat import ops
+from fastflat import dist, ops
 from fastflat.flat import FlatParams
 from fastflat.hessian import hvp
 from fastflat.methods.base import Closure, Method
@@ -52,6 +57,8 @@ class FullBatch(Method):
             part = slice(start, min(start + size, n)) if fb.block else None
             weight = ((part.stop - part.start) / n) if part is not None else 1.0
             block_loss = closure(backward=True, part=part)  # g of this block (or of the whole set)
+            if part is None:  # torchrun: perturb along the whole set's g; each rank's H_r g then averages to H g
+                dist.all_reduce_mean_(flat.grads)
             grads = [g.clone() for g in flat.grads]
             hvp = self._hvp(flat, closure, part, grads)  # H g, in flat.grads' layout
             half_tau = self.tau(lr) / 2

@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py, alone or under torchrun: fastflat.train on an MLP (no BatchNorm, so
 a 2-rank step equals a 1-process step to float tolerance) over fixed tabular data.
 
-    python tests/workers/train_mlp.py OUT NAME METHOD EPOCHS [RESUME_EPOCHS]
+    python tests/workers/train_mlp.py OUT NAME METHOD EPOCHS [EXTEND_TO_EPOCHS | resume | sigint@STEP]
 """
 
 import sys
@@ -27,8 +27,24 @@ def model():
 
 if __name__ == "__main__":
     out, name, method, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    if len(sys.argv) > 5:  # extend a finished run (saved on any number of ranks) to more epochs
-        resume(f"{out}/{name}", model=model(), data=data(), epochs=int(sys.argv[5]))
+    extra = sys.argv[5] if len(sys.argv) > 5 else ""
+    hooks = None
+    if extra.startswith("sigint@"):  # Ctrl-C in a terminal: SIGINT to the whole group (torchrun and every rank)
+        import os
+        import signal
+
+        from fastflat.steps import Hooks
+
+        class CtrlC(Hooks):
+            def on_step(self, step, metrics):
+                if step == int(extra[len("sigint@"):]) and os.environ.get("RANK", "0") == "0":
+                    os.killpg(os.getpgid(0), signal.SIGINT)
+
+        hooks = CtrlC()
+    if extra == "resume":
+        resume(f"{out}/{name}", model=model(), data=data())
+    elif extra.isdigit():  # extend a finished run (saved on any number of ranks) to more epochs
+        resume(f"{out}/{name}", model=model(), data=data(), epochs=int(extra))
     else:
         settings = {"method": method, "epochs": epochs, "batch_size": 64, "schedule": "constant", "lr": 0.1,
                     "device": "cpu", "out": out, "name": name, "log_every": 0}
@@ -38,13 +54,18 @@ if __name__ == "__main__":
             settings.update({"method": "sam", "sam": {"sync_ascent": True}})
         if method == "sam-m32":  # one process, one ascent per 32 examples: what 2 ranks of 32 each do
             settings.update({"method": "sam", "sam": {"m": 32}})
+        if method.startswith("fullbatch"):  # one step per epoch over all 512 examples, in chunks of 128
+            gradreg = method[len("fullbatch-"):] or "off"  # fullbatch-finite | fullbatch-exact: the penalty
+            settings.update({"method": "fullbatch", "fullbatch": {"chunk_size": 128, "gradreg": gradreg}})
+        if method == "curve":  # a Bezier bend between two runs the test trained before: end-a and end-b
+            settings.update({"curve": {"start": f"{out}/end-a", "end": f"{out}/end-b"}})
         if method == "swa":
             settings.update({"swa": {"start": 1, "lr": 0.05, "cycle": 2}})
             settings.pop("schedule")
         if method == "fge":
             settings.update({"fge": {"pretrain": 0.5, "cycle_epochs": 0.25}})
             settings.pop("schedule")
-        fastflat.train(settings, model=model(), data=data())
+        fastflat.train(settings, model=model(), data=data(), hooks=hooks)
     from fastflat import dist
 
     dist.finish()
