@@ -147,11 +147,12 @@ def test_a_bad_size_is_one_line_and_exit_code_2(capsys, tmp_path):
 
 
 def test_train_reports_rates_passes_and_sam_over_sgd(tmp_path):
-    code = main(["bench", "train", "--model", "cnn", "--methods", "sgd,sam,swa,no-such", "--steps", "2",
+    code = main(["bench", "train", "--model", "cnn", "--methods", "sgd,sam,swa,no-such,ddp-sgd", "--steps", "2",
                  "--warmup", "0", "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path)])
     rows, csv_rows = read_results(tmp_path)
-    sgd, sam, swa, missing = rows
-    assert code == 0 and len(csv_rows) == 4
+    sgd, sam, swa, missing, ddp = rows
+    assert code == 0 and len(csv_rows) == 5
+    assert ddp["status"] == "unavailable" and "--nproc 2" in ddp["reason"]  # stock DDP needs a process group
     assert all(set(TRAIN_FIELDS + PROVENANCE) <= set(r) for r in rows)
     assert (sgd["passes_per_step"], sam["passes_per_step"]) == (1, 2)
     assert sgd["ratio_to_sgd"] == 1.0 and sam["ratio_to_sgd"] == pytest.approx(sam["step_ms"] / sgd["step_ms"])

@@ -165,13 +165,14 @@ def test_distributed_bad_input_is_one_line(tmp_path, capfd, args, message):
 
 
 def test_bench_train_times_steps_on_two_processes(tmp_path, capfd):
-    code = main(["bench", "train", "--model", "cnn", "--methods", "sgd,sam", "--steps", "2", "--warmup", "0",
-                 "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path), "--nproc", "2"])
+    code = main(["bench", "train", "--model", "cnn", "--methods", "sgd,sam,ddp-sgd,ddp-sam", "--steps", "2",
+                 "--warmup", "0", "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path), "--nproc", "2"])
     capfd.readouterr()
     (path,) = tmp_path.glob("*.json")
     rows = json.loads(path.read_text())["rows"]
-    assert code == 0 and [r["processes"] for r in rows] == [2, 2] and all(r["status"] == "ok" for r in rows)
+    assert code == 0 and [r["processes"] for r in rows] == [2] * 4 and all(r["status"] == "ok" for r in rows)
     assert rows[0]["samples_per_s"] == pytest.approx(16 * rows[0]["steps_per_s"])  # the global batch
+    assert [r["passes_per_step"] for r in rows] == [1, 2, 1, 2] and rows[2]["ratio_to_sgd"] > 0  # stock DDP beside ours
 
 
 @pytest.mark.parametrize("mode", ["plain", "flat"])

@@ -8,6 +8,9 @@ beyond its passes (step - passes x fwd_bwd) is the method's own work: norms, per
 optimizer. SAM takes two passes, so its ideal step time is 2.0x SGD's. SWA averages after every step
 here (cycle of one step, its worst case; ideal 1.0x SGD); Spartan's steps are its inner SGD's, and one
 mutation round (K children scored on the batch, then the fused ES update) is timed on its own.
+Under torchrun (`--nproc N`), `ddp-sgd` and `ddp-sam` time stock DistributedDataParallel on the same
+model and rank shares (torch.optim.SGD; fastflat.SAM with the ascent inside no_sync(), the README
+recipe): the baseline for our one all-reduce of the flat gradient per step.
 Full batch (`fullbatch`, `fullbatch-finite`, `fullbatch-exact`: the gradient-norm penalty off, by
 finite differences, by double backward) steps over FULL_BATCHES batches at once; `ratio_to_sgd` is per
 batch of data, i.e. against an SGD epoch over the same batches (ideal: 1.0, 2.0 with the penalty).
@@ -151,6 +154,44 @@ def _bench_method(name: str, settings: TrainSettings, x: torch.Tensor, y: torch.
             "outside_fwd_bwd_ms": step_ms - passes[0] * fwd_bwd_ms}
 
 
+DDP_VARIANTS = ("ddp-sgd", "ddp-sam")  # stock DistributedDataParallel, for comparison under torchrun
+
+
+def _bench_ddp(name: str, settings: TrainSettings, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """A user's own DDP loop on the same model and batch share: the baseline for our flat all-reduce."""
+    from torch.nn.functional import cross_entropy
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fastflat.optim import SAM
+
+    torch.manual_seed(0)
+    model = build_model(settings.model, IMAGE_SHAPE[0], NUM_CLASSES, IMAGE_SHAPE[1]).to(settings.device)
+    ddp = DistributedDataParallel(model, device_ids=[settings.device] if settings.device.type == "cuda" else None)
+    cfg = TrainConfig()
+    kwargs = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = SAM(ddp.parameters(), torch.optim.SGD, rho=cfg.sam.rho, **kwargs) if name == "ddp-sam" else \
+        torch.optim.SGD(ddp.parameters(), **kwargs)
+
+    def step() -> None:
+        if name == "ddp-sam":
+            with ddp.no_sync():
+                cross_entropy(ddp(x), y).backward()
+            opt.first_step(zero_grad=True)
+            cross_entropy(ddp(x), y).backward()
+            opt.second_step(zero_grad=True)
+        else:
+            cross_entropy(ddp(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    _times_ms(step, settings.warmup, settings.device)
+    step_ms, iqr_ms = median_iqr(_times_ms(step, settings.steps, settings.device))
+    params = sum(p.numel() for p in model.parameters())
+    return {"params": params, "status": "ok", "step_ms": step_ms, "iqr_ms": iqr_ms, "batches_per_step": 1,
+            "steps_per_s": 1e3 / step_ms, "samples_per_s": settings.batch_size * 1e3 / step_ms,
+            "passes_per_step": 2 if name == "ddp-sam" else 1}
+
+
 def run_train(settings: TrainSettings, on_method: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """One row of TRAIN_FIELDS per method; names fastflat does not know are 'unavailable'."""
     generator = torch.Generator().manual_seed(0)
@@ -162,13 +203,15 @@ def run_train(settings: TrainSettings, on_method: Callable[[str], None] | None =
     for name in settings.methods:
         row = {**dict.fromkeys(TRAIN_FIELDS), "processes": dist.world_size(), "method": name, "model": settings.model,
                "batch_size": settings.batch_size, "steps": settings.steps}
-        known = [*METHODS, *WRAPPERS, *FULL_BATCH_VARIANTS]
+        known = [*METHODS, *WRAPPERS, *FULL_BATCH_VARIANTS, *DDP_VARIANTS]
         if name not in known:
             row.update(status="unavailable", reason=f"not a fastflat method ({', '.join(known)})")
+        elif name in DDP_VARIANTS and not dist.active():
+            row.update(status="unavailable", reason="stock DDP needs a process group: run with --nproc 2 or more")
         else:
             if on_method is not None:
                 on_method(name)
-            row.update(_bench_method(name, settings, x, y))
+            row.update((_bench_ddp if name in DDP_VARIANTS else _bench_method)(name, settings, x, y))
         rows.append(row)
     sgd = next((r for r in rows if r["method"] == "sgd" and r["status"] == "ok"), None)
     for r in rows:
