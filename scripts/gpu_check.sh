@@ -61,8 +61,8 @@ if [ "$SMOKE" = 1 ]; then
   stage bench-es-memory 60 $PY -m fastflat bench es-memory --children 8 --size 2^12 --out "$RESULTS"
   stage bench-landscape 60 $PY -m fastflat bench landscape --dataset synthetic --examples 64 --grid 2 --at-once 2 --out "$RESULTS"
 else
-  # 2) Compiled kernels against their twins at real sizes, SAM on ResNet-18, the kernel test files on CUDA.
-  stage tests 180 $PY -m pytest -q tests/test_gpu.py tests/test_kernels.py tests/test_noise.py tests/test_average.py
+  # 2) Compiled kernels against their twins at real sizes, SAM on ResNet-18, fp16 SGD/SAM runs, the kernel and AMP test files.
+  stage tests 200 $PY -m pytest -q tests/test_gpu.py tests/test_kernels.py tests/test_noise.py tests/test_average.py tests/test_amp.py
   # 3) Every fused op against the per-parameter loop, foreach, torch.compile and copy bandwidth.
   stage bench-kernels 150 $PY -m fastflat bench kernels --out "$RESULTS"
   # 4) Steps/s of each method on ResNet-18 (CIFAR shape), and ES peak memory against K at ResNet-18 size.
