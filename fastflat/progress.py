@@ -2,7 +2,8 @@
 per epoch, and a summary table. Implements trainer.Hooks; the library itself never prints.
 
 When output is not a terminal (a log file, nohup, CI) a live bar shows nothing until the end, so a
-plain line is printed every tenth of an epoch instead.
+plain line is printed instead: at tenths of an epoch, at most one every PIPED_TRAIN_EVERY_S seconds
+(a short epoch would otherwise log a line a second), plus the epoch lines.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from fastflat.steps import Hooks
 def _num(value: float | None, spec: str) -> str:
     """A metric for display; None (a non-finite value, stored as null) shows as n/a."""
     return "n/a" if value is None else format(value, spec)
+
+
+PIPED_TRAIN_EVERY_S = 10.0  # piped training output: a progress line at most this often
 
 
 class RichHooks(Hooks):
@@ -50,6 +54,7 @@ class RichHooks(Hooks):
                                            epoch=1 + info["step"] // info["steps_per_epoch"], stats="")
         self.tick = time.perf_counter()
         self.tick_seen = 0
+        self.last_line: float | None = None  # piped: when the last plain progress line was printed
 
     def on_step(self, step: int, metrics: dict[str, Any]) -> None:
         if step % self.every:
@@ -64,6 +69,9 @@ class RichHooks(Hooks):
         stats = f"loss {loss:.4f}  acc {acc:5.2f}%  lr {metrics['lr']:.4g}  {rate:,.0f} samples/s"
         self.progress.update(self.task, completed=step, epoch=metrics["epoch"] + 1, stats=stats)
         if not self.console.is_terminal:
+            if self.last_line is not None and now - self.last_line < PIPED_TRAIN_EVERY_S:
+                return
+            self.last_line = now
             where = f"epoch {metrics['epoch'] + 1} " if self.unit == "epoch" else ""
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")  # a log read later needs the when
             self.console.print(f"{stamp}  {where}step {step}/{self.total}  {stats}", highlight=False, soft_wrap=True)
