@@ -86,6 +86,17 @@ def test_ctrl_c_under_torchrun_checkpoints_one_agreed_step_and_resumes_bitwise(t
     assert (tmp_path / "cut" / "metrics.jsonl").read_text().count("\n") == 3
 
 
+def test_fp16_sam_on_two_ranks_keeps_the_ranks_equal_and_matches_one_process(tmp_path):
+    """The loss scale is the same on every rank (an overflow anywhere is an inf in the all-reduced
+    gradient everywhere); weights are checked bitwise equal across ranks at every checkpoint."""
+    torchrun(WORKER, str(tmp_path), "two", "sam-fp16", "2")
+    alone(WORKER, str(tmp_path), "one", "sam-m32-fp16", "2")
+    for key, value in weights(tmp_path / "one").items():
+        torch.testing.assert_close(weights(tmp_path / "two")[key], value, rtol=1e-3, atol=1e-3)
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["ranks"] == 2 and two["loss_scale"] == json.loads((tmp_path / "one" / "summary.json").read_text())["loss_scale"]
+
+
 def test_sam_sync_ascent_on_two_ranks_equals_plain_sam_in_one_process(tmp_path):
     torchrun(WORKER, str(tmp_path), "two", "sam-sync", "2")
     alone(WORKER, str(tmp_path), "one", "sam", "2")

@@ -57,6 +57,13 @@ if __name__ == "__main__":
         if method.startswith("fullbatch"):  # one step per epoch over all 512 examples, in chunks of 128
             gradreg = method[len("fullbatch-"):] or "off"  # fullbatch-finite | fullbatch-exact: the penalty
             settings.update({"method": "fullbatch", "fullbatch": {"chunk_size": 128, "gradreg": gradreg}})
+        if method.endswith("-fp16"):  # fp16 with a loss scale, on the CPU (the CLI refuses it there; fp16 matmuls are fast)
+            from fastflat import evaluation
+
+            evaluation.FP16_DEVICE_TYPES = ("cpu",)
+            settings.update({"method": method[: -len("-fp16")], "amp": "fp16"})
+            if settings["method"] == "sam-m32":
+                settings.update({"method": "sam", "sam": {"m": 32}})
         if method == "curve":  # a Bezier bend between two runs the test trained before: end-a and end-b
             settings.update({"curve": {"start": f"{out}/end-a", "end": f"{out}/end-b"}})
         if method == "swa":
