@@ -105,22 +105,23 @@ class Method:
             if p.grad is not g:
                 p.grad = g
         if self.scaler is not None:  # fp16: grads hold scale x gradient; an inf on any rank is inf on all now
-            self.scaler.unscale_(self.optimizer)  # in place, and notes whether any value is inf/nan
+            self.scaler.unscale_(self.optimizer)  # in place, and notes on the device whether any is inf/nan
         sqnorm = ops.total_sqnorm(grads)  # (1,) fp32 (fp64 for fp64 grads): one read of N
-        if self.scaler is not None and not bool(torch.isfinite(sqnorm).all()):
+        try:
+            finite_or_raise({**(checks or {}), "gradient norm": sqnorm})  # the one host sync of the step
+        except NonFiniteError:
+            if self.scaler is None or bool(torch.isfinite(sqnorm).all()):
+                raise  # a non-finite loss with a finite gradient is no overflow
             return self._skip_overflow()
         self.overflows_in_a_row = 0
-        finite_or_raise({**(checks or {}), "gradient norm": sqnorm})
         metrics: dict[str, Any] = {}
         if self.cfg.clip_grad is not None:
             metrics["grad_norm"] = ops.clip_grad_norm_flat_(grads, self.cfg.clip_grad, sqnorm)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.scaler is None:
-            self.optimizer.step()
-        else:
-            self.scaler.step(self.optimizer)  # the gradient is finite: it steps
-            self.scaler.update()  # grows the scale after growth_interval clean steps
+        self.optimizer.step()  # fp16 too: the gradient is known finite, so scaler.step would only sync again
+        if self.scaler is not None:
+            self.scaler.update()  # reads unscale_'s inf flag on the device; grows the scale after 2000 clean steps
         return metrics
 
     def _skip_overflow(self) -> dict[str, Any]:
