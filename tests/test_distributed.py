@@ -97,6 +97,20 @@ def test_fp16_sam_on_two_ranks_keeps_the_ranks_equal_and_matches_one_process(tmp
     assert two["ranks"] == 2 and two["loss_scale"] == json.loads((tmp_path / "one" / "summary.json").read_text())["loss_scale"]
 
 
+def test_a_rank_killed_mid_run_stops_the_job_and_the_last_checkpoint_resumes_bitwise(tmp_path):
+    torchrun(WORKER, str(tmp_path), "whole", "sgd", "3")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               WORKER, str(tmp_path), "cut", "sgd", "3", "sigkill@13"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0 and not (tmp_path / "cut" / "summary.json").exists()
+    saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["position"]["step"]
+    assert saved == 8  # the end of epoch 1 (8 steps an epoch): rank 0 wrote nothing after rank 1 died
+    assert not list((tmp_path / "cut").glob(".*.tmp"))  # no half-written file (rundir.TEMPORARY)
+    torchrun(WORKER, str(tmp_path), "cut", "sgd", "3", "resume")
+    whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
 def test_sam_sync_ascent_on_two_ranks_equals_plain_sam_in_one_process(tmp_path):
     torchrun(WORKER, str(tmp_path), "two", "sam-sync", "2")
     alone(WORKER, str(tmp_path), "one", "sam", "2")

@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py, alone or under torchrun: fastflat.train on an MLP (no BatchNorm, so
 a 2-rank step equals a 1-process step to float tolerance) over fixed tabular data.
 
-    python tests/workers/train_mlp.py OUT NAME METHOD EPOCHS [EXTEND_TO_EPOCHS | resume | sigint@STEP]
+    python tests/workers/train_mlp.py OUT NAME METHOD EPOCHS [EXTEND_TO_EPOCHS | resume | sigint@STEP | sigkill@STEP]
 """
 
 import sys
@@ -41,6 +41,18 @@ if __name__ == "__main__":
                     os.killpg(os.getpgid(0), signal.SIGINT)
 
         hooks = CtrlC()
+    if extra.startswith("sigkill@"):  # rank 1 dies mid-run (OOM killer, a lost node): no handler runs
+        import os
+        import signal
+
+        from fastflat.steps import Hooks
+
+        class Die(Hooks):
+            def on_step(self, step, metrics):
+                if step == int(extra[len("sigkill@"):]) and os.environ.get("RANK") == "1":
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        hooks = Die()
     if extra == "resume":
         resume(f"{out}/{name}", model=model(), data=data())
     elif extra.isdigit():  # extend a finished run (saved on any number of ranks) to more epochs
