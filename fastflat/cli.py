@@ -193,8 +193,7 @@ def train(
         if isinstance(hooks, RichHooks):  # rank 0 speaks for all (the others have plain Hooks)
             message = _interrupted_message(e, hooks.run_dir)
             err_console.print(message, highlight=False, markup=False, soft_wrap=True)
-            if os.environ.get(ERROR_FILE_ENV):  # `--nproc`: its launcher repeats it after torchrun's report
-                Path(os.environ[ERROR_FILE_ENV]).write_text(message)
+            _tell_launcher(message)
         raise typer.Exit(130) from None
     except NonFiniteError as e:
         _stop_display(hooks)
@@ -304,6 +303,12 @@ _ARGV: list[str] = []  # the command line main() was given, for --nproc to pass 
 ERROR_FILE_ENV = "FASTFLAT_ERROR_FILE"  # set by --nproc: rank 0 leaves a user error's message there
 
 
+def _tell_launcher(message: str) -> None:
+    """Under `--nproc`: leave rank 0's last line for the launcher, which repeats it after torchrun's report."""
+    if os.environ.get(ERROR_FILE_ENV):
+        Path(os.environ[ERROR_FILE_ENV]).write_text(message)
+
+
 def _interrupted_message(error: KeyboardInterrupt, run_dir: str | None) -> str:
     """Say what a stop kept: the checkpoint of the last whole step, or that nothing was saved."""
     if isinstance(error, Interrupted) and error.saved_step is not None:
@@ -378,8 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # torchrun: every rank refuses alike; rank 0 says it
             err_console.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
-            if os.environ.get(ERROR_FILE_ENV):  # for `--nproc`'s launcher, which prints it after torchrun's report
-                Path(os.environ[ERROR_FILE_ENV]).write_text(str(e))
+            _tell_launcher(str(e))
         return 2
     except typer.Exit as e:
         return e.exit_code

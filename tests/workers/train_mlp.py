@@ -4,12 +4,15 @@ a 2-rank step equals a 1-process step to float tolerance) over fixed tabular dat
     python tests/workers/train_mlp.py OUT NAME METHOD EPOCHS [EXTEND_TO_EPOCHS | resume | sigint@STEP | sigkill@STEP]
 """
 
+import os
+import signal
 import sys
 
 import torch
 from torch import nn
 
 import fastflat
+from fastflat.steps import Hooks
 from fastflat.trainer import resume
 
 
@@ -25,34 +28,28 @@ def model():
     return nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 4))
 
 
+class SignalAt(Hooks):
+    """After optimizer step `step`: sigint, Ctrl-C in a terminal (SIGINT from rank 0 to the whole group:
+    torchrun and every rank); sigkill, rank 1 dies (OOM killer, a lost node: no handler runs)."""
+
+    def __init__(self, kind: str, step: str):
+        self.kind, self.step = kind, int(step)
+
+    def on_step(self, step, metrics):
+        if step != self.step:
+            return
+        if self.kind == "sigint" and os.environ.get("RANK", "0") == "0":
+            os.killpg(os.getpgid(0), signal.SIGINT)
+        if self.kind == "sigkill" and os.environ.get("RANK") == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 if __name__ == "__main__":
     out, name, method, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     extra = sys.argv[5] if len(sys.argv) > 5 else ""
     hooks = None
-    if extra.startswith("sigint@"):  # Ctrl-C in a terminal: SIGINT to the whole group (torchrun and every rank)
-        import os
-        import signal
-
-        from fastflat.steps import Hooks
-
-        class CtrlC(Hooks):
-            def on_step(self, step, metrics):
-                if step == int(extra[len("sigint@"):]) and os.environ.get("RANK", "0") == "0":
-                    os.killpg(os.getpgid(0), signal.SIGINT)
-
-        hooks = CtrlC()
-    if extra.startswith("sigkill@"):  # rank 1 dies mid-run (OOM killer, a lost node): no handler runs
-        import os
-        import signal
-
-        from fastflat.steps import Hooks
-
-        class Die(Hooks):
-            def on_step(self, step, metrics):
-                if step == int(extra[len("sigkill@"):]) and os.environ.get("RANK") == "1":
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-        hooks = Die()
+    if extra.startswith(("sigint@", "sigkill@")):
+        hooks = SignalAt(*extra.split("@"))
     if extra == "resume":
         resume(f"{out}/{name}", model=model(), data=data())
     elif extra.isdigit():  # extend a finished run (saved on any number of ranks) to more epochs
