@@ -1,0 +1,104 @@
+"""Every method's arithmetic, pinned: a few steps of each on the synthetic set, weights compared with a
+reference written before the package was reorganised (tests/data/method_reference.json).
+
+On the CPU that wrote the reference the comparison is bitwise (a SHA-256 of the final weights). On
+another CPU kind the rounding of a convolution may differ in the last bit, so there the sum and the L2
+norm of the weights must agree to 1e-4 relative instead; the test says which comparison it made.
+
+    python tests/test_method_reference.py --write    # rewrite the reference (only for a deliberate change)
+"""
+
+import hashlib
+import json
+import platform
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastflat
+
+REFERENCE = Path(__file__).parent / "data" / "method_reference.json"
+BASE = {"dataset": "synthetic", "epochs": 2, "batch_size": 32, "subset": 256, "max_steps": 6, "seed": 3}
+
+CASES: dict[str, dict] = {
+    "sgd": {"method": "sgd"},
+    "sgd-nesterov-clip": {"method": "sgd", "nesterov": True, "clip_grad": 0.5},
+    "sam": {"method": "sam"},
+    "sam-asam": {"method": "sam", "sam.adaptive": True, "sam.rho": 0.5},
+    "sam-linf": {"method": "sam", "sam.norm": "linf", "sam.rho": 0.01},
+    "sam-m8": {"method": "sam", "sam.m": 8},
+    "sam-accumulate2": {"method": "sam", "accumulate": 2},
+    "sgd+swa": {"method": "sgd", "swa.enabled": True, "swa.start": 0.25, "swa.cycle": 2},
+    "swa-over-sam": {"method": "swa", "inner": "sam", "swa.start": 0.25, "swa.cycle": 2},
+    "sse": {"method": "sse", "sse.cycles": 2, "max_steps": 0, "epochs": 2, "subset": 64},
+    "fge": {"method": "fge", "fge.cycle_epochs": 0.5, "max_steps": 0, "subset": 128},
+    "es": {"method": "es", "spartan.children": 4},
+    "spartan-es": {"method": "spartan", "spartan.children": 4, "spartan.fitness_examples": 64,
+                   "max_steps": 0, "subset": 64},
+    "spartan-grad": {"method": "spartan", "spartan.mutation": "grad", "spartan.children": 4,
+                     "spartan.fitness_examples": 64, "max_steps": 0, "subset": 64},
+    "fullbatch": {"method": "fullbatch", "subset": 128, "fullbatch.chunk_size": 64, "max_steps": 3},
+    "fullbatch-gradreg": {"method": "fullbatch", "subset": 128, "fullbatch.chunk_size": 64, "max_steps": 3,
+                          "fullbatch.gradreg": "finite"},
+    "curve": {"method": "curve", "curve.start": "@sgd", "curve.end": "@sam"},
+}
+
+
+def _machine() -> str:
+    """The CPU kind and torch version that decide rounding; a different one gets the looser check."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return f"{model} / torch {torch.__version__.split('+')[0]}"
+
+
+def _train(name: str, out: Path, done: dict[str, Path]) -> Path:
+    settings = {**BASE, **CASES[name], "out": str(out), "name": name}
+    for key in ("curve.start", "curve.end"):
+        if str(settings.get(key, "")).startswith("@"):
+            settings[key] = str(done[settings[key][1:]])
+    summary = fastflat.train(settings)
+    return Path(summary["run_dir"])
+
+
+def _fingerprint(run_dir: Path) -> dict:
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+    vector = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in state.values() if t.is_floating_point()])
+    digest = hashlib.sha256()
+    for key, t in state.items():
+        digest.update(key.encode())
+        digest.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return {"sha256": digest.hexdigest(), "sum": vector.sum().item(), "norm": vector.norm().item()}
+
+
+def _all_fingerprints(out: Path) -> dict[str, dict]:
+    done: dict[str, Path] = {}
+    for name in CASES:  # dict order: the curve's ends (sgd, sam) train first
+        done[name] = _train(name, out, done)
+    return {name: _fingerprint(path) for name, path in done.items()}
+
+
+@pytest.fixture(scope="module")
+def fingerprints(tmp_path_factory):
+    return _all_fingerprints(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_method_weights_match_the_reference(fingerprints, name):
+    reference = json.loads(REFERENCE.read_text())
+    want, got = reference["cases"][name], fingerprints[name]
+    if reference["machine"] == _machine():
+        assert got["sha256"] == want["sha256"], f"{name}: weights differ (sum {got['sum']!r} vs {want['sum']!r})"
+    else:  # another CPU kind: the last bits of a convolution may round differently
+        assert got["sum"] == pytest.approx(want["sum"], rel=1e-4, abs=1e-6), name
+        assert got["norm"] == pytest.approx(want["norm"], rel=1e-4), name
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = _all_fingerprints(Path(tmp))
+    REFERENCE.write_text(json.dumps({"machine": _machine(), "settings": BASE, "cases": cases}, indent=1) + "\n")
+    print(f"wrote {REFERENCE} ({len(cases)} cases)")
