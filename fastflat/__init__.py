@@ -6,16 +6,17 @@
     summary = fastflat.train({"method": "sam", "epochs": 3}, model=my_module, data=(train_set, test_set))
 """
 
+from __future__ import annotations
+
 from pathlib import Path
 from typing import Any
 
-
 from fastflat.flat import FlatParams, flatten
-from fastflat.noise import member_noise
+from fastflat.ops.noise import member_noise
 from fastflat.optim import SAM, AveragedModel, clip_grad_norm_
+from fastflat.version import __version__
 
-__version__ = "0.1.0"
-__all__ = ["SAM", "AveragedModel", "FlatParams", "clip_grad_norm_", "flatten", "member_noise", "train"]
+__all__ = ["__version__", "SAM", "AveragedModel", "FlatParams", "clip_grad_norm_", "flatten", "member_noise", "resume", "train"]
 
 
 def train(config: Any = None, model: Any = None, data: Any = None, hooks: Any = None) -> dict[str, Any]:
@@ -26,15 +27,18 @@ def train(config: Any = None, model: Any = None, data: Any = None, hooks: Any = 
     a YAML file, or None for the defaults. model: any nn.Module mapping a batch of inputs to logits
     (replaces config's model). data: (train, test), each a torch Dataset of (input, label), a DataLoader,
     or an (inputs, labels) pair of tensors (replaces config's dataset; float inputs are used as given).
-    hooks: a fastflat.trainer.Hooks for progress (default: silent).
+    hooks: a fastflat.loop.Hooks for progress (default: silent).
     """
-    from fastflat import trainer
-    from fastflat.config import TrainConfig, load_config
+    from fastflat.config import as_config
+    from fastflat.loop import api
 
-    if isinstance(config, TrainConfig):
-        cfg = config
-    elif isinstance(config, (str, Path)):
-        cfg = load_config(config)
-    else:
-        cfg = load_config(None, dict(config or {}))
-    return trainer.train(cfg, hooks, model=model, data=data)
+    return api.train(as_config(config), hooks, model=model, data=data)
+
+
+def resume(run_dir: str | Path, model: Any = None, data: Any = None, hooks: Any = None,
+           epochs: int | None = None) -> dict[str, Any]:
+    """Continue a run from its last checkpoint and return its summary; a run trained on your own
+    model or data needs them again (a fresh instance of the same module). `epochs` extends the run."""
+    from fastflat.loop import api
+
+    return api.resume(run_dir, hooks, model=model, data=data, epochs=epochs)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastflat.config_yaml import Choice, _build, _merge, _nest, _raise_problems, read_yaml
+from fastflat.settings import Choice, build, merge, nest, raise_problems, read_yaml
 
 
 Method = Choice("Method", {m: m for m in ("sgd", "sam", "es", "fullbatch", "swa", "sse", "fge", "spartan", "curve")})
@@ -131,7 +131,7 @@ class TrainConfig:
     method: str = choice("sgd", Method)  # swa/sse/fge/spartan wrap `inner`
     inner: str = choice("sgd", InnerMethod)  # the method swa/sse/fge/spartan wrap
     init: str | None = None  # start from this run directory's checkpoint (FGE from a trained model)
-    model: str = "cnn"  # see fastflat.models.MODELS
+    model: str = "cnn"  # see fastflat.data.models.MODELS
     dataset: str = "fashion-mnist"  # a built-in set, or folder:PATH (an ImageFolder tree with train/ and val/ or test/)
     image_size: int = 32  # folder:PATH only: images are resized to this side
     data_dir: str | None = None  # where the dataset files are; None = the usual places
@@ -282,13 +282,13 @@ def _check(cfg: TrainConfig) -> list[str]:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults <- YAML file <- overrides (dotted keys), then checked; every problem in one UserError."""
-    values = _merge(_nest(read_yaml(path) if path else {}), _nest(overrides or {}))
+    values = merge(nest(read_yaml(path) if path else {}), nest(overrides or {}))
     defaults = dict(METHOD_DEFAULTS.get(str(values.get("method", "")), {}))
     if values.get("momentum", TrainConfig.momentum) in (0, "0", 0.0):
         defaults.pop("nesterov", None)  # a default must not turn the user's --momentum 0 into an error
-    values = _merge(defaults, values)  # given values win
+    values = merge(defaults, values)  # given values win
     problems: list[str] = []
-    cfg = _build(TrainConfig, values, problems)
+    cfg = build(TrainConfig, values, problems)
     problems += _check(cfg)
     owner = cfg.method if cfg.method in LR_OWNERS else ("swa" if cfg.swa.enabled else None)
     given = values.get("fullbatch", {})
@@ -298,17 +298,26 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if owner and key in values:
             problems.append(f"{key} cannot be combined with {owner}: it sets its own learning rate "
                             f"(see --{owner}-* options); drop {key}, or train with --method sgd|sam")
-    _raise_problems(problems)
+    raise_problems(problems)
     return cfg
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     """Rebuild a config saved by `to_dict` (checkpoints, config.yaml)."""
     problems: list[str] = []
-    cfg = _build(TrainConfig, values, problems)
-    _raise_problems(problems + _check(cfg))
+    cfg = build(TrainConfig, values, problems)
+    raise_problems(problems + _check(cfg))
     return cfg
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def as_config(config: Any) -> TrainConfig:
+    """A TrainConfig from what the Python API accepts: a TrainConfig, a dict of settings, a YAML path, or None."""
+    if isinstance(config, TrainConfig):
+        return config
+    if isinstance(config, (str, Path)):
+        return load_config(config)
+    return load_config(None, dict(config or {}))

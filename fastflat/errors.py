@@ -6,6 +6,11 @@ last finite checkpoint is kept. Interrupted (exit 130): Ctrl-C or SIGTERM, handl
 Anything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
 
 class UserError(Exception):
     """Bad input: the message names the problem and, where there is one, the fix."""
@@ -22,3 +27,14 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, saved_step: int | None):
         super().__init__(saved_step)
         self.saved_step = saved_step
+
+
+def finite_or_raise(values: dict[str, Tensor], where: str = "") -> None:
+    """Raise NonFiniteError naming the first non-finite value; one host sync for all of them."""
+    if not values:
+        return
+    flags = torch.stack([torch.isfinite(v.detach()).all().to(values[next(iter(values))].device)
+                         for v in values.values()]).tolist()
+    for name, ok in zip(values, flags):
+        if not ok:
+            raise NonFiniteError(f"non-finite {name}{where}")

@@ -3,7 +3,7 @@
 import os
 import signal
 
-from fastflat.steps import Hooks
+from fastflat.loop.steps import Hooks
 
 
 def send_sigint() -> None:

@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from fastflat import evaluation
+from fastflat.loss import evaluation
 from fastflat.cli import main
-from fastflat.closures import BatchClosure, SplitClosure
+from fastflat.loss.closures import BatchClosure, SplitClosure
 from fastflat.config import load_config
 from fastflat.errors import NonFiniteError, UserError
 from fastflat.methods import build_method
 from fastflat.methods.base import MAX_OVERFLOWS_IN_A_ROW
-from fastflat.models import build_model
+from fastflat.data.models import build_model
 from fastflat.flat import flatten
-from fastflat.trainer import resume, train
+from fastflat.loop import resume, train
 
 from helpers import StopAt
 

@@ -13,7 +13,8 @@ from torch.optim.swa_utils import AveragedModel as TorchAveragedModel
 from torch.optim.swa_utils import get_ema_multi_avg_fn, update_bn
 
 import fastflat
-from fastflat import kernels, ops
+from fastflat import ops
+from fastflat.ops import kernels
 from fastflat.flat import contiguous_cover
 
 SIZES = [1, 7, 1023, 1025, 4097]

@@ -106,7 +106,7 @@ def test_help_lists_every_choice(capsys, monkeypatch):
 def test_every_config_key_has_a_train_option_and_every_option_a_key():
     import inspect
 
-    from fastflat.cli import train
+    from fastflat.cli.train import train
 
     params = set(inspect.signature(train).parameters) - {"config", "resume", "print_config", "nproc"}  # command flags
     assert params == set(option_keys())

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fastflat
-from fastflat.closures import BatchClosure, SplitClosure
+from fastflat.loss.closures import BatchClosure, SplitClosure
 
 
 def mlp():

@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastflat import data
+from fastflat.data import datasets as builtin
+from fastflat.data.datasets import CROP_PADDING, DEBIAN_FASHION_MNIST_DIR
 from fastflat.data import (
-    CROP_PADDING,
     DATASETS,
-    DEBIAN_FASHION_MNIST_DIR,
     Split,
     iterate_batches,
     load_dataset,
@@ -95,7 +94,7 @@ def test_missing_dataset_without_download_raises_user_error_naming_it(tmp_path, 
 
 
 def test_missing_fashion_mnist_suggests_the_debian_package(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(builtin, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "not-installed")
     with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", data_dir=str(tmp_path), download=False)
 

@@ -9,10 +9,10 @@ import torch
 import fastflat
 from fastflat.config import load_config
 from fastflat.errors import UserError
-from fastflat.ensemble import evaluate_members, mean_pairwise_disagreement, metrics_from_probs, validation_choice
+from fastflat.analysis.ensemble import evaluate_members, mean_pairwise_disagreement, metrics_from_probs, validation_choice
 from fastflat.methods import build_method
-from fastflat.schedules import fge_triangular, snapshot_cosine, swa_cyclic
-from fastflat.trainer import Trainer, resume, train
+from fastflat.methods.schedules import fge_triangular, snapshot_cosine, swa_cyclic
+from fastflat.loop import build_trainer, resume, train
 
 from helpers import StopAt
 
@@ -86,7 +86,7 @@ def test_disagreement_counts_differing_predictions_per_pair():
 
 
 def test_ensemble_of_one_member_equals_that_member(tmp_path):
-    trainer = Trainer(tiny(tmp_path, epochs=1), __import__("fastflat.rundir").rundir.RunDir.create(tmp_path, "t"))
+    trainer = build_trainer(tiny(tmp_path, epochs=1), __import__("fastflat.runs.rundir").rundir.RunDir.create(tmp_path, "t"))
     path = trainer.save_member("only")
     report = evaluate_members(trainer.model, [path], trainer.data.test, trainer.data)
     alone = trainer.evaluate()
@@ -97,7 +97,7 @@ def test_ensemble_of_one_member_equals_that_member(tmp_path):
 
 def test_validation_choice_scores_last_k_ensembles_and_members_on_the_validation_split(tmp_path):
     # label noise keeps accuracies apart from 100%, so the choice is not a tie
-    trainer = Trainer(tiny(tmp_path, epochs=1, val_split=0.25, label_noise=0.4), __import__("fastflat.rundir").rundir.RunDir.create(tmp_path, "t"))
+    trainer = build_trainer(tiny(tmp_path, epochs=1, val_split=0.25, label_noise=0.4), __import__("fastflat.runs.rundir").rundir.RunDir.create(tmp_path, "t"))
     paths = []
     for tag in ("a", "b", "c"):
         for p in trainer.flat.params:  # three different members

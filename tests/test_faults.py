@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from fastflat import closures
+from fastflat.loss import closures
 from fastflat import data as datasets
 from fastflat.config import load_config
 from fastflat.errors import NonFiniteError, UserError
 from fastflat.methods.spartan import shape_rewards
-from fastflat.rundir import RunDir
-from fastflat.trainer import resume, train
+from fastflat.runs.rundir import RunDir
+from fastflat.loop import resume, train
 
 from helpers import StopAt, send_sigint
 
@@ -229,10 +229,11 @@ def test_resume_of_an_init_run_does_not_need_the_init_source(tmp_path):
 
 @pytest.mark.parametrize("undo", ["zero_grad", "to_bf16"])
 def test_a_step_on_views_that_left_the_flat_buffer_is_refused(tmp_path, undo):
-    from fastflat.closures import BatchClosure
-    from fastflat.trainer import Trainer, train_step
+    from fastflat.loss.closures import BatchClosure
+    from fastflat.loop import build_trainer
+    from fastflat.loop.steps import train_step
 
-    trainer = Trainer(tiny(tmp_path), RunDir.create(tmp_path, "t"))
+    trainer = build_trainer(tiny(tmp_path), RunDir.create(tmp_path, "t"))
     trainer.model.zero_grad() if undo == "zero_grad" else trainer.model.to(torch.bfloat16)
     x, y = trainer.data.train.images[:8].float(), trainer.data.train.labels[:8]
     with pytest.raises(RuntimeError, match="no longer points into the flat buffer"):

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 import fastflat
-from fastflat.closures import SplitClosure
+from fastflat.loss.closures import SplitClosure
 from fastflat.config import load_config
 from fastflat.errors import UserError
 from fastflat.methods.fullbatch import FullBatch, exact_hvp
-from fastflat.trainer import resume, train
+from fastflat.loop import resume, train
 
 from helpers import StopAt
 

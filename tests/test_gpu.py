@@ -6,7 +6,9 @@ Marked `gpu`: skipped with a reason on machines without CUDA (CI), run wherever 
 import pytest
 import torch
 
-from fastflat import kernels, ops
+from fastflat import ops
+
+from fastflat.ops import kernels
 
 pytestmark = pytest.mark.gpu
 
@@ -42,7 +44,7 @@ def test_compiled_clip_matches_twin(n):
 
 def test_sam_dropin_on_resnet18_flat_matches_foreach(monkeypatch):
     import fastflat
-    from fastflat.models import build_model
+    from fastflat.data.models import build_model
 
     results = []
     for flat in (False, True):
@@ -65,7 +67,7 @@ def test_sam_dropin_on_resnet18_flat_matches_foreach(monkeypatch):
 def test_fp16_training_on_cuda_learns_and_keeps_bf16s_accuracy(tmp_path, method):
     """--amp fp16 end to end: the loss scale in the summary, and accuracy within 3 points of bf16."""
     from fastflat.config import load_config
-    from fastflat.trainer import train
+    from fastflat.loop import train
 
     results = {}
     for amp in ("bf16", "fp16"):

@@ -7,7 +7,9 @@ as the torch twin at the same dtype, plus one unit in the last place of that dty
 import pytest
 import torch
 
-from fastflat import kernels, ops
+from fastflat import ops
+
+from fastflat.ops import kernels
 
 SIZES = [1, 7, 1023, 1025, 4097, 9001]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -9,16 +9,16 @@ from torch import nn
 from torch.func import functional_call
 
 from fastflat import data as datasets
-from fastflat import landscape
+from fastflat.geometry import landscape
 from fastflat.cli import main
-from fastflat.closures import BatchClosure
+from fastflat.loss.closures import BatchClosure
 from fastflat.config import load_config
 from fastflat.errors import UserError
 from fastflat.flat import FlatParams
 from fastflat.methods.curve import Curve, coefficients, curve_point_
-from fastflat.models import build_model
-from fastflat.points import PointScorer, WeightSpace
-from fastflat.trainer import resume, train
+from fastflat.data.models import build_model
+from fastflat.geometry.points import PointScorer, WeightSpace
+from fastflat.loop import resume, train
 
 from helpers import StopAt
 

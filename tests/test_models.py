@@ -1,4 +1,4 @@
-"""Specification of fastflat.models: every named model maps small images to (B, num_classes) logits,
+"""Specification of fastflat.data.models: every named model maps small images to (B, num_classes) logits,
 the hand-written architectures have their published sizes, and bad names are user errors."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastflat.errors import UserError
-from fastflat.models import MODELS, build_model
+from fastflat.data.models import MODELS, build_model
 
 INPUTS = [(1, 28), (3, 32), (1, 16)]  # (channels, size): Fashion-MNIST, CIFAR, synthetic
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import fastflat
-from fastflat import kernels, noise
+from fastflat.ops import kernels
+from fastflat.ops import noise
 
 SIZES = [1, 7, 1023, 1025]
 DISTS = ["normal", "uniform"]

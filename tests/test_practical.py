@@ -12,7 +12,7 @@ import yaml
 from fastflat.cli import main
 from fastflat.config import load_config
 from fastflat.errors import NonFiniteError
-from fastflat.trainer import train
+from fastflat.loop import train
 
 from helpers import StopAt
 
@@ -101,7 +101,7 @@ def test_step_logs_csv_and_tensorboard_and_a_resumed_run_logs_each_step_once(tmp
     train(load_config(overrides={**settings, "out": str(tmp_path / "whole"), "name": "r"}))
     with pytest.raises(KeyboardInterrupt):
         train(load_config(overrides={**settings, "out": str(tmp_path / "cut"), "name": "r"}), hooks=StopAt(step=10))
-    from fastflat.trainer import resume
+    from fastflat.loop import resume
 
     resume(tmp_path / "cut" / "r")
     steps = [json.loads(line) for line in (whole / "steps.jsonl").read_text().splitlines()]

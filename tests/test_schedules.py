@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from fastflat.schedules import make_schedule
+from fastflat.methods.schedules import make_schedule
 
 
 def test_cosine_starts_at_lr_halves_midway_and_ends_near_zero():

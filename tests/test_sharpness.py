@@ -7,7 +7,7 @@ from torch import nn
 
 import fastflat
 from fastflat.errors import UserError
-from fastflat.sharpness import ascend_in_ball, hutchinson, lanczos, m_sharpness, model_operator, power_iteration
+from fastflat.analysis.sharpness import ascend_in_ball, hutchinson, lanczos, m_sharpness, model_operator, power_iteration
 
 
 def matrix_with_spectrum(eigenvalues, seed=0):
@@ -149,7 +149,7 @@ def test_sharpness_bad_input_is_one_line(capsys, tmp_path, args, says):
 
 
 def test_slq_weights_sum_to_one_and_reproduce_each_probes_quadratic_form():
-    from fastflat.sharpness import density_curve, slq_density
+    from fastflat.analysis.sharpness import density_curve, slq_density
 
     a = matrix_with_spectrum(SPECTRUM)
     result = slq_density(lambda v: a @ v, len(SPECTRUM), probes=3, steps=20, dtype=torch.float64)

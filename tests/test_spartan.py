@@ -10,8 +10,8 @@ import fastflat
 from fastflat.config import load_config
 from fastflat.methods import spartan as sp
 from fastflat.methods.population import population_scores
-from fastflat.rundir import RunDir
-from fastflat.trainer import Trainer, resume, train
+from fastflat.runs.rundir import RunDir
+from fastflat.loop import build_trainer, resume, train
 
 from helpers import StopAt
 
@@ -23,7 +23,7 @@ def tiny(tmp_path, **overrides):
 
 
 def _trainer(tmp_path, **overrides):
-    return Trainer(tiny(tmp_path, **overrides), RunDir.create(tmp_path, "t"))
+    return build_trainer(tiny(tmp_path, **overrides), RunDir.create(tmp_path, "t"))
 
 
 def _fixed_scores(losses):
@@ -92,7 +92,7 @@ def test_batched_scoring_equals_one_child_at_a_time(tmp_path):
     parent = flat.params[0].clone()
 
     def write_child(i, out):
-        fastflat.noise.perturb_into_(out, parent, 9, i, 0.05)
+        fastflat.ops.noise.perturb_into_(out, parent, 9, i, 0.05)
 
     vmapped = population_scores(flat, write_child, 5, batches, chunk=3)
     one_by_one = population_scores(flat, write_child, 5, batches, chunk=1)

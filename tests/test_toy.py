@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastflat.cli import main
-from fastflat.toy import SURFACES, surface, trajectory
+from fastflat.analysis.toy import SURFACES, surface, trajectory
 
 
 @pytest.mark.parametrize("name, point, value", [

@@ -8,9 +8,9 @@ from torch import nn
 
 import fastflat
 from fastflat.config import load_config
-from fastflat.rundir import RunDir
-from fastflat.closures import BatchClosure, frozen_bn_stats
-from fastflat.trainer import Trainer, resume, train
+from fastflat.runs.rundir import RunDir
+from fastflat.loss.closures import BatchClosure, frozen_bn_stats
+from fastflat.loop import build_trainer, resume, train
 
 from helpers import StopAt
 
@@ -34,8 +34,8 @@ def test_val_split_is_held_out_of_training_and_scored_every_epoch(tmp_path):
     assert summary["val_acc"] == records[-1]["val_acc"]
     # the split rebuilt from the saved config (as `fastflat ensemble` does) is the one training scored
     from fastflat import data as datasets
-    from fastflat.models import build_model
-    from fastflat.evaluation import evaluate
+    from fastflat.data.models import build_model
+    from fastflat.loss.evaluation import evaluate
 
     data = datasets.load_dataset("synthetic", seed=0)
     _, validation = datasets.hold_out_validation(data, 0.25, seed=0)
@@ -46,7 +46,7 @@ def test_val_split_is_held_out_of_training_and_scored_every_epoch(tmp_path):
 
 
 def test_git_sha_falls_back_to_the_environment_outside_a_checkout(monkeypatch):
-    from fastflat import rundir
+    from fastflat.runs import rundir
 
     monkeypatch.setattr(rundir, "_repo_sha", lambda: None)  # as for a copy of the package in /tmp
     monkeypatch.setenv("FASTFLAT_GIT_SHA", "abc123")
@@ -91,8 +91,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, method):
 
 def test_sam_method_matches_the_sam_dropin(tmp_path):
     cfg = tiny(tmp_path, method="sam", momentum=0.9, weight_decay=5e-4, lr=0.1)
-    trainer = Trainer(cfg, RunDir.create(tmp_path, "t"))
-    reference = Trainer(cfg, RunDir.create(tmp_path, "r"))
+    trainer = build_trainer(cfg, RunDir.create(tmp_path, "t"))
+    reference = build_trainer(cfg, RunDir.create(tmp_path, "r"))
     opt = fastflat.SAM(reference.model.parameters(), torch.optim.SGD, rho=cfg.sam.rho, lr=0.1,
                        momentum=0.9, weight_decay=5e-4)
     x, y = trainer.data.train.images[:64], trainer.data.train.labels[:64]
@@ -107,7 +107,7 @@ def test_sam_method_matches_the_sam_dropin(tmp_path):
 
 
 def test_sam_takes_batchnorm_statistics_from_the_first_pass_only(tmp_path):
-    trainer = Trainer(tiny(tmp_path, method="sam"), RunDir.create(tmp_path, "t"))
+    trainer = build_trainer(tiny(tmp_path, method="sam"), RunDir.create(tmp_path, "t"))
     x = torch.randn(32, 1, 16, 16)
     y = torch.randint(0, 10, (32,))
     bn = next(m for m in trainer.model.modules() if isinstance(m, nn.BatchNorm2d))
@@ -130,7 +130,7 @@ def test_frozen_bn_stats_changes_nothing_and_restores_tracking():
 
 def test_m_sharpness_averages_per_chunk_sam_gradients(tmp_path):
     cfg = tiny(tmp_path, method="sam", momentum=0.0, weight_decay=0.0, **{"sam.m": 16})
-    trainer = Trainer(cfg, RunDir.create(tmp_path, "t"))
+    trainer = build_trainer(cfg, RunDir.create(tmp_path, "t"))
     model, flat = trainer.model, trainer.flat
     model.eval()  # no BatchNorm batch statistics: chunks and whole batch see the same function
     x, y = torch.randn(32, 1, 16, 16), torch.randint(0, 10, (32,))
@@ -156,7 +156,7 @@ def test_sam_training_is_the_same_on_the_triton_and_torch_paths(tmp_path, monkey
     for backend in ("torch", "triton"):
         monkeypatch.setenv("FASTFLAT_BACKEND", backend)
         cfg = tiny(tmp_path / backend, method="sam", clip_grad=0.5, **{"sam.adaptive": True})
-        trainer = Trainer(cfg, RunDir.create(tmp_path / backend, "t"))
+        trainer = build_trainer(cfg, RunDir.create(tmp_path / backend, "t"))
         x, y = trainer.data.train.images[:64].float() / 255, trainer.data.train.labels[:64]
         losses[backend] = torch.stack([
             trainer.method.step(trainer.flat, BatchClosure(trainer.model, trainer.flat, x, y, "none"), 0.1)["loss"]

@@ -13,8 +13,8 @@ from torch import nn
 import fastflat
 from fastflat.cli import main
 from fastflat.errors import UserError
-from fastflat.models import build_model
-from fastflat.trainer import resume
+from fastflat.data.models import build_model
+from fastflat.loop import resume
 
 from helpers import StopAt
 

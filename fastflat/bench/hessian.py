@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from fastflat import data as datasets
-from fastflat.bench.train import _times_ms, median_iqr
+from fastflat.bench.train import times_ms, median_iqr
 from fastflat.flat import FlatParams
-from fastflat.models import build_model
-from fastflat.sharpness import lanczos, model_operator
+from fastflat.data.models import build_model
+from fastflat.analysis.sharpness import lanczos, model_operator
 
 
 def run_hessian(model_name: str, dataset: str, examples: int, device: torch.device, repeats: int = 5,
@@ -39,8 +39,8 @@ def run_hessian(model_name: str, dataset: str, examples: int, device: torch.devi
             (F.cross_entropy(model(x), y) * (len(y) / examples)).backward()
 
     gradient(), op(v)  # warm-up: allocator, lazy init
-    grad_ms, _ = median_iqr(_times_ms(gradient, repeats, device))
-    hvp_ms, hvp_iqr = median_iqr(_times_ms(lambda: op(v), repeats, device))
+    grad_ms, _ = median_iqr(times_ms(gradient, repeats, device))
+    hvp_ms, hvp_iqr = median_iqr(times_ms(lambda: op(v), repeats, device))
     start = time.perf_counter()
     top = lanczos(op, flat.numel, k=1, tol=tol, device=device)
     top_s = time.perf_counter() - start

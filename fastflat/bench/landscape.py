@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from fastflat import data as datasets
-from fastflat.models import build_model
-from fastflat.points import PointScorer, WeightSpace
+from fastflat.data.models import build_model
+from fastflat.geometry.points import PointScorer, WeightSpace
 
 
 def _plane(space: WeightSpace, grid: int, scale: float) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 
 _CPU_PROBE = """
 import json, resource, sys, torch
-from fastflat import noise
+from fastflat.ops import noise
 n, k = int(sys.argv[1]), int(sys.argv[2])
 w = torch.zeros(n)
 members, coeffs = torch.arange(k), torch.ones(k)
@@ -30,7 +30,7 @@ print(json.dumps({"peak_extra_bytes": max(after - before, 0) * 1024}))
 
 
 def _cuda_peak(n: int, k: int, device: torch.device) -> int:
-    from fastflat import noise
+    from fastflat.ops import noise
 
     w = torch.zeros(n, device=device)
     members = torch.arange(k, device=device)

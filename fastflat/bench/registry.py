@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastflat import noise, ops
+from fastflat import ops
+
+from fastflat.ops import noise
 from fastflat.bench.workloads import Buffers
 
 PROVIDERS = ("loop", "foreach", "compile", "flat-torch", "triton")
@@ -67,10 +69,10 @@ def compiled(impl: Impl) -> Impl:
 
 
 def _pick(kernel: bool, name: str, twin: Callable) -> Callable:
-    """The Triton launcher fastflat.kernels.<name> if `kernel`, else its torch twin (same arguments)."""
+    """The Triton launcher fastflat.ops.kernels.<name> if `kernel`, else its torch twin (same arguments)."""
     if not kernel:
         return twin
-    from fastflat import kernels  # imported late: only the triton provider needs it
+    from fastflat.ops import kernels  # imported late: only the triton provider needs it
 
     return getattr(kernels, name)
 

@@ -3,7 +3,7 @@
     paths = write_results("benchmarks/results", "kernels", device, rows, settings)
     # -> benchmarks/results/kernels-<device kind>-<UTC time>.json and .csv
 
-Every row carries the provenance of the run (fastflat.rundir.provenance: git SHA, torch and triton
+Every row carries the provenance of the run (fastflat.runs.rundir.provenance: git SHA, torch and triton
 versions, device name, timestamp), so a file read on its own says what produced it.
 """
 
@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fastflat.errors import UserError
-from fastflat.rundir import device_name, provenance
+from fastflat.runs.rundir import device_name, provenance
 
 
 def device_kind(device: torch.device) -> str:

@@ -25,14 +25,14 @@ from typing import Any
 
 import torch
 
-from fastflat import dist
+from fastflat.ops import dist
 from fastflat.config import SWAConfig, TrainConfig
 from fastflat.flat import flatten
 from fastflat.methods import METHODS, WRAPPERS, build_method
-from fastflat.models import build_model
-from fastflat.closures import BatchClosure, SplitClosure
+from fastflat.data.models import build_model
+from fastflat.loss.closures import BatchClosure, SplitClosure
 from fastflat.config import FullBatchConfig
-from fastflat.trainer import train_step
+from fastflat.loop.steps import train_step
 
 IMAGE_SHAPE, NUM_CLASSES = (3, 32, 32), 10
 FULL_BATCHES = 8  # batches in one full-batch step (its "training set")
@@ -68,7 +68,7 @@ class CountingClosure:
         return getattr(self.closure, name)
 
 
-def _times_ms(fn: Callable[[], None], n: int, device: torch.device) -> list[float]:
+def times_ms(fn: Callable[[], None], n: int, device: torch.device) -> list[float]:
     """Wall time of each of n calls, synchronised on both sides so a call owns its GPU work."""
     times = []
     for _ in range(n):
@@ -139,13 +139,13 @@ def _bench_method(name: str, settings: TrainSettings, x: torch.Tensor, y: torch.
     def fwd_bwd() -> None:
         BatchClosure(model, flat, x, y, cfg.amp)(backward=True)
 
-    _times_ms(step, settings.warmup, settings.device)
-    _times_ms(fwd_bwd, settings.warmup, settings.device)
-    fwd_bwd_ms, _ = median_iqr(_times_ms(fwd_bwd, settings.steps, settings.device))
-    step_ms, iqr_ms = median_iqr(_times_ms(step, settings.steps, settings.device))
+    times_ms(step, settings.warmup, settings.device)
+    times_ms(fwd_bwd, settings.warmup, settings.device)
+    fwd_bwd_ms, _ = median_iqr(times_ms(fwd_bwd, settings.steps, settings.device))
+    step_ms, iqr_ms = median_iqr(times_ms(step, settings.steps, settings.device))
     round_ms = None
     if hasattr(method, "mutate"):  # Spartan: one mutation round, timed apart from the steps
-        round_ms, _ = median_iqr(_times_ms(lambda: method.mutate(flat, 0), max(2, settings.steps // 5), settings.device))
+        round_ms, _ = median_iqr(times_ms(lambda: method.mutate(flat, 0), max(2, settings.steps // 5), settings.device))
     batches = FULL_BATCHES if gradreg else 1
     return {"params": flat.numel, "status": "ok", "round_ms": round_ms, "step_ms": step_ms, "iqr_ms": iqr_ms,
             "batches_per_step": batches,
@@ -184,8 +184,8 @@ def _bench_ddp(name: str, settings: TrainSettings, x: torch.Tensor, y: torch.Ten
             opt.step()
             opt.zero_grad()
 
-    _times_ms(step, settings.warmup, settings.device)
-    step_ms, iqr_ms = median_iqr(_times_ms(step, settings.steps, settings.device))
+    times_ms(step, settings.warmup, settings.device)
+    step_ms, iqr_ms = median_iqr(times_ms(step, settings.steps, settings.device))
     params = sum(p.numel() for p in model.parameters())
     return {"params": params, "status": "ok", "step_ms": step_ms, "iqr_ms": iqr_ms, "batches_per_step": 1,
             "steps_per_s": 1e3 / step_ms, "samples_per_s": settings.batch_size * 1e3 / step_ms,

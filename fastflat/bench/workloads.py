@@ -17,7 +17,7 @@ from torch import Tensor
 from fastflat.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODEL_WORKLOADS = ("resnet18", "wrn-28-10", "gpt2-small")  # any fastflat.models name works too
+MODEL_WORKLOADS = ("resnet18", "wrn-28-10", "gpt2-small")  # any fastflat.data.models name works too
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def model_shapes(name: str) -> list[tuple[int, ...]]:
     """Trainable parameter shapes of a CIFAR-shaped (3x32x32, 10 classes) model, or of GPT-2 small."""
     if name == "gpt2-small":
         return gpt2_small_shapes()
-    from fastflat.models import build_model
+    from fastflat.data.models import build_model
 
     with torch.device("meta"):  # shapes only: WRN-28-10's 36M params are never allocated
         model = build_model(name, 3, 10, 32)

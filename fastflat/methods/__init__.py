@@ -1,6 +1,9 @@
 """Training methods, by the name the CLI and configs use, and `build_method` that composes them."""
 
-from fastflat.config import TrainConfig
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from fastflat.methods.base import Closure, Method, RunServices
 from fastflat.methods.curve import Curve
 from fastflat.methods.fullbatch import FullBatch
@@ -8,6 +11,9 @@ from fastflat.methods.sam import SAM
 from fastflat.methods.sgd import SGD
 from fastflat.methods.spartan import EvolutionStrategies, Spartan
 from fastflat.methods.wrappers import FGE, SWA, SnapshotEnsemble
+
+if TYPE_CHECKING:  # annotations only: the config is assembled above the methods
+    from fastflat.config import TrainConfig
 
 METHODS: dict[str, type[Method]] = {"sgd": SGD, "sam": SAM, "es": EvolutionStrategies,  # take steps themselves
                                     "fullbatch": FullBatch, "curve": Curve}

@@ -6,16 +6,20 @@ the weights. Weights and gradients arrive as a FlatParams, so a method's math is
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
-from fastflat import dist, ops
-from fastflat.config import TrainConfig
+from fastflat import ops
+
+from fastflat.ops import dist
 from fastflat.errors import NonFiniteError
-from fastflat.faults import finite_or_raise
+from fastflat.errors import finite_or_raise
 from fastflat.flat import FlatParams
+
+if TYPE_CHECKING:  # annotations only: the config is assembled above the methods
+    from fastflat.config import TrainConfig
 
 MAX_OVERFLOWS_IN_A_ROW = 40  # --amp fp16: the scale halves each time (2^16 -> 2^-24); beyond that it is not overflow
 
@@ -62,6 +66,7 @@ class Method:
 
     name = "base"
     splits_data = True  # torchrun: each rank takes its share of every batch (False: every rank sees it whole)
+    whole_set_steps = False  # one step is one pass over the whole training set (the trainer's epoch = 1 step)
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -73,6 +78,13 @@ class Method:
         """(purpose, fraction) of the training set this method needs held out of SGD, or None.
         The trainer splits it off (seeded by purpose) and serves it as services.holdout_batches."""
         return None
+
+    def prepare_data(self, data: Any) -> Any:
+        """The training data as this method trains on it (a fastflat.data.Dataset); the default keeps it."""
+        return data
+
+    def check_data(self, train_size: int) -> None:
+        """Refuse (UserError) a training set this method cannot use, before any work."""
 
     def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
         self.services = services

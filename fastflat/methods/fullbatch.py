@@ -20,19 +20,48 @@ the whole set's g + (tau/2) H g in base_update's all-reduce.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fastflat import dist, ops
+from fastflat import ops
+from fastflat.data.datasets import augmented_copies
+from fastflat.errors import UserError
 from fastflat.flat import FlatParams
-from fastflat.hessian import hvp
+from fastflat.loss.hessian import hvp
 from fastflat.methods.base import Closure, Method
+from fastflat.ops import dist
 
 
 class FullBatch(Method):
     name = "fullbatch"
+    whole_set_steps = True
+
+    def prepare_data(self, data: Any) -> Any:
+        """--fixed-augment K: K augmented copies made once, none afterwards."""
+        if not self.cfg.fullbatch.fixed_augment:
+            return data
+        copies = augmented_copies(data.train, self.cfg.fullbatch.fixed_augment, self.cfg.seed)
+        return replace(data, train=copies, augment="none")
+
+    def check_data(self, train_size: int) -> None:
+        """Chunks that fit the set; under torchrun, shares that divide it: each rank takes chunk_size / N of
+        every chunk, so every rank holds examples / N of the set and the mean of the ranks' means is the set's."""
+        fb, n = self.cfg.fullbatch, dist.world_size()
+        if fb.chunk_size > train_size:
+            raise UserError(f"fullbatch.chunk_size {fb.chunk_size} is larger than the {train_size} training examples")
+        if n == 1:
+            return
+        if train_size % n or fb.chunk_size % n:
+            raise UserError(f"--method fullbatch on {n} processes needs the training-set size ({train_size}) and "
+                            f"--chunk-size ({fb.chunk_size}) divisible by {n}: use --subset {train_size - train_size % n} "
+                            f"and --chunk-size {max(n, fb.chunk_size - fb.chunk_size % n)}")
+        if fb.block and (fb.chunk_size // n) % fb.block:
+            raise UserError(f"--gradreg-block {fb.block} must divide each process's share of a chunk "
+                            f"({fb.chunk_size} / {n} = {fb.chunk_size // n}): use --chunk-size "
+                            f"{fb.block * n * max(1, fb.chunk_size // (fb.block * n))}")
 
     def init(self, flat: FlatParams, services=None) -> None:
         super().init(flat, services)

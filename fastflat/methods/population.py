@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, vmap
 
-from fastflat import dist
-from fastflat.evaluation import at_least_fp32
+from fastflat.ops import dist
+from fastflat.loss.evaluation import at_least_fp32
 from fastflat.flat import FlatParams
 
 WriteChild = Callable[[int, Tensor], None]

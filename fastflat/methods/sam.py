@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastflat import dist, ops
+from fastflat import ops
+
+from fastflat.ops import dist
 from fastflat.flat import FlatParams
 from fastflat.methods.base import Closure, Method
 

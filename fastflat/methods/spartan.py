@@ -3,7 +3,7 @@
 Every `mutate_every` epochs the parent w breeds K children, scored on the evolution split:
   es   (Salimans et al. 2017, OpenAI-ES): child k = w + s sigma eps_k (s = +/-1 for antithetic pairs);
        rewards r shaped ((r - mean) / std, or centered ranks); w <- w + es_lr / (K sigma) sum_k r_k eps_k,
-       fused: eps_k is regenerated from (seed, k) inside fastflat.noise.weighted_noise_sum_.
+       fused: eps_k is regenerated from (seed, k) inside fastflat.ops.noise.weighted_noise_sum_.
   grad ("random gradients"): child k = w - grad_lr * T * u_k * g, u_k ~ U(0, 1) per weight from the
        counter RNG, g the gradient on the evolution split, T = T0 * parent_loss / first_parent_loss;
        the best child replaces the parent only if its loss is lower.
@@ -12,21 +12,23 @@ Round r draws its noise with seed (cfg.seed, r): a resumed run regenerates the s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastflat import noise
-from fastflat.config import TrainConfig
+from fastflat.ops import noise
 from fastflat.errors import UserError
-from fastflat.evaluation import at_least_fp32
-from fastflat.faults import finite_or_raise
+from fastflat.loss.evaluation import at_least_fp32
+from fastflat.errors import finite_or_raise
 from fastflat.flat import FlatParams
 from fastflat.methods.base import Closure, Method, RunServices
 from fastflat.methods.population import population_scores
 from fastflat.methods.wrappers import Wrapper
+
+if TYPE_CHECKING:  # annotations only: the config is assembled above the methods
+    from fastflat.config import TrainConfig
 
 
 def round_seed(seed: int, round_index: int) -> int:

@@ -2,7 +2,7 @@
 
     SWA(cfg, SAM(cfg))     # SWA over SAM: the inner method takes the steps, the wrapper averages
 
-Each formula is in fastflat.schedules, next to its paper. Averages and collected members are part
+Each formula is in fastflat.methods.schedules, next to its paper. Averages and collected members are part
 of state_dict, so a run killed mid-cycle resumes to the same result. A budget that cannot deliver
 what the method promises (SWA averaging fewer than 2 models, FGE collecting fewer than 2, fewer
 snapshots than --sse-cycles) is refused at the start with the settings that would work.
@@ -11,16 +11,18 @@ snapshots than --sse-cycles) is refused at the start with the settings that woul
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fastflat import ops
-from fastflat.config import TrainConfig
 from fastflat.errors import UserError
 from fastflat.flat import FlatParams
 from fastflat.methods.base import Closure, Method, RunServices
-from fastflat.schedules import fge_triangular, pre_phase, snapshot_cosine, swa_cyclic
+from fastflat.methods.schedules import fge_triangular, pre_phase, snapshot_cosine, swa_cyclic
+
+if TYPE_CHECKING:  # annotations only: the config is assembled above the methods
+    from fastflat.config import TrainConfig
 
 MIN_MODELS = 2  # an average or an ensemble of one model is that model: the method did nothing
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import fastflat
-from fastflat.steps import Hooks
-from fastflat.trainer import resume
+from fastflat.loop.steps import Hooks
+from fastflat.loop import resume
 
 
 def data():
@@ -67,7 +67,7 @@ if __name__ == "__main__":
             gradreg = method[len("fullbatch-"):] or "off"  # fullbatch-finite | fullbatch-exact: the penalty
             settings.update({"method": "fullbatch", "fullbatch": {"chunk_size": 128, "gradreg": gradreg}})
         if method.endswith("-fp16"):  # fp16 with a loss scale, on the CPU (the CLI refuses it there; fp16 matmuls are fast)
-            from fastflat import evaluation
+            from fastflat.loss import evaluation
 
             evaluation.FP16_DEVICE_TYPES = ("cpu",)
             settings.update({"method": method[: -len("-fp16")], "amp": "fp16"})
@@ -82,6 +82,6 @@ if __name__ == "__main__":
             settings.update({"fge": {"pretrain": 0.5, "cycle_epochs": 0.25}})
             settings.pop("schedule")
         fastflat.train(settings, model=model(), data=data(), hooks=hooks)
-    from fastflat import dist
+    from fastflat.ops import dist
 
     dist.finish()

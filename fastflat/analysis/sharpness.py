@@ -1,0 +1,282 @@
+"""Sharpness of trained weights: top Hessian eigenvalues, the Hessian trace, and SAM's m-sharpness.
+
+    op = model_operator(flat, chunks)                 # v -> H v of the training loss, (N,) fp32
+    lanczos(op, n, k=3)   power_iteration(op, n)   hutchinson(op, n, probes=64)
+    m_sharpness(flat, batches, rho=0.05, ball="l2")   # mean over batches of max_{|e|<=rho} L(w+e) - L(w)
+
+The algorithms see only an operator v -> H v on (N,) vectors, so they are checked on matrices with a
+known spectrum; `model_operator` supplies one for a model in eval mode (BatchNorm on running statistics:
+the loss is then a fixed function of the weights), each product one double backward (fastflat.loss.hessian).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastflat.errors import UserError
+from fastflat.loss.evaluation import at_least_fp32
+from fastflat.flat import FlatParams
+from fastflat.loss.hessian import hvp
+
+Operator = Callable[[Tensor], Tensor]  # (N,) -> (N,), symmetric
+
+
+class CountedOperator:
+    """Wraps an operator and counts its products: the cost every result reports."""
+
+    def __init__(self, op: Operator):
+        self.op, self.calls = op, 0
+
+    def __call__(self, v: Tensor) -> Tensor:
+        self.calls += 1
+        return self.op(v)
+
+
+def model_operator(flat: FlatParams, chunks: list[tuple[Tensor, Tensor]]) -> CountedOperator:
+    """H v of the mean cross-entropy over `chunks` at the model's weights (one flat group)."""
+    if len(flat.vectors) != 1:
+        raise UserError("sharpness needs every trainable parameter in one dtype on one device")
+    return CountedOperator(lambda v: hvp(flat, chunks, [v.to(flat.params[0].dtype)])[0].to(v.dtype))
+
+
+def _unit(n: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> Tensor:
+    v = torch.randn(n, generator=generator, dtype=torch.float64).to(device, dtype)
+    return v / v.norm()
+
+
+def power_iteration(op: Operator, n: int, tol: float = 1e-4, max_iters: int = 200, seed: int = 0,
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The eigenvalue of largest magnitude, by v <- H v / |H v| until the Rayleigh quotient moves less
+    than tol (relative). The reference for Lanczos' top eigenvalue."""
+    v = _unit(n, torch.Generator().manual_seed(seed), torch.device(device), dtype)
+    value, calls = 0.0, 0
+    for calls in range(1, max_iters + 1):
+        hv = op(v)
+        new = float(v @ hv)
+        norm = hv.norm()
+        if norm == 0:
+            return {"eigenvalue": 0.0, "hvps": calls, "converged": True}
+        v = hv / norm
+        if calls > 1 and abs(new - value) <= tol * abs(new):
+            return {"eigenvalue": new, "hvps": calls, "converged": True}
+        value = new
+    return {"eigenvalue": value, "hvps": calls, "converged": False}
+
+
+def lanczos(op: Operator, n: int, k: int = 1, tol: float = 1e-4, max_iters: int = 100, seed: int = 0,
+            device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The k largest (algebraic) eigenvalues by Lanczos with full reorthogonalisation.
+
+    Stops when each of the top-k Ritz values has residual |beta_j s_jk| <= tol |theta_k| (Paige's bound
+    on |H y - theta y| for the Ritz pair), at an invariant subspace, or at max_iters."""
+    if k < 1:
+        raise UserError(f"top K = {k} is invalid: ask for at least 1 eigenvalue")
+    q = _unit(n, torch.Generator().manual_seed(seed), torch.device(device), dtype)
+    ritz: Tensor = torch.zeros(0, dtype=torch.float64)
+    alphas: list[float] = []
+    for alphas, betas, beta in _lanczos_steps(op, q, min(max_iters, n)):
+        ritz, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))  # ascending
+        top = min(k, len(alphas))
+        residuals = (beta * vectors[-1, -top:]).abs()
+        if len(alphas) >= k and bool((residuals <= tol * ritz[-top:].abs().clamp_min(1e-30)).all()):
+            break
+    return {"eigenvalues": ritz.flip(0)[:k].tolist(), "hvps": len(alphas), "tolerance": tol}
+
+
+def _lanczos_steps(op: Operator, q: Tensor, steps: int):
+    """Lanczos from the unit vector q with full reorthogonalisation (twice: keeps the basis orthogonal
+    in fp32). After each product it yields (alphas, betas, beta): T's entries so far and the norm of the
+    next residual; resuming takes the next step. Ends after `steps` products or at an invariant subspace
+    (beta ~ 0, where the Ritz values are exact). Memory holds the basis, (steps, N)."""
+    basis, alphas, betas = [q], [], []
+    for j in range(steps):
+        w = op(basis[j])
+        alphas.append(float(basis[j] @ w))
+        w = w - alphas[j] * basis[j] - (betas[j - 1] * basis[j - 1] if j > 0 else 0)
+        stacked = torch.stack(basis)  # (j+1, N)
+        for _ in range(2):
+            w = w - stacked.T @ (stacked @ w)
+        beta = float(w.norm())
+        yield alphas, betas, beta
+        if beta < 1e-10:
+            return
+        betas.append(beta)
+        basis.append(w / beta)
+
+
+def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
+    """Lanczos' T: alphas on the diagonal, the first len(alphas) - 1 betas beside it, fp64."""
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if len(alphas) > 1:
+        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+        t += torch.diag(off, 1) + torch.diag(off, -1)
+    return t
+
+
+def slq_density(op: Operator, n: int, probes: int = 4, steps: int = 30, seed: int = 0,
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Stochastic Lanczos quadrature (Ghorbani et al. 2019): per probe, `steps` Lanczos steps from a random
+    unit vector give nodes (Ritz values) and weights (squared first components of T's eigenvectors) that
+    sum to 1; their average over probes estimates the spectral density. Returns every node and weight."""
+    generator = torch.Generator().manual_seed(seed)
+    nodes, weights, hvps = [], [], 0
+    for _ in range(probes):
+        q = _unit(n, generator, torch.device(device), dtype)
+        for alphas, betas, _ in _lanczos_steps(op, q, min(steps, n)):
+            pass  # run to the end: every step sharpens the quadrature
+        hvps += len(alphas)
+        theta, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))
+        nodes.append(theta)
+        weights.append(vectors[0] ** 2 / probes)
+    return {"nodes": torch.cat(nodes).tolist(), "weights": torch.cat(weights).tolist(), "hvps": hvps}
+
+
+def density_curve(nodes: list[float], weights: list[float], sigma: float | None = None,
+                  points: int = 400) -> tuple[Tensor, Tensor]:
+    """The SLQ density smoothed by Gaussians of width sigma (default: 1% of the node range): (t, p(t))."""
+    x = torch.tensor(nodes, dtype=torch.float64)
+    w = torch.tensor(weights, dtype=torch.float64)
+    span = float(x.max() - x.min()) or 1.0
+    sigma = sigma or 0.01 * span
+    t = torch.linspace(float(x.min()) - 0.05 * span, float(x.max()) + 0.05 * span, points, dtype=torch.float64)
+    p = (w[None, :] * torch.exp(-((t[:, None] - x[None, :]) ** 2) / (2 * sigma**2))).sum(1) / (sigma * math.sqrt(2 * math.pi))
+    return t, p
+
+
+def hutchinson(op: Operator, n: int, probes: int = 64, seed: int = 0, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """tr(H) ~ mean of z^T H z over Rademacher probes z, with its standard error (std / sqrt(probes))."""
+    if probes < 2:
+        raise UserError(f"trace probes = {probes} is invalid: a standard error needs at least 2")
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(probes):
+        z = (torch.randint(0, 2, (n,), generator=generator) * 2 - 1).to(device, dtype)
+        samples.append(float(z @ op(z)))
+    values = torch.tensor(samples, dtype=torch.float64)
+    return {"trace": float(values.mean()), "trace_stderr": float(values.std() / math.sqrt(probes)), "hvps": probes}
+
+
+# -- SAM's sharpness: the worst loss increase inside a ball ----------------------------------------------
+LossGrad = Callable[[Tensor], tuple[float, Tensor]]  # e (N,) -> (L(w + e), grad of L at w + e)
+
+
+def ascend_in_ball(loss_grad: LossGrad, w: Tensor, rho: float, ball: str = "l2", adaptive: bool = False,
+                   steps: int = 20, seed: int = 0) -> dict[str, Any]:
+    """max over e in the ball of L(w + e) - L(w), by projected, normalised gradient ascent.
+
+    L2 ball |e| <= rho, L-inf ball |e_i| <= rho; adaptive scales the ball by |w| elementwise (e = |w| d,
+    d in the plain ball), as in adaptive sharpness (Kwon et al. 2021). Starts from a small seeded random
+    point (at a minimum the gradient at e = 0 is zero), takes steps of 2 rho / sqrt(steps) along the
+    normalised gradient (its sign for L-inf), projects back into the ball, and keeps the best point seen."""
+    if rho <= 0:
+        raise UserError(f"rho = {rho} is invalid: the ball needs a radius > 0")
+    scale = w.abs() if adaptive else torch.ones_like(w)
+    base, _ = loss_grad(torch.zeros_like(w))
+    start = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(w)
+    d = 0.1 * rho * (start / start.norm() if ball == "l2" else start.sign())  # position inside the plain ball
+    best, step = 0.0, rho / math.sqrt(max(steps, 1)) * 2
+    for _ in range(steps):
+        loss, g = loss_grad(scale * d)
+        best = max(best, loss - base)
+        gd = g * scale  # gradient with respect to d
+        if ball == "l2":
+            d = d + step * gd / (gd.norm() + 1e-12)
+            d = d * torch.clamp(rho / (d.norm() + 1e-12), max=1.0)
+        else:
+            d = (d + step * gd.sign()).clamp(-rho, rho)
+    loss, _ = loss_grad(scale * d)
+    return {"sharpness": max(best, loss - base), "e": scale * d}
+
+
+def m_sharpness(flat: FlatParams, batches: list[tuple[Tensor, Tensor]], rho: float, ball: str = "l2",
+                adaptive: bool = False, steps: int = 20) -> float:
+    """Mean over `batches` (m examples each) of each batch's own worst increase within the ball: SAM's
+    m-sharpness. The weights are restored exactly after each batch."""
+    if len(flat.vectors) != 1:
+        raise UserError("sharpness needs every trainable parameter in one dtype on one device")
+    model, w = flat.model, flat.params[0]
+    saved = w.detach().clone()
+
+    def loss_grad_on(x: Tensor, y: Tensor) -> LossGrad:
+        def f(e: Tensor) -> tuple[float, Tensor]:
+            with torch.no_grad():
+                w.copy_(saved + e)
+            flat.zero_grad_()
+            with torch.enable_grad():
+                loss = F.cross_entropy(at_least_fp32(model(x)), y)
+                loss.backward()
+            return float(loss.detach()), flat.grads[0].detach().clone()
+        return f
+
+    values = []
+    try:
+        for x, y in batches:
+            values.append(ascend_in_ball(loss_grad_on(x, y), saved, rho, ball, adaptive, steps)["sharpness"])
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    return sum(values) / len(values)
+
+
+# -- a run's sharpness, as `fastflat sharpness` reports it ------------------------------------------------
+def measure_checkpoint(path: str, examples: int = 2048, top: int = 1, probes: int = 32, ms: tuple[int, ...] = (),
+                       rho: float = 0.05, balls: tuple[str, ...] = ("l2",), adaptive: bool = False,
+                       tol: float = 1e-3, max_iters: int = 50, device: str = "auto", data_dir: str | None = None,
+                       density: int = 0, progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Every measure for one run directory or checkpoint, on its first `examples` training examples
+    (no augmentation), model in eval mode. `ms`: batch sizes m for m-sharpness (empty: skipped);
+    `density`: SLQ probes for the spectral density (0: skipped). A member
+    file (RUN/members/swa.pt, a snapshot) is measured with its run's config."""
+    from fastflat import data as datasets
+    from fastflat.config import config_from_dict
+    from fastflat.loss.evaluation import resolve_device
+    from fastflat.data.models import build_model
+    from fastflat.runs.rundir import load_point, load_weights
+
+    state = load_point(path)
+    cfg = config_from_dict(state["config"])
+    dev = resolve_device(device)
+    data = datasets.load_dataset(cfg.dataset, data_dir or cfg.data_dir, dev, cfg.label_noise, cfg.seed,
+                                  image_size=cfg.image_size)
+    if examples > len(data.train):
+        raise UserError(f"--examples {examples} is larger than the {len(data.train)} training examples of {cfg.dataset}")
+    head = datasets.Split(data.train.images[:examples], data.train.labels[:examples])
+    chunks = list(datasets.iterate_batches(head, 256, dataset=data, train=False))
+    model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size).to(dev)
+    load_weights(model, state["model"], f"checkpoint {path}", cfg.model)
+    model.eval()  # BatchNorm on running statistics: the loss is a fixed function of the weights
+    flat = FlatParams(model)
+    op = model_operator(flat, chunks)
+    n = flat.numel
+    progress(f"{path}: top {top} eigenvalue(s) by Lanczos")
+    eig = lanczos(op, n, k=top, tol=tol, max_iters=max_iters, device=dev)
+    result = {"checkpoint": str(path), "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method,
+              "examples": examples, "mode": "eval (BatchNorm running statistics)", "params": n,
+              "top_eigenvalues": eig["eigenvalues"], "hvps": eig["hvps"], "lanczos_tol": tol}
+    if probes:
+        progress(f"{path}: trace by Hutchinson, {probes} probes")
+        op.calls = 0
+        tr = hutchinson(op, n, probes=probes, device=dev)
+        result.update(trace=tr["trace"], trace_stderr=tr["trace_stderr"], hvps=result["hvps"] + tr["hvps"])
+    if density:
+        progress(f"{path}: spectral density by stochastic Lanczos quadrature, {density} probes")
+        result["density"] = slq_density(op, n, probes=density, device=dev)
+        result["hvps"] += result["density"]["hvps"]
+    sharp: dict[str, float] = {}
+    for m in ms:
+        batches = [(head.images[i : i + m], head.labels[i : i + m]) for i in range(0, examples - m + 1, m)]
+        batches = [next(iter(datasets.iterate_batches(datasets.Split(x, y), m, dataset=data, train=False))) for x, y in batches]
+        for ball in balls:
+            progress(f"{path}: {'adaptive ' if adaptive else ''}{ball} sharpness, m = {m}, rho = {rho}")
+            key = f"{'a' if adaptive else ''}{ball}_m{m}"
+            sharp[key] = m_sharpness(flat, batches, rho, ball, adaptive)
+    if sharp:
+        result.update(sharpness=sharp, rho=rho)
+    return result

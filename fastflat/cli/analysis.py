@@ -1,0 +1,103 @@
+"""`fastflat sharpness` and `fastflat toy`: thin commands over fastflat.analysis.sharpness and fastflat.analysis.toy,
+registered on the main app (fastflat.cli imports this module after defining it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fastflat.cli.app import app
+from fastflat.cli.consoles import console, err_console
+from fastflat.errors import UserError
+
+
+@app.command("sharpness")
+def sharpness_command(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Run directories or checkpoint files, compared side by side.")],
+    examples: Annotated[int, typer.Option(min=1, help="First N training examples (no augmentation).")] = 2048,
+    top: Annotated[int, typer.Option(help="Top-K Hessian eigenvalues (Lanczos).")] = 1,
+    trace_probes: Annotated[int, typer.Option(help="Rademacher probes for the Hutchinson trace (0 = skip).")] = 32,
+    m: Annotated[str, typer.Option(help="Batch sizes m for SAM's m-sharpness, e.g. 8,32,128 (empty = skip).")] = "",
+    rho: Annotated[float, typer.Option(help="Radius of the sharpness ball.")] = 0.05,
+    ball: Annotated[str, typer.Option(help="Balls for m-sharpness: l2, linf or l2,linf.")] = "l2",
+    adaptive: Annotated[bool, typer.Option(help="Scale the ball by |w| (adaptive sharpness).")] = False,
+    density: Annotated[int, typer.Option(help="SLQ probes for the spectral density, drawn to density.png (0 = skip).")] = 0,
+    tol: Annotated[float, typer.Option(help="Lanczos tolerance on each Ritz value's relative residual.")] = 1e-3,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset files.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for sharpness.json.")] = Path("."),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of a table.")] = False,
+) -> None:
+    """Sharpness of trained weights: top Hessian eigenvalues, Hessian trace, SAM's m-sharpness."""
+    from fastflat.loss.evaluation import resolve_device
+    from fastflat.runs.rundir import json_safe
+    from fastflat.runs.rundir import atomic_write_text, provenance
+    from fastflat.analysis.sharpness import measure_checkpoint
+
+    ms = tuple(int(v) for v in m.split(",") if v.strip()) if m.strip() else ()
+    balls = tuple(b.strip() for b in ball.split(","))
+    if any(b not in ("l2", "linf") for b in balls) or any(v < 1 for v in ms) or rho <= 0 or top < 1 or density < 0:
+        raise UserError(f"--ball takes l2 and/or linf, --m counts >= 1, --rho > 0 and --top >= 1 (got {ball!r}, {m!r}, {rho}, {top})")
+    say = (lambda message: None) if as_json else (lambda message: err_console.print(message, highlight=False))
+    results = [measure_checkpoint(str(c), examples, top, trace_probes, ms, rho, balls, adaptive, tol,
+                                  device=device, data_dir=data_dir, density=density, progress=say) for c in checkpoints]
+    if len({(r["dataset"], r["model"]) for r in results}) > 1:
+        raise UserError("the checkpoints must share one dataset and model to be compared")
+    report = {"checkpoints": results, "provenance": provenance(resolve_device(device))}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "sharpness.json", json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+    if density:
+        from fastflat.analysis.plots import plot_spectral_density
+
+        plot_spectral_density(results, out / "density.png")
+    if as_json:
+        print(json.dumps(json_safe(report)))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"sharpness on {examples} training examples ({results[0]['mode']})")
+    for column in ("checkpoint", "top eigenvalues", "HVPs", "trace (± s.e.)", *sorted(results[0].get("sharpness", {}))):
+        table.add_column(column, justify="left" if column == "checkpoint" else "right")
+    for r in results:
+        trace = f"{r['trace']:.4g} ± {r['trace_stderr']:.2g}" if "trace" in r else "-"
+        table.add_row(r["checkpoint"], ", ".join(f"{v:.4g}" for v in r["top_eigenvalues"]), str(r["hvps"]), trace,
+                      *(f"{v:.4g}" for _, v in sorted(r.get("sharpness", {}).items())))
+    console.print(table)
+    console.print(f"report: {out / 'sharpness.json'}")
+
+
+@app.command("toy")
+def toy_command(
+    fn: Annotated[str, typer.Option("--fn", help="easom | eggholder | rastrigin | rosenbrock.")] = "easom",
+    optimizer: Annotated[str, typer.Option(help="sgd | adagrad | adam (torch's), with and without SAM.")] = "sgd",
+    rho: Annotated[float, typer.Option(help="SAM's ascent radius.")] = 0.3,
+    starts: Annotated[int, typer.Option(help="Seeded random start points, shared by both optimizers.")] = 4,
+    steps: Annotated[int, typer.Option(help="Steps per trajectory.")] = 300,
+    lr: Annotated[float | None, typer.Option(help="Step size (default: one that suits the function).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the start points.")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for toy-<fn>-<optimizer>.json and .png.")] = Path("."),
+) -> None:
+    """2-D test functions: trajectories with and without SAM from the same starts, on a contour plot."""
+    from fastflat.runs.rundir import json_safe
+    from fastflat.runs.rundir import atomic_write_text
+    from fastflat.analysis.toy import plot_toy, run_toy
+
+    report = run_toy(fn, optimizer, starts, rho, steps, lr, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"toy-{fn}-{optimizer}.json"
+    atomic_write_text(target, json.dumps(json_safe(report), allow_nan=False) + "\n")
+    plot_toy(report, target.with_suffix(".png"))
+    from rich.table import Table
+
+    table = Table(title=f"{fn} (global minimum {report['minimum']} at {tuple(round(v, 4) for v in report['argmin'])})")
+    for column in ("start", "optimizer", "end", "value", "global minimum"):
+        table.add_column(column, justify="right")
+    for run in report["runs"]:
+        name = f"SAM({optimizer})" if run["kind"] == "sam" else optimizer
+        table.add_row(f"({run['start'][0]:.3g}, {run['start'][1]:.3g})", name,
+                      f"({run['end'][0]:.4g}, {run['end'][1]:.4g})", f"{run['value']:.4g}", "yes" if run["global_min"] else "no")
+    console.print(table)
+    console.print(f"report: {target} and {target.with_suffix('.png')}")

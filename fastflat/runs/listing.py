@@ -1,0 +1,136 @@
+"""Run management: the runs in a folder (`fastflat runs`), the run `--resume auto` picks, what a new run
+is named, whether a run may be extended, and whether it can run across ranks.
+
+A run's status comes from its files: summary.json (finished), failed.json (stopped by an error, e.g.
+non-finite losses), a held lock (being trained now), else a checkpoint to resume (interrupted).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from fastflat.ops import dist
+from fastflat.errors import UserError
+from fastflat.runs.rundir import CHECKPOINT, LOCK
+
+if TYPE_CHECKING:  # annotations only: the config is assembled above the methods
+    from fastflat.config import TrainConfig
+
+
+def status(run: Path) -> str:
+    if (run / "summary.json").is_file():
+        return "finished"
+    if (run / "failed.json").is_file():
+        return "failed"
+    if _locked(run):
+        return "running"
+    return "interrupted" if (run / CHECKPOINT).is_file() else "not started"
+
+
+def _locked(run: Path) -> bool:
+    if not (run / LOCK).exists():
+        return False
+    try:
+        fd = os.open(run / LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock if we took it
+
+
+def describe(run: Path) -> dict[str, Any]:
+    """One row: method, model, data, epochs done of planned, best/final test accuracy, status."""
+    try:
+        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        config = {}
+    records = []
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line torn by a kill: resume cuts it
+    scored = [r["test_acc"] for r in records if r.get("test_acc") is not None]
+    row = {"run": run.name, "path": str(run), "method": config.get("method"), "model": config.get("model"),
+           "dataset": config.get("dataset"), "epochs_done": records[-1]["epoch"] if records else 0,
+           "epochs": config.get("epochs"), "best_test_acc": max(scored) if scored else None,
+           "final_test_acc": scored[-1] if scored else None, "status": status(run),
+           "modified": max((p.stat().st_mtime for p in run.iterdir()), default=run.stat().st_mtime)}
+    if row["status"] == "failed":
+        row["error"] = json.loads((run / "failed.json").read_text()).get("error")
+    return row
+
+
+def list_runs(folder: str | Path) -> list[dict[str, Any]]:
+    """Every run directory directly in `folder` (one holding config.yaml), oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of runs (train writes them under --out, default runs/)")
+    rows = [describe(p) for p in folder.iterdir() if (p / "config.yaml").is_file()]
+    return sorted(rows, key=lambda r: r["modified"])
+
+
+def latest_resumable(folder: str | Path, name: str | None = None) -> Path:
+    """--resume auto: the most recently written interrupted or failed run in `folder` (of run name `name`
+    or its numbered repeats `name-2`, `name-3`, ... when given)."""
+    def named(run: str) -> bool:
+        return name is None or run == name or (run.startswith(f"{name}-") and run[len(name) + 1:].isdigit())
+
+    candidates = [r for r in list_runs(folder) if named(r["run"]) and r["status"] in ("interrupted", "failed")]
+    if not candidates:
+        which = f" named {name}" if name else ""
+        raise UserError(f"--resume auto: no interrupted run{which} in {folder} (fastflat runs {folder} lists them)")
+    return Path(candidates[-1]["path"])
+
+
+def extension_problem(cfg: TrainConfig, epochs: int) -> str | None:
+    """Why `cfg`'s run cannot be extended to `epochs` (None: it can). Extending must not change the
+    learning rate of any step already taken, so the LR may not depend on the total budget: a constant
+    schedule (sgd, sam, es, fullbatch), SWA averaging from an epoch (--swa-start >= 1) at a constant
+    or cyclic LR after a constant pre-phase, FGE started from --init (its cycles just go on)."""
+    if epochs <= cfg.epochs:
+        return f"--epochs {epochs} is not more than the run's {cfg.epochs}"
+    if cfg.max_steps:
+        return "the run was capped by --max-steps"
+    owner = cfg.method if cfg.method in ("swa", "sse", "fge") else ("swa" if cfg.swa.enabled else None)
+    if owner is None:
+        return None if cfg.schedule == "constant" and not cfg.warmup_epochs else (
+            f"its {cfg.schedule} schedule spans the old budget (only --schedule constant runs extend)")
+    if owner == "swa":
+        return None if cfg.swa.start >= 1 and cfg.schedule == "constant" else (
+            "SWA extends only when averaging starts at an epoch (--swa-start >= 1) after a constant pre-phase")
+    if owner == "fge":
+        return None if cfg.init else "FGE extends only when started from --init (its pretraining is a share of the budget)"
+    return "a snapshot ensemble's cycles divide the old budget"
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    """method-data-model-seed-time; a folder:PATH dataset is named by its last folder, and anything
+    that cannot sit in a file name (':' of torchvision:NAME, '/') becomes '-'."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    data = f"folder-{Path(cfg.dataset[len('folder:'):]).name}" if cfg.dataset.startswith("folder:") else cfg.dataset
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{cfg.method}-{data}-{cfg.model}-s{cfg.seed}-{stamp}")
+
+
+def check_distributable(cfg: TrainConfig) -> None:
+    """Under torchrun: a global batch the ranks can share (every method runs across ranks)."""
+    if not dist.active():
+        return
+    if cfg.batch_size % dist.world_size() and cfg.method not in ("es", "fullbatch"):
+        raise UserError(f"--batch-size {cfg.batch_size} (the global batch) does not split over {dist.world_size()} "
+                        f"processes; use a multiple of {dist.world_size()}")
