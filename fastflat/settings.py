@@ -1,6 +1,13 @@
-"""Reading settings strictly: a YAML file (a key given twice is an error, PyYAML keeps the last one
-silently; a missing, unreadable, binary or malformed file is one UserError line naming it), and values
-coerced into the config dataclasses with every problem collected (fastflat.config defines the fields)."""
+"""Settings declared once and read strictly.
+
+    rho: float = setting(0.05, "SAM radius (>= 0).", option="rho")    # help, CLI option, YAML key: one source
+
+A field's metadata holds its help text, its choices (a Choice enum), its option name and help panel;
+fastflat.config assembles the fields of every method into TrainConfig and the CLI generates its options
+from them. Reading is strict: a YAML file with a key given twice is an error (PyYAML keeps the last one
+silently); a missing, unreadable, binary or malformed file is one UserError line naming it; values are
+coerced into the dataclasses with every problem collected.
+"""
 
 from __future__ import annotations
 
@@ -63,6 +70,22 @@ class Choice(str, enum.Enum):
     @classmethod
     def values(cls) -> tuple[str, ...]:
         return tuple(c.value for c in cls)
+
+
+def setting(default: Any, help: str, *, option: str | None = None, choices: type[Choice] | None = None,
+            panel: str | None = None) -> Any:
+    """A config field with its help text (shown by --help), and optionally its closed set of values,
+    its CLI option name (default: the dotted key with _ for .) and its help panel (default: its section's)."""
+    metadata: dict[str, Any] = {"help": help}
+    for key, value in (("option", option), ("choices", choices), ("panel", panel)):
+        if value is not None:
+            metadata[key] = value
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def enum_of(name: str, *values: str) -> type[Choice]:
+    """A Choice enum whose members are the given strings."""
+    return Choice(name, {value: value for value in values})
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -13,6 +13,7 @@ from fastflat.analysis.ensemble import evaluate_members, mean_pairwise_disagreem
 from fastflat.methods import build_method
 from fastflat.methods.schedules import fge_triangular, snapshot_cosine, swa_cyclic
 from fastflat.loop import build_trainer, resume, train
+from fastflat.runs.rundir import RunDir
 
 from helpers import StopAt
 
@@ -86,8 +87,8 @@ def test_disagreement_counts_differing_predictions_per_pair():
 
 
 def test_ensemble_of_one_member_equals_that_member(tmp_path):
-    trainer = build_trainer(tiny(tmp_path, epochs=1), __import__("fastflat.runs.rundir").rundir.RunDir.create(tmp_path, "t"))
-    path = trainer.save_member("only")
+    trainer = build_trainer(tiny(tmp_path, epochs=1), RunDir.create(tmp_path, "t"))
+    path = trainer.services.save_member("only")
     report = evaluate_members(trainer.model, [path], trainer.data.test, trainer.data)
     alone = trainer.evaluate()
     assert report["ensemble"]["acc"] == pytest.approx(alone["acc"])
@@ -97,12 +98,12 @@ def test_ensemble_of_one_member_equals_that_member(tmp_path):
 
 def test_validation_choice_scores_last_k_ensembles_and_members_on_the_validation_split(tmp_path):
     # label noise keeps accuracies apart from 100%, so the choice is not a tie
-    trainer = build_trainer(tiny(tmp_path, epochs=1, val_split=0.25, label_noise=0.4), __import__("fastflat.runs.rundir").rundir.RunDir.create(tmp_path, "t"))
+    trainer = build_trainer(tiny(tmp_path, epochs=1, val_split=0.25, label_noise=0.4), RunDir.create(tmp_path, "t"))
     paths = []
     for tag in ("a", "b", "c"):
         for p in trainer.flat.params:  # three different members
             p.data.add_(0.05 * torch.randn_like(p))
-        paths.append(trainer.save_member(tag))
+        paths.append(trainer.services.save_member(tag))
     validation = trainer.validation
     choice = validation_choice(trainer.model, paths, validation, trainer.data)
     assert choice["size"] == len(validation) == 256

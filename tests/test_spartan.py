@@ -73,9 +73,9 @@ def test_grad_mutation_never_replaces_the_parent_with_a_worse_child(tmp_path, mo
     trainer = _trainer(tmp_path, **{"spartan.mutation": "grad"})
     method, flat = trainer.method, trainer.flat
     w0 = flat.params[0].clone()
-    parent_loss, _ = sp.parent_scores(flat, trainer.holdout_batches("evolution", trainer.cfg.spartan.fitness_examples))
+    parent_loss, _ = sp.parent_scores(flat, trainer.services.holdout_batches("evolution", trainer.cfg.spartan.fitness_examples))
     monkeypatch.setattr(sp, "population_scores", _fixed_scores([parent_loss + 0.01 * i for i in range(6)]))
-    _, replaced = method._grad_mutation(flat, 5, trainer.holdout_batches("evolution", trainer.cfg.spartan.fitness_examples), parent_loss)
+    _, replaced = method._grad_mutation(flat, 5, trainer.services.holdout_batches("evolution", trainer.cfg.spartan.fitness_examples), parent_loss)
     assert not replaced and torch.equal(flat.params[0], w0)
 
 
@@ -88,7 +88,7 @@ def test_grad_mutation_rounds_never_raise_the_parents_loss(tmp_path):
 
 def test_batched_scoring_equals_one_child_at_a_time(tmp_path):
     trainer = _trainer(tmp_path)
-    flat, batches = trainer.flat, trainer.holdout_batches("evolution", trainer.cfg.spartan.fitness_examples)[:1]
+    flat, batches = trainer.flat, trainer.services.holdout_batches("evolution", trainer.cfg.spartan.fitness_examples)[:1]
     parent = flat.params[0].clone()
 
     def write_child(i, out):

@@ -26,12 +26,13 @@ from typing import Any
 import torch
 
 from fastflat.ops import dist
-from fastflat.config import SWAConfig, TrainConfig
+from fastflat.config import TrainConfig
 from fastflat.flat import flatten
-from fastflat.methods import METHODS, WRAPPERS, build_method
+from fastflat.methods import build_method, registry
+from fastflat.methods.fullbatch import FullBatchConfig
+from fastflat.methods.wrappers import SWAConfig
 from fastflat.data.models import build_model
 from fastflat.loss.closures import BatchClosure, SplitClosure
-from fastflat.config import FullBatchConfig
 from fastflat.loop.steps import train_step
 
 IMAGE_SHAPE, NUM_CLASSES = (3, 32, 32), 10
@@ -203,7 +204,7 @@ def run_train(settings: TrainSettings, on_method: Callable[[str], None] | None =
     for name in settings.methods:
         row = {**dict.fromkeys(TRAIN_FIELDS), "processes": dist.world_size(), "method": name, "model": settings.model,
                "batch_size": settings.batch_size, "steps": settings.steps}
-        known = [*METHODS, *WRAPPERS, *FULL_BATCH_VARIANTS, *DDP_VARIANTS]
+        known = [*registry(), *FULL_BATCH_VARIANTS, *DDP_VARIANTS]
         if name not in known:
             row.update(status="unavailable", reason=f"not a fastflat method ({', '.join(known)})")
         elif name in DDP_VARIANTS and not dist.active():

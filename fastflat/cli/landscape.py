@@ -11,7 +11,7 @@ import typer
 
 from fastflat.cli.app import app
 from fastflat.cli.consoles import console, err_console
-from fastflat.config import CurveKind
+from fastflat.methods.curve import CurveKind
 from fastflat.errors import UserError
 from fastflat.cli.progress import progress_bar
 

@@ -40,7 +40,6 @@ _SYNTHETIC_TRAIN, _SYNTHETIC_TEST = 1024, 512
 _SYNTHETIC_NOISE = 3.0  # per-pixel noise std, relative to the prototypes' unit std: hard enough that the
 #                        small CNN overfits (2 epochs: ~69% test; 8 epochs: ~87%, train loss ~0.02)
 _SYNTHETIC_SEED = 0  # the data's own seed: every run, whatever its --seed, sees the same images
-_HOLDOUT_SALTS = {"evolution": "holdout"}  # Spartan's split keeps its first salt: older runs resume on it
 
 
 @dataclass
@@ -99,13 +98,12 @@ def load_builtin(name: str, data_dir: str | None = None, device: str | torch.dev
     )
 
 
-def split_holdout(split: Split, fraction: float, seed: int, purpose: str = "holdout") -> tuple[Split, Split]:
+def split_holdout(split: Split, fraction: float, seed: int, salt: str = "holdout") -> tuple[Split, Split]:
     """Hold out a seeded random round(fraction * N) examples: returns (kept, held_out), each in original order.
-    `purpose` salts the seed, so a validation split and Spartan's evolution split are drawn independently."""
+    `salt` (the split's purpose) salts the seed, so a validation split and a method's holdout differ."""
     if not 0.0 <= fraction < 1.0:
         raise UserError(f"hold-out fraction must be in [0, 1), got {fraction}")
     held_count = round(fraction * len(split))
-    salt = _HOLDOUT_SALTS.get(purpose, purpose)
     order = torch.randperm(len(split), generator=_seeded_generator(seed, salt))
     held = order[:held_count].sort().values.to(split.labels.device)
     kept = order[held_count:].sort().values.to(split.labels.device)
@@ -118,7 +116,7 @@ def hold_out_validation(data: Dataset, fraction: float, seed: int) -> tuple[Data
     ensemble` choosing k). fraction 0 = no validation split."""
     if fraction == 0:
         return data, None
-    kept, validation = split_holdout(data.train, fraction, seed, purpose="validation")
+    kept, validation = split_holdout(data.train, fraction, seed, salt="validation")
     return replace(data, train=kept), validation
 
 

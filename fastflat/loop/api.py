@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 
-from fastflat.config import TrainConfig, config_from_dict, to_dict
+from fastflat.config import TrainConfig, config_from_dict, lr_owner, to_dict
 from fastflat.errors import UserError
 from fastflat.loop.assembly import build_trainer
 from fastflat.loop.steps import Hooks
 from fastflat.loop.trainer import Trainer
+from fastflat.methods import method_class
 from fastflat.ops import dist
-from fastflat.runs.listing import check_distributable, default_run_name, extension_problem
+from fastflat.runs.listing import default_run_name
 from fastflat.runs.rundir import RunDir, load_checkpoint
 
 def train(cfg: TrainConfig, hooks: Hooks | None = None, model: torch.nn.Module | None = None,
@@ -81,3 +82,24 @@ def _run_marking_failures(trainer: Trainer, run: RunDir) -> dict[str, Any]:
     except Exception as e:
         run.mark_failed(e)
         raise
+
+
+def extension_problem(cfg: TrainConfig, epochs: int) -> str | None:
+    """Why `cfg`'s run cannot be extended to `epochs` (None: it can): the method that sets the LR says
+    (Method.extension_problem), since extending must not change the LR of a step already taken."""
+    if epochs <= cfg.epochs:
+        return f"--epochs {epochs} is not more than the run's {cfg.epochs}"
+    if cfg.max_steps:
+        return "the run was capped by --max-steps"
+    return method_class(lr_owner(cfg) or cfg.method).extension_problem(cfg)
+
+
+def check_distributable(cfg: TrainConfig) -> None:
+    """Under torchrun: a global batch the ranks can share (methods that step on the whole set, or give
+    every rank the whole batch, need none)."""
+    cls = method_class(cfg.method)
+    if not dist.active() or cls.whole_set_steps or not cls.splits_data:
+        return
+    if cfg.batch_size % dist.world_size():
+        raise UserError(f"--batch-size {cfg.batch_size} (the global batch) does not split over {dist.world_size()} "
+                        f"processes; use a multiple of {dist.world_size()}")

@@ -51,7 +51,7 @@ def build_data(cfg: TrainConfig, method: Method, device: torch.device, data: Any
     holdouts: dict[str, datasets.Split] = {}
     if (request := method.holdout()) is not None:  # e.g. Spartan's evolution split
         purpose, fraction = request
-        kept, holdouts[purpose] = datasets.split_holdout(loaded.train, fraction, cfg.seed, purpose)
+        kept, holdouts[purpose] = datasets.split_holdout(loaded.train, fraction, cfg.seed, method.holdout_salt or purpose)
         loaded = replace(loaded, train=kept)
     loaded = replace(loaded, train=datasets.random_subset(loaded.train, cfg.subset, cfg.seed))
     return RunData(method.prepare_data(loaded), validation, holdouts)

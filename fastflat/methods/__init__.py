@@ -1,9 +1,18 @@
-"""Training methods, by the name the CLI and configs use, and `build_method` that composes them."""
+"""Training methods by the name the CLI and configs use: the built-in classes, then any a package adds
+through the `fastflat.methods` entry-point group (docs/plugins.md). Everything else about a method
+(its settings, what it supports) is read from its class.
+
+    cls = method_class("sam"); cls.config, cls.fp16, cls.owns_lr      # facts, never name comparisons
+    method = build_method(cfg)                                          # --inner and --swa composed
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 from typing import TYPE_CHECKING
 
+from fastflat.errors import UserError
 from fastflat.methods.base import Closure, Method, RunServices
 from fastflat.methods.curve import Curve
 from fastflat.methods.fullbatch import FullBatch
@@ -15,17 +24,61 @@ from fastflat.methods.wrappers import FGE, SWA, SnapshotEnsemble
 if TYPE_CHECKING:  # annotations only: the config is assembled above the methods
     from fastflat.config import TrainConfig
 
-METHODS: dict[str, type[Method]] = {"sgd": SGD, "sam": SAM, "es": EvolutionStrategies,  # take steps themselves
-                                    "fullbatch": FullBatch, "curve": Curve}
-WRAPPERS = {"swa": SWA, "sse": SnapshotEnsemble, "fge": FGE, "spartan": Spartan}  # wrap one of METHODS
+BUILTIN: tuple[type[Method], ...] = (SGD, SAM, EvolutionStrategies, FullBatch, SWA, SnapshotEnsemble, FGE, Spartan, Curve)
+ENTRY_POINT_GROUP = "fastflat.methods"
+
+
+@functools.cache
+def registry() -> dict[str, type[Method]]:
+    """Every method by name: the built-ins, then the plugins (an entry point NAME = "module:Class")."""
+    methods = {cls.name: cls for cls in BUILTIN}
+    for entry in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            cls = entry.load()
+        except Exception as e:  # a broken plugin is named, not a traceback from deep inside importlib
+            raise UserError(f"method plugin {entry.name!r} ({entry.value}) does not load: {type(e).__name__}: {e}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise UserError(f"method plugin {entry.name!r} ({entry.value}) is not a fastflat.methods.Method subclass")
+        if cls.name != entry.name:
+            raise UserError(f"method plugin {entry.value} is registered as {entry.name!r} but its class says name = "
+                            f"{cls.name!r}: make them the same")
+        if entry.name in methods:
+            raise UserError(f"method plugin {entry.name!r} ({entry.value}) takes the name of another method; rename it")
+        methods[entry.name] = cls
+    return methods
+
+
+def method_class(name: str) -> type[Method]:
+    try:
+        return registry()[name]
+    except KeyError:
+        raise UserError(f"unknown method {name!r}; choose one of: {', '.join(registry())}") from None
+
+
+def inner_names() -> list[str]:
+    """Methods a wrapper (swa, sse, fge, spartan) may wrap with --inner."""
+    return [name for name, cls in registry().items() if cls.inner_ok]
+
+
+def sections() -> dict[str, type]:
+    """Config section name -> its settings dataclass, one per method that has settings (shared ones once)."""
+    found: dict[str, type] = {}
+    for cls in registry().values():
+        if cls.config is not None:
+            section = cls.settings_key()
+            if found.setdefault(section, cls.config) is not cls.config:
+                raise UserError(f"method {cls.name!r} declares settings section {section!r}, which another method "
+                                f"already declares with other settings")
+    return found
 
 
 def build_method(cfg: TrainConfig) -> Method:
-    """`--method swa|sse|fge` wraps `--inner`; `--swa` adds SWA on top of a stepping method."""
-    if cfg.method in WRAPPERS:
-        return WRAPPERS[cfg.method](cfg, METHODS[cfg.inner](cfg))
-    method = METHODS[cfg.method](cfg)
-    return SWA(cfg, method) if cfg.swa.enabled else method
+    """`--method swa|sse|fge|spartan` wraps `--inner`; `--swa` adds SWA on top of any method whose class
+    has no swa_refusal (the config refuses the others before anything is built)."""
+    cls = method_class(cfg.method)
+    method = cls(cfg, method_class(cfg.inner)(cfg)) if cls.wraps else cls(cfg)
+    return SWA(cfg, method) if cfg.swa.enabled and not isinstance(method, SWA) else method
 
 
-__all__ = ["METHODS", "WRAPPERS", "Closure", "Method", "RunServices", "build_method"]
+__all__ = ["BUILTIN", "Closure", "Method", "RunServices", "build_method", "inner_names", "method_class", "registry",
+           "sections"]

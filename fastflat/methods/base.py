@@ -6,7 +6,8 @@ the weights. Weights and gradients arrive as a FlatParams, so a method's math is
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -64,9 +65,42 @@ class Method:
     whatever the model, and its state (momentum) is one vector too.
     """
 
-    name = "base"
-    splits_data = True  # torchrun: each rank takes its share of every batch (False: every rank sees it whole)
-    whole_set_steps = False  # one step is one pass over the whole training set (the trainer's epoch = 1 step)
+    # -- facts the config, the CLI and the trainer ask of the class; nothing outside methods/ compares names --
+    name: ClassVar[str] = "base"  # --method NAME
+    summary: ClassVar[str] = ""  # one line: what it does (the docs' methods table, `fastflat train --help`)
+    config: ClassVar[type | None] = None  # its settings: a frozen dataclass of settings.setting fields, the section
+    #                                       `section or name` of TrainConfig (cfg.sam.rho, YAML `sam:`, --rho)
+    section: ClassVar[str | None] = None  # share another method's section instead (es reads spartan's)
+    panel: ClassVar[str] = "Method"  # the --help panel of its options
+    defaults: ClassVar[dict[str, Any]] = {}  # general settings whose default it changes (fullbatch: Nesterov)
+    settings_need_method: ClassVar[bool] = False  # its section may be given only with --method NAME
+    owns_lr: ClassVar[bool] = False  # sets the learning rate itself: --schedule / --warmup-epochs are refused
+    wraps: ClassVar[bool] = False  # wraps the method named by --inner (swa, sse, fge, spartan)
+    inner_ok: ClassVar[bool] = False  # may be a wrapper's --inner
+    batched: ClassVar[bool] = True  # steps on batches: --accumulate applies
+    fp16: ClassVar[bool] = True  # --amp fp16 (a loss-scaled gradient) applies
+    splits_data: ClassVar[bool] = True  # torchrun: each rank takes its share of every batch (False: all of it)
+    whole_set_steps: ClassVar[bool] = False  # one step is one pass over the whole training set (an epoch = 1 step)
+    holdout_salt: ClassVar[str | None] = None  # seeds holdout()'s split (None: its purpose)
+    swa_refusal: ClassVar[str | None] = None  # why --swa cannot average this method (None: it can)
+
+    @classmethod
+    def settings_key(cls) -> str:
+        """Its section of TrainConfig: `section`, else its name as an identifier (example-sgd -> example_sgd)."""
+        return cls.section or cls.name.replace("-", "_")
+
+    @classmethod
+    def check_config(cls, cfg: TrainConfig, need: Callable[[bool, str, str], None]) -> None:
+        """Checks of the whole config when this method is chosen (as --method or --inner): each failure
+        as need(False, dotted key, what is allowed). A section's own ranges are its dataclass's check()."""
+
+    @classmethod
+    def extension_problem(cls, cfg: TrainConfig) -> str | None:
+        """Why a run of this method cannot be extended to more epochs (None: it can). Extending must not
+        change the LR of any step already taken, so the LR may not depend on the total budget."""
+        if cfg.schedule == "constant" and not cfg.warmup_epochs:
+            return None
+        return f"its {cfg.schedule} schedule spans the old budget (only --schedule constant runs extend)"
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg

@@ -14,6 +14,7 @@ re-estimated wherever the curve is evaluated.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +24,20 @@ from fastflat import ops
 from fastflat.errors import UserError
 from fastflat.flat import FlatParams
 from fastflat.methods.base import Closure, Method, RunServices
+from fastflat.settings import enum_of, setting
+
+CurveKind = enum_of("CurveKind", "bezier", "polychain")
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """A mode-connecting curve (Garipov et al. 2018) between two trained solutions: --method curve trains
+    the bend theta; the end points stay fixed. `fastflat curve` fills these in."""
+
+    start: str | None = setting(None, "Curve end point w1: a run directory or member file.", option="curve_start")
+    end: str | None = setting(None, "Curve end point w2 (same model and dataset).", option="curve_end")
+    kind: str = setting("bezier", "Curve through the trained bend: bezier (quadratic) or polychain.", option="curve_kind",
+                        choices=CurveKind)
 
 ENDS = ("start", "end", "bend")  # member files a finished curve run holds: w1, w2, theta
 
@@ -46,6 +61,17 @@ class Curve(Method):
     bend, the shared LR schedule); the trainer's loop, checkpoints and resume are unchanged."""
 
     name = "curve"
+    summary = "Train the bend of a mode-connecting curve between two solutions (Garipov et al. 2018)."
+    config = CurveConfig
+    panel = "Mode-connecting curve (--method curve; or fastflat curve)"
+    fp16 = False
+    swa_refusal = "a curve trains a bend between two fixed ends, not one model to average (fastflat curve scores every t)"
+
+    @classmethod
+    def check_config(cls, cfg: Any, need: Any) -> None:
+        for end in ("start", "end"):
+            need(bool(getattr(cfg.curve, end)), f"curve.{end}",
+                 "--method curve needs both end points: --curve-start RUN --curve-end RUN")
 
     def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
         self.services = services

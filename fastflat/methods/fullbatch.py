@@ -20,7 +20,7 @@ the whole set's g + (tau/2) H g in base_update's all-reduce.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -33,11 +33,47 @@ from fastflat.flat import FlatParams
 from fastflat.loss.hessian import hvp
 from fastflat.methods.base import Closure, Method
 from fastflat.ops import dist
+from fastflat.settings import enum_of, setting
+
+GradReg = enum_of("GradReg", "off", "finite", "exact")
+
+
+@dataclass(frozen=True)
+class FullBatchConfig:
+    chunk_size: int = setting(1024, "Examples per forward/backward chunk of the full-batch pass (memory, not result).",
+                              option="chunk_size")
+    gradreg: str = setting("off", "Gradient-norm penalty (tau/4)||grad L||^2: finite differences, or exact double backward.",
+                           option="gradreg", choices=GradReg)
+    strength: float = setting(0.5, "s: tau = s * lr / 2, so the update adds (lr/4) s H g (the paper's code: 0.5).",
+                              option="gradreg_strength")
+    tau: float | None = setting(None, "Set tau directly instead of tying it to the step size.", option="tau")
+    eps: float = setting(0.01, "Finite-difference step along g/||g||, in weight units.", option="gradreg_eps")
+    block: int = setting(0, "Penalty per block of b examples, averaged (0 = whole set; the paper's strong reg.: 32).",
+                         option="gradreg_block")
+    shuffle: bool = setting(False, "Re-draw which examples form the blocks every step.", option="shuffle_blocks")
+    fixed_augment: int = setting(0, "K > 0: K augmented copies of the training set, made once; none after.",
+                                 option="fixed_augment")
+
+    def check(self, cfg: Any, need: Any) -> None:
+        need(self.chunk_size >= 1, "chunk_size", "must be at least 1")
+        need(self.strength >= 0, "strength", "must be >= 0")
+        need(self.tau is None or self.tau >= 0, "tau", "must be >= 0")
+        need(self.eps > 0, "eps", "must be > 0")
+        need(self.block >= 0 and (self.block == 0 or (self.block <= self.chunk_size and self.chunk_size % self.block == 0)),
+             "block", f"must be 0 (the whole set) or divide fullbatch.chunk_size = {self.chunk_size}")
+        need(self.fixed_augment >= 0, "fixed_augment", "must be >= 0")
 
 
 class FullBatch(Method):
     name = "fullbatch"
+    summary = "Full-batch gradient descent, optionally with the gradient-norm penalty (Geiping et al. 2022)."
+    config = FullBatchConfig
+    panel = "Full batch (--method fullbatch)"
+    defaults = {"nesterov": True}  # the paper's GD: momentum 0.9 with Nesterov, weight decay 5e-4
+    settings_need_method = True
     whole_set_steps = True
+    batched = False
+    fp16 = False
 
     def prepare_data(self, data: Any) -> Any:
         """--fixed-augment K: K augmented copies made once, none afterwards."""

@@ -15,20 +15,46 @@ first gradient that overflowed skips the second pass, and the descent's update s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fastflat import ops
-
-from fastflat.ops import dist
 from fastflat.flat import FlatParams
 from fastflat.methods.base import Closure, Method
+from fastflat.ops import dist
+from fastflat.settings import enum_of, setting
+
+SAMNorm = enum_of("SAMNorm", "l2", "linf")
+
+
+@dataclass(frozen=True)
+class SAMConfig:
+    rho: float = setting(0.05, "SAM radius (>= 0): the ascent ball, in weight units (ASAM: relative to |w|).", option="rho")
+    norm: str = setting("l2", "SAM ball: l2, or linf (the ascent along sign g).", choices=SAMNorm)
+    adaptive: bool = setting(False, "ASAM: scale the ball by |w| (Kwon et al. 2021).")
+    m: int = setting(0, "m-sharpness: examples per perturbation (0 = the whole batch shares one).")
+    sync_ascent: bool = setting(False, "torchrun: ascend with the gradient averaged over the ranks (default: each "
+                                "rank's own, m = per-rank batch).", option="sam_sync_ascent")
+
+    def check(self, cfg: Any, need: Any) -> None:
+        need(self.rho >= 0, "rho", "must be >= 0")
+        need(self.m >= 0, "m", "must be >= 0 (0 = whole batch)")
 
 
 class SAM(Method):
     name = "sam"
+    summary = "Sharpness-aware minimisation: descend with the gradient at the worst point within rho (Foret et al. 2021)."
+    config = SAMConfig
+    panel = "SAM"
+    inner_ok = True
+
+    @classmethod
+    def check_config(cls, cfg: Any, need: Any) -> None:
+        need(cfg.accumulate == 1 or cfg.sam.m == 0 or cfg.batch_size % cfg.sam.m == 0, "accumulate",
+             f"with --sam-m, m must divide --batch-size (each accumulated batch of {cfg.batch_size} holds whole chunks)")
 
     def init(self, flat: FlatParams, services=None) -> None:
         super().init(flat, services)

@@ -10,6 +10,8 @@ from fastflat.methods.base import Closure, Method
 
 class SGD(Method):
     name = "sgd"
+    summary = "SGD with momentum, Nesterov and weight decay: the baseline."
+    inner_ok = True
 
     def step(self, flat: FlatParams, closure: Closure, lr: float) -> dict[str, Any]:
         loss = closure(backward=True)

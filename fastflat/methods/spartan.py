@@ -12,6 +12,7 @@ Round r draws its noise with seed (cfg.seed, r): a resumed run regenerates the s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,9 +27,50 @@ from fastflat.flat import FlatParams
 from fastflat.methods.base import Closure, Method, RunServices
 from fastflat.methods.population import population_scores
 from fastflat.methods.wrappers import Wrapper
+from fastflat.settings import enum_of, setting
 
 if TYPE_CHECKING:  # annotations only: the config is assembled above the methods
     from fastflat.config import TrainConfig
+
+EVOLUTION = "Spartan and ES"  # their options' help panel
+Mutation = enum_of("Mutation", "es", "grad")
+Noise = enum_of("Noise", "normal", "uniform")
+Shaping = enum_of("Shaping", "normalize", "ranks")
+Fitness = enum_of("Fitness", "loss", "acc")
+
+
+@dataclass(frozen=True)
+class SpartanConfig:
+    mutation: str = setting("es", "Spartan mutation: es (OpenAI-ES update) | grad (random-gradient children, the best "
+                            "replaces the parent).", option="mutation", choices=Mutation)
+    mutate_every: int = setting(1, "Epochs between mutation rounds.", option="mutate_every")
+    children: int = setting(16, "Children K per round (even with --antithetic).", option="children")
+    noise: str = setting("normal", "ES noise: normal, or uniform U[-1, 1] (the article's ES experiment).", option="es_noise",
+                         choices=Noise)
+    sigma: float = setting(0.01, "ES noise scale, in weight units.", option="sigma")
+    es_lr: float = setting(2e-5, "ES step: w += es_lr / (K sigma) sum_k r_k eps_k (with shaped rewards each weight "
+                           "moves about es_lr / (sqrt(K) sigma)).", option="es_lr")
+    antithetic: bool = setting(True, "ES children in +/- pairs sharing one eps_k.", option="antithetic")
+    shaping: str = setting("normalize", "ES reward shaping: (r - mean) / std, or centered ranks in [-0.5, 0.5].",
+                           option="shaping", choices=Shaping)
+    fitness: str = setting("loss", "Fitness on the evolution split: loss or accuracy.", option="fitness", choices=Fitness)
+    evolution_split: float = setting(0.1, "Share of training data held out for fitness; SGD never sees it.",
+                                     option="evolution_split")
+    fitness_examples: int = setting(2048, "Examples of the evolution split scored per round (0 = all).",
+                                    option="fitness_examples")
+    grad_lr: float = setting(0.05, "grad mutation: child = w - grad_lr * T * u * g, u ~ U(0, 1) per weight.", option="grad_lr")
+    temperature: float = setting(1.0, "grad mutation temperature T0 (T = T0 * parent loss / first parent loss).",
+                                 option="temperature")
+    chunk: int = setting(8, "Children scored at once with torch.func.vmap (1 = one at a time).", option="chunk")
+
+    def check(self, cfg: Any, need: Any) -> None:
+        need(self.mutate_every >= 1, "mutate_every", "must be at least 1")
+        need(self.children >= 2 and (not self.antithetic or self.children % 2 == 0), "children",
+             "must be >= 2, and even with antithetic sampling")
+        for key in ("sigma", "es_lr", "grad_lr", "temperature"):
+            need(getattr(self, key) > 0, key, "must be > 0")
+        need(self.fitness_examples >= 0, "fitness_examples", "must be >= 0 (0 = the whole split)")
+        need(self.chunk >= 1, "chunk", "must be >= 1")
 
 
 def round_seed(seed: int, round_index: int) -> int:
@@ -92,6 +134,16 @@ class Spartan(Wrapper):
     """The inner method trains; every `mutate_every` epochs a mutation round runs (see module doc)."""
 
     name = "spartan"
+    summary = "Spartan: --inner trains; mutation rounds (ES or random gradients) scored on a held-out split."
+    config = SpartanConfig
+    panel = EVOLUTION
+    owns_lr = False  # the inner method's schedule applies
+    fp16 = False
+    holdout_salt = "holdout"  # the evolution split keeps its first salt: older runs resume on it
+
+    @classmethod
+    def check_config(cls, cfg: TrainConfig, need: Any) -> None:
+        need(0 < cfg.spartan.evolution_split < 1, "spartan.evolution_split", "must be in (0, 1)")
 
     def __init__(self, cfg: TrainConfig, inner: Method):
         super().__init__(cfg, inner)
@@ -107,7 +159,7 @@ class Spartan(Wrapper):
         super().init(flat, services)
 
     def end_epoch(self, flat: FlatParams, epoch: int) -> None:
-        self.inner.end_epoch(flat, epoch)
+        super().end_epoch(flat, epoch)
         if (epoch + 1) % self.cfg.spartan.mutate_every == 0:
             self.mutate(flat, epoch)
 
@@ -176,7 +228,14 @@ class EvolutionStrategies(Method):
     """Pure ES, no gradients: every step is one OpenAI-ES generation scored on the current batch."""
 
     name = "es"
+    summary = "Pure evolution strategies (OpenAI-ES): every step one generation, no gradients."
+    config = SpartanConfig
+    section = "spartan"
+    panel = EVOLUTION
+    swa_refusal = "ES steps by --es-lr, not the learning rate SWA cycles, and takes no gradient steps to average"
     splits_data = False
+    batched = False
+    fp16 = False
 
     def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
         if len(flat.vectors) != 1:

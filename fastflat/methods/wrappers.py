@@ -11,6 +11,7 @@ snapshots than --sse-cycles) is refused at the start with the settings that woul
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,20 +21,82 @@ from fastflat.errors import UserError
 from fastflat.flat import FlatParams
 from fastflat.methods.base import Closure, Method, RunServices
 from fastflat.methods.schedules import fge_triangular, pre_phase, snapshot_cosine, swa_cyclic
+from fastflat.settings import setting
 
 if TYPE_CHECKING:  # annotations only: the config is assembled above the methods
     from fastflat.config import TrainConfig
 
 MIN_MODELS = 2  # an average or an ensemble of one model is that model: the method did nothing
+AVERAGING = "SWA, snapshot ensembles, FGE"  # their options' help panel
+
+
+@dataclass(frozen=True)
+class SWAConfig:
+    enabled: bool = setting(False, "Add SWA on top of --method (e.g. SWA over SAM); --method swa implies it.", option="swa")
+    start: float = setting(0.75, "SWA starts: a fraction of the budget (< 1) or an epoch (>= 1).")
+    lr: float = setting(0.01, "SWA learning rate alpha1 (the cycle maximum with --swa-lr-min).")
+    lr_min: float | None = setting(None, "Cyclic SWA: the cycle minimum alpha2 (unset: a constant LR).")
+    cycle: int = setting(0, "SWA cycle c in iterations; one average at each cycle's end (0 = a quarter epoch).")
+
+    def check(self, cfg: Any, need: Any) -> None:
+        need(self.start > 0, "start", "a fraction in (0, 1) or an epoch >= 1")
+        need(self.start < 1 or self.start <= cfg.epochs, "start", f"must be <= epochs ({cfg.epochs})")
+        need(self.lr > 0, "lr", "must be > 0")
+        need(self.lr_min is None or 0 < self.lr_min <= self.lr, "lr_min", "must be in (0, swa.lr]")
+        need(self.cycle >= 0, "cycle", "must be >= 0 (0 = a quarter epoch)")
+
+
+@dataclass(frozen=True)
+class SSEConfig:
+    cycles: int = setting(2, "Snapshot ensembles: cosine restarts M over the budget, one snapshot at each one's end.")
+    keep: int | str = setting(0, "Snapshot ensembles: ensemble the last k (0 = all; auto = the k best on --val-split).")
+
+    def check(self, cfg: Any, need: Any) -> None:
+        need(self.cycles >= 1, "cycles", "must be at least 1")
+        need(self.keep == "auto" or (type(self.keep) is int and 0 <= self.keep <= self.cycles), "keep",
+             f"a count in [0, sse.cycles = {self.cycles}] (0 = all), or auto")
+        need(self.keep != "auto" or cfg.val_split > 0, "keep", "auto chooses k on a validation split: add --val-split 0.1")
+
+
+@dataclass(frozen=True)
+class FGEConfig:
+    pretrain: float = setting(0.5, "FGE: share of the budget spent training before the cycles (0 with --init).")
+    cycle_epochs: float = setting(0.5, "FGE: cycle length c in epochs (may be fractional; rounded to an even number of "
+                                  "iterations); one model collected in each cycle's middle. Short budgets want short cycles.")
+    lr_max: float = setting(0.05, "FGE: alpha1, the cycle's largest LR.")
+    lr_min: float = setting(0.0005, "FGE: alpha2, the LR where models are collected.")
+
+    def check(self, cfg: Any, need: Any) -> None:
+        need(0 <= self.pretrain < 1, "pretrain", "must be in [0, 1)")
+        need(self.cycle_epochs > 0, "cycle_epochs", "must be > 0")
+        need(0 < self.lr_min <= self.lr_max, "lr_min", "must be in (0, fge.lr_max]")
 
 
 class Wrapper(Method):
-    """Delegates the step to `inner`; subclasses add LR ownership and collection."""
+    """Delegates every hook of the protocol to `inner`; a subclass extends the hooks it needs (LR
+    ownership, an average, collected members) and calls super() in each, so wrappers stack: SWA over
+    Spartan over SAM runs every layer's hooks."""
+
+    wraps = True
+    panel = AVERAGING
+    owns_lr = True
+    whole_set_steps = property(lambda self: self.inner.whole_set_steps)  # facts of the method that steps
+    splits_data = property(lambda self: self.inner.splits_data)
+    holdout_salt = property(lambda self: self.inner.holdout_salt)
 
     def __init__(self, cfg: TrainConfig, inner: Method):
         super().__init__(cfg)
         self.inner = inner
         self.members: list[str] = []  # member files written so far (ensembles)
+
+    def holdout(self) -> tuple[str, float] | None:
+        return self.inner.holdout()
+
+    def prepare_data(self, data: Any) -> Any:
+        return self.inner.prepare_data(data)
+
+    def check_data(self, train_size: int) -> None:
+        self.inner.check_data(train_size)
 
     def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
         self.inner.init(flat, services)
@@ -41,6 +104,21 @@ class Wrapper(Method):
 
     def step(self, flat: FlatParams, closure: Closure, lr: float) -> dict[str, Any]:
         return self.inner.step(flat, closure, lr)
+
+    def lr(self, step: int, scheduled: float) -> float:
+        return self.inner.lr(step, scheduled)
+
+    def after_step(self, flat: FlatParams, steps_done: int) -> None:
+        self.inner.after_step(flat, steps_done)
+
+    def end_epoch(self, flat: FlatParams, epoch: int) -> None:
+        self.inner.end_epoch(flat, epoch)
+
+    def finish(self, flat: FlatParams) -> dict[str, Any]:
+        return self.inner.finish(flat)
+
+    def weights(self, flat: FlatParams) -> list[torch.Tensor]:
+        return self.inner.weights(flat)
 
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict(), "members": list(self.members)}
@@ -55,6 +133,14 @@ class SWA(Wrapper):
     constant or cyclic LR, and the running mean of the weights at the end of every cycle."""
 
     name = "swa"
+    summary = "Stochastic weight averaging over --inner (or --swa over any method): the running mean of the weights."
+    config = SWAConfig
+
+    @classmethod
+    def extension_problem(cls, cfg: TrainConfig) -> str | None:
+        if cfg.swa.start >= 1 and cfg.schedule == "constant":
+            return None
+        return "SWA extends only when averaging starts at an epoch (--swa-start >= 1) after a constant pre-phase"
 
     def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
         super().init(flat, services)
@@ -83,6 +169,7 @@ class SWA(Wrapper):
         return self.pre(step) if step < self.start_step else self.cyclic(step - self.start_step)
 
     def after_step(self, flat: FlatParams, steps_done: int) -> None:
+        super().after_step(flat, steps_done)
         since = steps_done - self.start_step
         if since > 0 and since % self.cycle == 0:  # last iteration of a cycle: alpha = alpha2
             ops.average_(self.average, flat.params, self.count, None)
@@ -93,6 +180,7 @@ class SWA(Wrapper):
 
     def finish(self, flat: FlatParams) -> dict[str, Any]:
         """Evaluate the SWA weights (BatchNorm re-estimated for them), then put the SGD weights back."""
+        inner = super().finish(flat)  # what the wrapped method delivers (Spartan's rounds, ...), first
         model = flat.model
         saved = {k: v.clone() for k, v in model.state_dict().items()}
         flat.copy_params_(self.weights(flat))  # the average: what this method offers as its model
@@ -100,7 +188,7 @@ class SWA(Wrapper):
         result = {f"swa_{k}": v for k, v in self.services.evaluate().items()}
         result["swa_checkpoint"] = self.services.save_member("swa")
         model.load_state_dict(saved)
-        return {**result, "swa_models_averaged": int(self.count)}
+        return {**inner, **result, "swa_models_averaged": int(self.count)}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "average": self.average, "count": self.count}
@@ -116,6 +204,13 @@ class SnapshotEnsemble(Wrapper):
     """Snapshot ensembles (Huang et al. 2017): M cosine cycles, a snapshot at the end of each."""
 
     name = "sse"
+    summary = "Snapshot ensembles: cosine restarts, one member at the end of each cycle."
+    config = SSEConfig
+    swa_refusal = "snapshot ensembles set their own learning rate, as SWA does: use one or the other"
+
+    @classmethod
+    def extension_problem(cls, cfg: TrainConfig) -> str | None:
+        return "a snapshot ensemble's cycles divide the old budget"
 
     def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
         super().init(flat, services)
@@ -133,6 +228,7 @@ class SnapshotEnsemble(Wrapper):
         return self.schedule(step)
 
     def after_step(self, flat: FlatParams, steps_done: int) -> None:
+        super().after_step(flat, steps_done)
         if steps_done % self.period == 0 or steps_done == self.services.total_steps:
             self.members.append(self.services.save_member(f"snapshot-{len(self.members) + 1:02d}"))
 
@@ -152,6 +248,13 @@ class FGE(Wrapper):
     re-estimated for it."""
 
     name = "fge"
+    summary = "Fast geometric ensembling: short triangular LR cycles, one member at each cycle's minimum."
+    config = FGEConfig
+    swa_refusal = "FGE sets its own learning rate, as SWA does: use one or the other"
+
+    @classmethod
+    def extension_problem(cls, cfg: TrainConfig) -> str | None:
+        return None if cfg.init else "FGE extends only when started from --init (its pretraining is a share of the budget)"
 
     def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
         super().init(flat, services)
@@ -172,6 +275,7 @@ class FGE(Wrapper):
         return self.pre(step) if step < self.start_step else self.triangle(step - self.start_step)
 
     def after_step(self, flat: FlatParams, steps_done: int) -> None:
+        super().after_step(flat, steps_done)
         since = steps_done - self.start_step
         if since > 0 and since % self.cycle == self.cycle // 2:  # t(i) = 1/2: alpha = alpha2
             self.services.update_bn()

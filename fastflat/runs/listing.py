@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from fastflat.ops import dist
 from fastflat.errors import UserError
 from fastflat.runs.rundir import CHECKPOINT, LOCK
 
@@ -98,39 +97,9 @@ def latest_resumable(folder: str | Path, name: str | None = None) -> Path:
     return Path(candidates[-1]["path"])
 
 
-def extension_problem(cfg: TrainConfig, epochs: int) -> str | None:
-    """Why `cfg`'s run cannot be extended to `epochs` (None: it can). Extending must not change the
-    learning rate of any step already taken, so the LR may not depend on the total budget: a constant
-    schedule (sgd, sam, es, fullbatch), SWA averaging from an epoch (--swa-start >= 1) at a constant
-    or cyclic LR after a constant pre-phase, FGE started from --init (its cycles just go on)."""
-    if epochs <= cfg.epochs:
-        return f"--epochs {epochs} is not more than the run's {cfg.epochs}"
-    if cfg.max_steps:
-        return "the run was capped by --max-steps"
-    owner = cfg.method if cfg.method in ("swa", "sse", "fge") else ("swa" if cfg.swa.enabled else None)
-    if owner is None:
-        return None if cfg.schedule == "constant" and not cfg.warmup_epochs else (
-            f"its {cfg.schedule} schedule spans the old budget (only --schedule constant runs extend)")
-    if owner == "swa":
-        return None if cfg.swa.start >= 1 and cfg.schedule == "constant" else (
-            "SWA extends only when averaging starts at an epoch (--swa-start >= 1) after a constant pre-phase")
-    if owner == "fge":
-        return None if cfg.init else "FGE extends only when started from --init (its pretraining is a share of the budget)"
-    return "a snapshot ensemble's cycles divide the old budget"
-
-
 def default_run_name(cfg: TrainConfig) -> str:
     """method-data-model-seed-time; a folder:PATH dataset is named by its last folder, and anything
     that cannot sit in a file name (':' of torchvision:NAME, '/') becomes '-'."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     data = f"folder-{Path(cfg.dataset[len('folder:'):]).name}" if cfg.dataset.startswith("folder:") else cfg.dataset
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{cfg.method}-{data}-{cfg.model}-s{cfg.seed}-{stamp}")
-
-
-def check_distributable(cfg: TrainConfig) -> None:
-    """Under torchrun: a global batch the ranks can share (every method runs across ranks)."""
-    if not dist.active():
-        return
-    if cfg.batch_size % dist.world_size() and cfg.method not in ("es", "fullbatch"):
-        raise UserError(f"--batch-size {cfg.batch_size} (the global batch) does not split over {dist.world_size()} "
-                        f"processes; use a multiple of {dist.world_size()}")
