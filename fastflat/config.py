@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fastflat.methods import inner_names, method_class, registry, sections
+from fastflat.methods.optimizers import optimizer_problem
 from fastflat.settings import build, enum_of, merge, nest, raise_problems, read_yaml, setting
 
 METHOD, OPTIM, DATA, RUN = "Method", "Optimisation", "Data and model", "Run"  # help panels of the general settings
@@ -52,10 +53,16 @@ class GeneralConfig:
     sync_bn: bool = setting(False, "torchrun: BatchNorm over the global batch, so N ranks train as one process would.", panel=OPTIM)
     accumulate: int = setting(1, "Gradient accumulation: a step averages K batches (SAM ascends with the whole accumulated "
                               "gradient).", panel=OPTIM)
+    optimizer: str = setting("sgd", "Base optimizer every method steps with: sgd | adamw | adam | any torch.optim class "
+                             "by name (rmsprop, nadam, ...) | module:Class.", panel=OPTIM)
     lr: float = setting(0.05, "Peak learning rate.", panel=OPTIM)
-    momentum: float = setting(0.9, "SGD momentum.", panel=OPTIM)
-    nesterov: bool = setting(False, "Nesterov momentum.", panel=OPTIM)
-    weight_decay: float = setting(5e-4, "L2 weight decay, coupled into the gradient as torch.optim.SGD does.", panel=OPTIM)
+    momentum: float = setting(0.9, "Momentum (SGD, RMSprop: optimizers that take one).", panel=OPTIM)
+    nesterov: bool = setting(False, "Nesterov momentum (SGD).", panel=OPTIM)
+    betas: tuple[float, float] = setting((0.9, 0.999), "Adam-family betas, as beta1,beta2.", panel=OPTIM)
+    weight_decay: float = setting(5e-4, "Weight decay: added to the gradient (sgd, adam, ...), decoupled for adamw.",
+                                  panel=OPTIM)
+    decay_norm_bias: bool = setting(True, "Decay normalization and bias parameters too; --no-decay-norm-bias exempts "
+                                    "every 1-D parameter (timm's habit).", panel=OPTIM)
     schedule: str = setting("cosine", "LR schedule: constant | step (x0.1 at 50% and 75%) | cosine (to 0); methods that own "
                             "their LR (swa, sse, fge) refuse it.", choices=Schedule, panel=OPTIM)
     warmup_epochs: float = setting(0.0, "Linear LR warmup from 0, in epochs, before the schedule.", panel=OPTIM)
@@ -146,6 +153,8 @@ def _check_general(cfg: Any, need: Any) -> None:
     need(cfg.accumulate >= 1, "accumulate", "must be at least 1 (1 = no accumulation)")
     need(cfg.lr > 0, "lr", "must be > 0")
     need(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")
+    need(all(0 <= b < 1 for b in cfg.betas), "betas", "each in [0, 1), as beta1,beta2 (e.g. 0.9,0.999)")
+    need(optimizer_problem(cfg.optimizer) is None, "optimizer", optimizer_problem(cfg.optimizer) or "")
     need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
     need(cfg.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
     need(0 <= cfg.label_noise < 1, "label_noise", "must be in [0, 1)")
@@ -217,7 +226,8 @@ def config_from_dict(values: dict[str, Any]) -> Any:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain YAML/JSON values: sections as dicts, tuples (betas) as lists."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items})
 
 
 def as_config(config: Any) -> Any:

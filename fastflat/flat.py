@@ -98,6 +98,19 @@ class FlatParams:
         for v in self.vectors:
             v.grad.zero_()
 
+    def decay_masks(self) -> list[Tensor]:
+        """(N,) per vector, in its dtype: 1 where a weight of 2+ dimensions lives, 0 on 1-D parameters
+        (normalization scales and shifts, biases): what timm exempts from weight decay."""
+        masks = []
+        for vec in self.vectors:
+            mask = torch.zeros_like(vec.param, requires_grad=False)
+            for name, start in zip(vec.names, vec.offsets):
+                p = self.model.get_parameter(name)
+                if p.ndim >= 2:
+                    mask[start : start + p.numel()] = 1
+            masks.append(mask)
+        return masks
+
     def clone_params(self) -> list[Tensor]:
         """A detached copy of the current weights, one tensor per group (snapshots, averages)."""
         return [v.param.detach().clone() for v in self.vectors]

@@ -103,6 +103,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             except ValueError:
                 pass
         hint = options[-1]
+    if typing.get_origin(hint) is tuple:  # "0.9,0.999" (CLI), [0.9, 0.999] (YAML), a tuple (Python)
+        parts = value.replace(" ", "").split(",") if isinstance(value, str) else value
+        kinds = typing.get_args(hint)
+        if not isinstance(parts, (list, tuple)) or len(parts) != len(kinds):
+            raise ValueError(f"{key} = {value!r} is invalid: expected {len(kinds)} comma-separated values")
+        return tuple(_coerce(key, part, kind) for part, kind in zip(parts, kinds))
     if hint is str:
         return value if isinstance(value, bool) else str(value)  # a YAML boolean: _check explains
     if hint is bool:

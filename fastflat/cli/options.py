@@ -25,6 +25,8 @@ def _option_type(hint: Any, choices: Any) -> Any:
     (int | str, as sse.keep, is read as text and coerced by the config)."""
     if choices is not None:
         return choices
+    if typing.get_origin(hint) is tuple:
+        return str  # "0.9,0.999": the config splits and checks it
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         return options[0] if len(options) == 1 else str
@@ -43,6 +45,7 @@ def config_options() -> list[inspect.Parameter]:
         section = key.split(".")[0] if "." in key else None
         panel = f.metadata.get("panel") or panels.get(section, GeneralConfig.__name__)
         default = f.default if f.default is not None and not callable(f.default) else None
+        default = ",".join(map(str, default)) if isinstance(default, tuple) else default
         kind = _option_type(hint, f.metadata.get("choices"))
         annotation = Annotated[kind | None, opt(f.metadata.get("help", ""), panel, default)]
         rank = FIRST_PANELS.index(panel) if panel in FIRST_PANELS else len(FIRST_PANELS)

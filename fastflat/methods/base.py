@@ -18,6 +18,7 @@ from fastflat.ops import dist
 from fastflat.errors import NonFiniteError
 from fastflat.errors import finite_or_raise
 from fastflat.flat import FlatParams
+from fastflat.methods.optimizers import build_optimizer, decay_
 
 if TYPE_CHECKING:  # annotations only: the config is assembled above the methods
     from fastflat.config import TrainConfig
@@ -59,10 +60,11 @@ class RunServices(Protocol):
 
 
 class Method:
-    """Base class: a plain gradient step with torch.optim.SGD on flat vectors, plus clipping.
+    """Base class: a plain gradient step with the base optimizer (--optimizer, SGD by default) on flat
+    vectors, plus clipping.
 
     The optimizer sees one tensor per (device, dtype) group, so its step is a handful of launches
-    whatever the model, and its state (momentum) is one vector too.
+    whatever the model, and its state (momentum, Adam's moments) is one vector too.
     """
 
     # -- facts the config, the CLI and the trainer ask of the class; nothing outside methods/ compares names --
@@ -107,6 +109,7 @@ class Method:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
         self.overflows_in_a_row = 0  # --amp fp16: steps skipped in a row because the gradient overflowed
+        self.decay_masks: list[Tensor] | None = None  # --no-decay-norm-bias: (N,) 0/1 per flat vector
 
     def holdout(self) -> tuple[str, float] | None:
         """(purpose, fraction) of the training set this method needs held out of SGD, or None.
@@ -123,12 +126,13 @@ class Method:
     def init(self, flat: FlatParams, services: RunServices | None = None) -> None:
         self.services = services
         self.scaler = getattr(services, "scaler", None)
-        self.optimizer = self.make_optimizer(flat.params)
+        self.optimizer = self.make_optimizer(flat.params, flat)
 
-    def make_optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
-        """SGD over `params`: the model's flat vectors, or any vectors a method trains (a curve's bend)."""
-        return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum, nesterov=self.cfg.nesterov,
-                               weight_decay=self.cfg.weight_decay)
+    def make_optimizer(self, params: list[Tensor], flat: FlatParams) -> torch.optim.Optimizer:
+        """The --optimizer over `params`: the model's flat vectors, or vectors of their layout that a method
+        trains (a curve's bend); with --no-decay-norm-bias, also the masks of what weight decay applies to."""
+        self.decay_masks = None if self.cfg.decay_norm_bias else flat.decay_masks()
+        return build_optimizer(self.cfg, params)
 
     def step(self, flat: FlatParams, closure: Closure, lr: float) -> dict[str, Any]:
         raise NotImplementedError
@@ -165,6 +169,8 @@ class Method:
             metrics["grad_norm"] = ops.clip_grad_norm_flat_(grads, self.cfg.clip_grad, sqnorm)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.decay_masks is not None and self.cfg.weight_decay:  # --no-decay-norm-bias
+            decay_(type(self.optimizer), params, grads, self.decay_masks, lr, self.cfg.weight_decay)
         self.optimizer.step()  # fp16 too: the gradient is known finite, so scaler.step would only sync again
         if self.scaler is not None:
             self.scaler.update()  # reads unscale_'s inf flag on the device; grows the scale after 2000 clean steps

@@ -85,7 +85,7 @@ class Curve(Method):
                 raise UserError("the curve's end points are the same weights: pass two different runs")
         self.bend = [((a + b) * 0.5).requires_grad_(False) for a, b in zip(self.start, self.end)]  # the midpoint
         self.bend_grads = [torch.zeros_like(b) for b in self.bend]
-        self.optimizer = self.make_optimizer(self.bend)
+        self.optimizer = self.make_optimizer(self.bend, flat)
         self.generator = torch.Generator().manual_seed(self.cfg.seed)  # t per step; checkpointed
         self.t = 0.5
 
