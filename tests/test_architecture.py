@@ -17,7 +17,7 @@ LAYERS = {
     "fastflat.data": 3, "fastflat.runs": 3,
     "fastflat.loss": 4,
     "fastflat.methods": 5, "fastflat.optim": 5,
-    "fastflat.config": 6,  # assembled from the methods' own settings
+    "fastflat.config": 6, "fastflat.load": 6,  # assembled from the methods' own settings; saved runs read back
     "fastflat.geometry": 7, "fastflat.analysis": 7,
     "fastflat.loop": 8,
     "fastflat.bench": 9,

@@ -281,5 +281,5 @@ def test_bad_landscape_input_is_one_line_and_exit_2_with_nothing_overwritten(two
 def test_points_of_different_architectures_are_refused(two_runs, tmp_path):
     train(load_config(overrides={"dataset": "synthetic", "model": "preact-resnet18", "epochs": 1, "subset": 128,
                                  "batch_size": 64, "out": str(tmp_path), "name": "big"}))
-    with pytest.raises(UserError, match="one architecture"):
+    with pytest.raises(UserError, match="must share one model and dataset"):
         landscape.load_points([str(two_runs / "s0"), str(tmp_path / "big")], device="cpu")

@@ -242,18 +242,15 @@ def budget_view(model: nn.Module, members: dict[str, Resolved], split: datasets.
 def _data_and_model(configs: list[dict[str, Any]], kind: str, device: str, data_dir: str | None):
     """The runs' shared dataset (with the first run's label noise, seed and validation split, rebuilt
     exactly as training held it out), a model of their architecture, and the device."""
+    from fastflat.config import config_from_dict
+    from fastflat.load import check_same_model_and_data, data_and_model
     from fastflat.loss.evaluation import resolve_device
-    from fastflat.data.models import build_model
 
-    cfg = configs[0]
-    if any((c["model"], c["dataset"]) != (cfg["model"], cfg["dataset"]) for c in configs):
-        raise UserError("the runs must share one model and dataset")
-    val_split = cfg.get("val_split", 0.0) if kind in ("sse", "fge") else 0.0  # older runs have no such key
-    dev = resolve_device(device)
-    data = datasets.load_dataset(cfg["dataset"], data_dir or cfg["data_dir"], dev, cfg["label_noise"], cfg["seed"],
-                                  image_size=cfg.get("image_size", 32))
-    data, validation = datasets.hold_out_validation(data, val_split, cfg["seed"])
-    model = build_model(cfg["model"], data.in_channels, data.num_classes, data.image_size).to(dev)
+    parsed = [config_from_dict(c) for c in configs]
+    check_same_model_and_data([Path(f"run {i + 1}") for i in range(len(parsed))], parsed)
+    cfg, dev = parsed[0], resolve_device(device)
+    data, model = data_and_model(cfg, dev, data_dir)
+    data, validation = datasets.hold_out_validation(data, cfg.val_split if kind in ("sse", "fge") else 0.0, cfg.seed)
     return data, validation, model, dev
 
 

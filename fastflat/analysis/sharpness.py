@@ -235,22 +235,14 @@ def measure_checkpoint(path: str, examples: int = 2048, top: int = 1, probes: in
     `density`: SLQ probes for the spectral density (0: skipped). A member
     file (RUN/members/swa.pt, a snapshot) is measured with its run's config."""
     from fastflat import data as datasets
-    from fastflat.config import config_from_dict
-    from fastflat.loss.evaluation import resolve_device
-    from fastflat.data.models import build_model
-    from fastflat.runs.rundir import load_point, load_weights
+    from fastflat.load import load_run
 
-    state = load_point(path)
-    cfg = config_from_dict(state["config"])
-    dev = resolve_device(device)
-    data = datasets.load_dataset(cfg.dataset, data_dir or cfg.data_dir, dev, cfg.label_noise, cfg.seed,
-                                  image_size=cfg.image_size)
+    run = load_run(path, device, data_dir)
+    cfg, data, model, dev = run.config, run.data, run.model, run.device
     if examples > len(data.train):
         raise UserError(f"--examples {examples} is larger than the {len(data.train)} training examples of {cfg.dataset}")
     head = datasets.Split(data.train.images[:examples], data.train.labels[:examples])
     chunks = list(datasets.iterate_batches(head, 256, dataset=data, train=False))
-    model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size).to(dev)
-    load_weights(model, state["model"], f"checkpoint {path}", cfg.model)
     model.eval()  # BatchNorm on running statistics: the loss is a fixed function of the weights
     flat = FlatParams(model)
     op = model_operator(flat, chunks)

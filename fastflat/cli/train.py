@@ -143,22 +143,11 @@ def evaluate_checkpoint(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Report test accuracy and loss of a saved checkpoint (loaded into a plain, unflattened model)."""
-    from fastflat import data as datasets
-    from fastflat.config import config_from_dict
-    from fastflat.data.models import build_model
-    from fastflat.runs.rundir import load_checkpoint
-    from fastflat.loss.evaluation import evaluate, resolve_device
+    from fastflat.load import load_run
+    from fastflat.loss.evaluation import evaluate
 
-    state = load_checkpoint(checkpoint)
-    cfg = config_from_dict(state["config"])
-    dev = resolve_device(device)
-    data = datasets.load_dataset(cfg.dataset, data_dir or cfg.data_dir, dev, cfg.label_noise, cfg.seed,
-                                  image_size=cfg.image_size)
-    model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size).to(dev)
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as e:
-        raise UserError(f"checkpoint {checkpoint} does not fit model {cfg.model}: {str(e).splitlines()[0]}") from None
+    run = load_run(checkpoint, device, data_dir)
+    cfg, state, data, model = run.config, run.state, run.data, run.model
     result = {"checkpoint": str(checkpoint), "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset,
               "epoch": state["position"]["epoch"], **{f"test_{k}": v for k, v in
                                                        evaluate(model, data.test, data, batch_size).items()}}

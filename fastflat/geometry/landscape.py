@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastflat import data as datasets
 from fastflat.errors import UserError
 from fastflat.geometry.points import PointScorer, WeightSpace
 
@@ -30,21 +29,13 @@ Progress = Callable[[int, int], None]  # (points done, points in all)
 def load_points(paths: list[str | Path], device: str = "auto", data_dir: str | None = None):
     """(config, dataset, WeightSpace, [(N,) vector per path]) for runs or member files of one model and
     dataset (the first one's label noise and seed)."""
-    from fastflat.loss.evaluation import resolve_device
-    from fastflat.data.models import build_model
-    from fastflat.runs.rundir import load_point, load_weights
+    from fastflat.config import to_dict
+    from fastflat.load import load_shared
+    from fastflat.runs.rundir import load_weights
 
-    states = [load_point(p) for p in paths]
-    config = states[0]["config"]
-    for path, state in zip(paths, states):
-        other = state["config"]
-        if (other["model"], other["dataset"]) != (config["model"], config["dataset"]):
-            raise UserError(f"{path} is a {other['model']} / {other['dataset']} run, {paths[0]} a "
-                            f"{config['model']} / {config['dataset']} one: the points need one architecture and dataset")
-    dev = resolve_device(device)
-    data = datasets.load_dataset(config["dataset"], data_dir or config["data_dir"], dev, config["label_noise"],
-                                  config["seed"], image_size=config.get("image_size", 32))
-    model = build_model(config["model"], data.in_channels, data.num_classes, data.image_size).to(dev)
+    shared = load_shared(paths, device, data_dir)
+    states, data, model = shared.states, shared.data, shared.model
+    config = to_dict(shared.config)
     space = WeightSpace(model)
     vectors = [space.vector_of(s["model"], lambda m, sd, p=p: load_weights(m, sd, f"weights {p}", config["model"]))
                for p, s in zip(paths, states)]
