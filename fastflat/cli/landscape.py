@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from fastflat.cli.app import app
+from fastflat.cli.options import setting_help
 from fastflat.cli.consoles import console, err_console
 from fastflat.methods.curve import CurveKind
 from fastflat.errors import UserError
@@ -131,10 +132,10 @@ def curve_command(
     end: Annotated[str | None, typer.Option(help="End point w2 (same model and dataset).")] = None,
     curve: Annotated[CurveKind, typer.Option(help="Bezier (quadratic) or polygonal chain through the bend.")] = CurveKind("bezier"),
     epochs: Annotated[int, typer.Option(help="Epochs to train the bend.")] = 4,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 0.05,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay on the bend.")] = 5e-4,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 128,
-    seed: Annotated[int, typer.Option(help="Seed of t and of the batch order.")] = 0,
+    lr: Annotated[float | None, typer.Option(help=setting_help("lr"))] = None,
+    weight_decay: Annotated[float | None, typer.Option(help=setting_help("weight_decay"))] = None,
+    batch_size: Annotated[int | None, typer.Option(help=setting_help("batch_size"))] = None,
+    seed: Annotated[int | None, typer.Option(help=setting_help("seed"))] = None,
     points: Annotated[int, typer.Option(help="Values of t evaluated along each path (the paper: 61).")] = 61,
     examples: Examples = 0, bn_update: BNUpdate = True, points_at_once: AtOnce = 1,
     device: Device = "auto", data_dir: DataDir = None,
@@ -168,8 +169,9 @@ def curve_command(
                             "one: a curve joins two solutions of one architecture and dataset")
         cfg = load_config(None, {"method": "curve", "curve.start": start, "curve.end": end, "curve.kind": curve.value,
                                  "model": a["model"], "dataset": a["dataset"], "data_dir": data_dir or a["data_dir"],
-                                 "label_noise": a["label_noise"], "epochs": epochs, "lr": lr, "seed": seed,
-                                 "weight_decay": weight_decay, "batch_size": batch_size, "device": device, "out": out,
+                                 "label_noise": a["label_noise"], "epochs": epochs, "lr": lr, "seed": seed,  # None:
+                                 "weight_decay": weight_decay, "batch_size": batch_size,  # the config's default
+                                 "device": device, "out": out,
                                  "name": name or f"curve-{curve.value}-{dt.datetime.now():%Y%m%d-%H%M%S}"})
         run = Path(training.train(cfg, hooks)["run_dir"])
     hooks.stop()

@@ -59,3 +59,10 @@ def with_signature(function: Callable[..., Any], params: list[inspect.Parameter]
     function.__signature__ = inspect.Signature(params)
     function.__annotations__ = {p.name: p.annotation for p in params}
     return function
+
+
+def setting_help(key: str) -> str:
+    """The help text of the config setting `key` with its default: for commands that pass a setting on
+    to a run (fastflat curve's --lr), so their help is the config's too."""
+    field = next(f for k, f, _ in config_fields() if k == key)
+    return f"{field.metadata.get('help', '')} \\[default: {field.default}]"  # \\[: not Rich markup

@@ -1,8 +1,9 @@
 """Evaluate many weight vectors of one model: curves, planes, lines and rays all reduce to this.
 
     space = WeightSpace(model)                        # one (N,) vector <-> the model's parameters
-    scorer = PointScorer(model, data, examples=2048)  # seeded train/test subsets, BatchNorm re-estimated
-    rows = scorer.score(torch.stack(vectors))         # (K, N) -> K dicts of train/test loss and error
+    scorer = PointScorer(space, data, examples=2048)  # seeded train/test subsets, BatchNorm re-estimated
+    row = scorer.score_one(vector)                    # (N,) -> a dict of train/test loss and error
+    rows = scorer.score_batched(torch.stack(vectors)) # (K, N) -> K dicts, K points in one vmapped call
 
 A point's BatchNorm statistics are re-estimated on the training subset before it is scored (as
 torch.optim.swa_utils.update_bn does: reset, cumulative average over the batches), because weights

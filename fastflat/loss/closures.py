@@ -62,6 +62,11 @@ class BatchClosure(_Tallied):
         super().__init__(x.device)
         self.model, self.flat, self.x, self.y, self.amp, self.scaler = model, flat, x, y, amp, scaler
         self.batch_size = x.shape[0]
+        self.chunks = [(x, y)]  # the batch as the one chunk of a split: what SplitClosure offers too
+
+    def block(self, part: slice) -> tuple[Tensor, Tensor]:
+        """(x, y) of examples part.start:part.stop of the batch."""
+        return self.x[part], self.y[part]
 
     def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True) -> Tensor:
         span = (0, self.batch_size) if part is None else (part.start, part.stop)

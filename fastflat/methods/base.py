@@ -35,8 +35,10 @@ class Closure(Protocol):
     """
 
     batch_size: int
-    x: Tensor  # (B, C, H, W) the batch's inputs, for methods that score weights themselves (ES)
-    y: Tensor  # (B,)
+    amp: str  # the autocast mode its passes run under ("none" | "bf16" | "fp16")
+    chunks: list[tuple[Tensor, Tensor]]  # its data as (x (B, C, H, W), y (B,)) chunks: one for a batch
+
+    def block(self, part: slice) -> tuple[Tensor, Tensor]: ...  # (x, y) of examples part (inside one chunk)
 
     def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True) -> Tensor: ...
 
@@ -189,9 +191,9 @@ class Method:
         return {"overflow": True}
 
     def weights(self, flat: FlatParams) -> list[Tensor]:
-        """What to evaluate as "the model" of this method: the current weights, or an average for
-        methods that keep one (SWA), one (N,) vector per flat group. A curve has no single model: its
-        epochs score the midpoint via `point`, its report scores every t."""
+        """The weights this method delivers as its model, one (N,) vector per flat group: the current
+        ones, or an average (SWA). Its finish() scores them (SWA: after re-estimating BatchNorm, as
+        swa_acc); the per-epoch test scores in metrics.jsonl are of the current weights, the iterate."""
         return flat.params
 
     def lr(self, step: int, scheduled: float) -> float:

@@ -157,11 +157,8 @@ class FullBatch(Method):
 
 def exact_hvp(flat: FlatParams, closure: Closure, part: slice | None, v: list[Tensor]) -> list[Tensor]:
     """H v by double backward over the closure's data (the block `part`, or the whole split)."""
-    return hvp(flat, _chunks_of(closure, part), v, getattr(closure, "amp", "none"))
+    return hvp(flat, _chunks_of(closure, part), v, closure.amp)
 
 
 def _chunks_of(closure: Closure, part: slice | None) -> list[tuple[Tensor, Tensor]]:
-    if hasattr(closure, "chunks"):
-        return [closure.block(part)] if part is not None else closure.chunks
-    span = part or slice(0, closure.batch_size)
-    return [(closure.x[span], closure.y[span])]
+    return [closure.block(part)] if part is not None else closure.chunks

@@ -246,7 +246,7 @@ class EvolutionStrategies(Method):
     def step(self, flat: FlatParams, closure: Closure, lr: float) -> dict[str, Any]:
         # torchrun: every rank holds the whole batch (splits_data False) and scores its share of the children
         loss = closure(backward=False)
-        es_update_(flat, self.cfg, round_seed(self.cfg.seed, self.generations), [(closure.x, closure.y)])
+        es_update_(flat, self.cfg, round_seed(self.cfg.seed, self.generations), closure.chunks)
         self.generations += 1
         return {"loss": loss}
 
