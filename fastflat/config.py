@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastflat.errors import UserError
 from fastflat.methods import inner_names, method_class, registry, sections
 from fastflat.methods.optimizers import optimizer_problem
 from fastflat.settings import build, enum_of, merge, nest, raise_problems, read_yaml, setting
@@ -236,4 +237,7 @@ def as_config(config: Any) -> Any:
         return config
     if isinstance(config, (str, Path)):
         return load_config(config)
+    if config is not None and not isinstance(config, dict):
+        raise UserError(f"config= takes a dict of settings ({{'method': 'sam', 'sam': {{'rho': 0.1}}}}), a YAML file's "
+                        f"path or a TrainConfig; got a {type(config).__name__}")
     return load_config(None, dict(config or {}))

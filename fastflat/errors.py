@@ -8,6 +8,8 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -38,3 +40,21 @@ def finite_or_raise(values: dict[str, Tensor], where: str = "") -> None:
     for name, ok in zip(values, flags):
         if not ok:
             raise NonFiniteError(f"non-finite {name}{where}")
+
+
+def nonfinite_entries(state_dict: dict[str, Any]) -> dict[str, int]:
+    """Name -> count of NaN/inf values, for every floating tensor of a state_dict (weights and buffers)."""
+    floats = {k: v for k, v in state_dict.items() if isinstance(v, Tensor) and v.is_floating_point()}
+    if not floats:
+        return {}
+    counts = torch.stack([(~torch.isfinite(v.detach())).sum().cpu() for v in floats.values()]).tolist()  # one sync
+    return {name: n for name, n in zip(floats, counts) if n}
+
+
+def finite_state_or_raise(state_dict: dict[str, Any], source: str) -> None:
+    """NonFiniteError (exit 3) naming the tensors of `source` that hold NaN or inf, if any do."""
+    bad = nonfinite_entries(state_dict)
+    if bad:
+        listed = ", ".join(f"{name} ({n} value{'s' * (n > 1)})" for name, n in list(bad.items())[:3])
+        more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+        raise NonFiniteError(f"{source} holds non-finite (NaN or inf) values: {listed}{more}")

@@ -136,8 +136,8 @@ def test_sharpness_command_compares_checkpoints_and_writes_json(capsys, tmp_path
 
 
 @pytest.mark.parametrize("args, says", [(["--examples", "5000"], "larger than the 1024 training examples"),
-                                        (["--rho", "0"], "--rho > 0"), (["--top", "0"], "--top >= 1"),
-                                        (["--ball", "l3"], "--ball takes l2")])
+                                        (["--rho", "0"], "--rho 0.0: a finite radius > 0"), (["--top", "0"], "--top 0: 1 to 50"),
+                                        (["--ball", "l3"], "--ball 'l3': l2, linf or l2,linf")])
 def test_sharpness_bad_input_is_one_line(capsys, tmp_path, args, says):
     from fastflat.cli import main
 

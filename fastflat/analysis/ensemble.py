@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fastflat import data as datasets
-from fastflat.errors import UserError
+from fastflat.errors import UserError, finite_state_or_raise
 from fastflat.runs.rundir import load_weights
 
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017
@@ -71,6 +71,7 @@ def load_member_state(path: str | Path, device: torch.device | str = "cpu") -> d
         state = state.get("model")
     if not isinstance(state, dict):
         raise UserError(f"ensemble member {path} holds no state_dict")
+    finite_state_or_raise(state, f"ensemble member {path}")
     return state
 
 

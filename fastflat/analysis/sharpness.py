@@ -50,6 +50,9 @@ def _unit(n: int, generator: torch.Generator, device: torch.device, dtype: torch
     return v / v.norm()
 
 
+LANCZOS_MAX_ITERS = 50  # fastflat sharpness: Lanczos steps at most, so at most this many top eigenvalues
+
+
 def power_iteration(op: Operator, n: int, tol: float = 1e-4, max_iters: int = 200, seed: int = 0,
                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The eigenvalue of largest magnitude, by v <- H v / |H v| until the Rayleigh quotient moves less
@@ -228,7 +231,7 @@ def m_sharpness(flat: FlatParams, batches: list[tuple[Tensor, Tensor]], rho: flo
 # -- a run's sharpness, as `fastflat sharpness` reports it ------------------------------------------------
 def measure_checkpoint(path: str, examples: int = 2048, top: int = 1, probes: int = 32, ms: tuple[int, ...] = (),
                        rho: float = 0.05, balls: tuple[str, ...] = ("l2",), adaptive: bool = False,
-                       tol: float = 1e-3, max_iters: int = 50, device: str = "auto", data_dir: str | None = None,
+                       tol: float = 1e-3, max_iters: int = LANCZOS_MAX_ITERS, device: str = "auto", data_dir: str | None = None,
                        density: int = 0, progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """Every measure for one run directory or checkpoint, on its first `examples` training examples
     (no augmentation), model in eval mode. `ms`: batch sizes m for m-sharpness (empty: skipped);

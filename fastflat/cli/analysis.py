@@ -37,15 +37,10 @@ def sharpness_command(
     from fastflat.runs.rundir import atomic_write_text, provenance
     from fastflat.analysis.sharpness import measure_checkpoint
 
-    ms = tuple(int(v) for v in m.split(",") if v.strip()) if m.strip() else ()
-    balls = tuple(b.strip() for b in ball.split(","))
-    if any(b not in ("l2", "linf") for b in balls) or any(v < 1 for v in ms) or rho <= 0 or top < 1 or density < 0:
-        raise UserError(f"--ball takes l2 and/or linf, --m counts >= 1, --rho > 0 and --top >= 1 (got {ball!r}, {m!r}, {rho}, {top})")
+    ms, balls = _sharpness_settings(checkpoints, examples, top, trace_probes, m, rho, ball, density, tol)
     say = (lambda message: None) if as_json else (lambda message: err_console.print(message, highlight=False))
     results = [measure_checkpoint(str(c), examples, top, trace_probes, ms, rho, balls, adaptive, tol,
                                   device=device, data_dir=data_dir, density=density, progress=say) for c in checkpoints]
-    if len({(r["dataset"], r["model"]) for r in results}) > 1:
-        raise UserError("the checkpoints must share one dataset and model to be compared")
     report = {"checkpoints": results, "provenance": provenance(resolve_device(device))}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "sharpness.json", json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
@@ -67,6 +62,40 @@ def sharpness_command(
                       *(f"{v:.4g}" for _, v in sorted(r.get("sharpness", {}).items())))
     console.print(table)
     console.print(f"report: {out / 'sharpness.json'}")
+
+
+def _sharpness_settings(checkpoints: list[Path], examples: int, top: int, trace_probes: int, m: str, rho: float,
+                        ball: str, density: int, tol: float) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Every option checked, and every checkpoint read (finite, one model and dataset), before any measure:
+    all problems in one UserError. Returns the m values and the balls."""
+    import math
+
+    from fastflat.analysis.sharpness import LANCZOS_MAX_ITERS
+    from fastflat.config import config_from_dict
+    from fastflat.load import check_same_model_and_data
+    from fastflat.runs.rundir import load_point
+
+    problems, ms = [], ()
+    try:
+        ms = tuple(int(v) for v in m.split(",") if v.strip())
+    except ValueError:
+        problems.append(f"--m {m!r}: give comma-separated counts, e.g. 8,32,128")
+    balls = tuple(b.strip() for b in ball.split(","))
+    checks = [(all(b in ("l2", "linf") for b in balls), f"--ball {ball!r}: l2, linf or l2,linf"),
+              (all(1 <= v <= examples for v in ms), f"--m {m!r}: each m from 1 to --examples ({examples})"),
+              (math.isfinite(rho) and rho > 0, f"--rho {rho}: a finite radius > 0"),
+              (1 <= top <= LANCZOS_MAX_ITERS, f"--top {top}: 1 to {LANCZOS_MAX_ITERS} (Lanczos finds at most as many "
+                                             "eigenvalues as its iterations)"),
+              (trace_probes == 0 or trace_probes >= 2, f"--trace-probes {trace_probes}: 0 (skip) or at least 2 (the "
+                                                       "trace's standard error needs two)"),
+              (density == 0 or density >= 2, f"--density {density}: 0 (skip) or at least 2 probes"),
+              (math.isfinite(tol) and 0 < tol < 1, f"--tol {tol}: a relative residual in (0, 1)")]
+    problems += [problem for ok, problem in checks if not ok]
+    if problems:
+        raise UserError("; ".join(problems))
+    states = [load_point(c) for c in checkpoints]  # unreadable or non-finite: named here (exit 2 or 3)
+    check_same_model_and_data(list(checkpoints), [config_from_dict(s["config"]) for s in states])
+    return ms, balls
 
 
 @app.command("toy")

@@ -4,6 +4,8 @@ registered on the main app (fastflat.cli imports this module after defining it).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +14,7 @@ import typer
 from fastflat.cli.app import app
 from fastflat.cli.options import setting_help
 from fastflat.cli.consoles import console, err_console
+from fastflat.cli.launch import interrupted_message
 from fastflat.methods.curve import CurveKind
 from fastflat.errors import UserError
 from fastflat.cli.progress import progress_bar
@@ -48,6 +51,20 @@ def _write(report: dict[str, Any], out: Path, name: str, plot) -> Path:
     return out / f"{name}.json"
 
 
+@contextmanager
+def _interrupted_says(message: Callable[[KeyboardInterrupt], str]):
+    """Ctrl-C inside: one line saying what was kept and how to continue, then exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        err_console.print(message(e), highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+
+
+def _cached_in(out: Path) -> Callable[[KeyboardInterrupt], str]:
+    return lambda e: f"interrupted: the points scored so far are cached in {out}; the same command continues from them"
+
+
 def _with_provenance(report: dict[str, Any], device: str) -> dict[str, Any]:
     from fastflat.loss.evaluation import resolve_device
     from fastflat.runs.rundir import provenance
@@ -69,7 +86,7 @@ def plane_command(
     from fastflat.geometry.landscape import plane
     from fastflat.analysis.plots import plot_plane
 
-    with progress_bar(err_console, "plane") as progress:
+    with _interrupted_says(_cached_in(out)), progress_bar(err_console, "plane") as progress:
         report = plane(points, grid, margin, examples, seed, bn_update, trajectory, points_at_once, device, data_dir,
                        out, progress)
     target = _write(_with_provenance(report, device), out, "plane", plot_plane)
@@ -94,7 +111,7 @@ def line_command(
     from fastflat.geometry.landscape import line
     from fastflat.analysis.plots import plot_line
 
-    with progress_bar(err_console, "line") as progress:
+    with _interrupted_says(_cached_in(out)), progress_bar(err_console, "line") as progress:
         report = line(a, b, t_range, steps, examples, seed, bn_update, points_at_once, device, data_dir, out, progress)
     target = _write(_with_provenance(report, device), out, "line", plot_line)
     console.print(f"line of {steps} points over t in [{t_range[0]}, {t_range[1]}], |A - B| = {report['distance']:.4g}; "
@@ -116,7 +133,7 @@ def rays_command(
     from fastflat.geometry.landscape import rays
     from fastflat.analysis.plots import plot_rays
 
-    with progress_bar(err_console, "rays") as progress:
+    with _interrupted_says(_cached_in(out)), progress_bar(err_console, "rays") as progress:
         report = rays(at, directions, distance, steps, filter_norm, examples, seed, bn_update, points_at_once,
                       device, data_dir, out, progress)
     target = _write(_with_provenance(report, device), out, "rays", plot_rays)
@@ -126,61 +143,121 @@ def rays_command(
     console.print(f"report: {target} and {target.with_suffix('.png')}")
 
 
+CURVE_SETTINGS = "curve-settings.json"  # the evaluation settings a curve run was started with, for --resume
+
+
 @app.command("curve")
 def curve_command(
     start: Annotated[str | None, typer.Option(help="End point w1: a run directory or member file.")] = None,
     end: Annotated[str | None, typer.Option(help="End point w2 (same model and dataset).")] = None,
     curve: Annotated[CurveKind, typer.Option(help="Bezier (quadratic) or polygonal chain through the bend.")] = CurveKind("bezier"),
-    epochs: Annotated[int, typer.Option(help="Epochs to train the bend.")] = 4,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs to train the bend.")] = 4,
     lr: Annotated[float | None, typer.Option(help=setting_help("lr"))] = None,
     weight_decay: Annotated[float | None, typer.Option(help=setting_help("weight_decay"))] = None,
     batch_size: Annotated[int | None, typer.Option(help=setting_help("batch_size"))] = None,
     seed: Annotated[int | None, typer.Option(help=setting_help("seed"))] = None,
-    points: Annotated[int, typer.Option(help="Values of t evaluated along each path (the paper: 61).")] = 61,
-    examples: Examples = 0, bn_update: BNUpdate = True, points_at_once: AtOnce = 1,
+    points: Annotated[int | None, typer.Option(help="Values of t evaluated along each path (the paper: 61). [default: 61]")] = None,
+    examples: Annotated[int | None, typer.Option(help="Examples per point: a seeded subset of the training and test sets "
+                                                 "(0 = all). [default: 0]")] = None,
+    bn_update: BNUpdate = True, points_at_once: AtOnce = 1,
     device: Device = "auto", data_dir: DataDir = None,
     out: Annotated[str, typer.Option(help="Parent folder of the curve's run directory.")] = "runs",
     name: Annotated[str | None, typer.Option(help="Run directory name (default: curve-<kind>-<time>).")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Finish an interrupted curve run (training, then the evaluation).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Finish an interrupted curve run (training, then the evaluation) "
+                                                "with the settings it was started with.")] = None,
 ) -> None:
     """Train a mode-connecting curve between two solutions, then evaluate it and the straight segment."""
-    import datetime as dt
-
     from fastflat import loop as training
-    from fastflat.config import load_config
-    from fastflat.geometry.landscape import curve_report
     from fastflat.analysis.plots import plot_curve
     from fastflat.cli.progress import RichHooks
-    from fastflat.runs.rundir import load_checkpoint, load_point
+    from fastflat.geometry.landscape import curve_report
 
-    hooks = RichHooks(console)
     if resume is not None:
-        if start or end:
-            raise UserError("--resume continues the curve run as it was started; drop --start/--end")
-        run = resume
-        if not (run / "summary.json").exists():
-            training.resume(run, hooks)
+        if start or end or points is not None or examples is not None:
+            raise UserError("--resume continues the curve run with the settings it was started with; drop "
+                            "--start/--end/--points/--examples")
+        run, settings = resume, _resumable_curve(resume)
+        device = settings["device"]
     else:
-        if not start or not end:
-            raise UserError("fastflat curve needs both end points: --start RUN_A --end RUN_B")
-        a, b = load_point(start)["config"], load_point(end)["config"]
-        if (a["model"], a["dataset"]) != (b["model"], b["dataset"]):
-            raise UserError(f"--start is a {a['model']} / {a['dataset']} run, --end a {b['model']} / {b['dataset']} "
-                            "one: a curve joins two solutions of one architecture and dataset")
-        cfg = load_config(None, {"method": "curve", "curve.start": start, "curve.end": end, "curve.kind": curve.value,
-                                 "model": a["model"], "dataset": a["dataset"], "data_dir": data_dir or a["data_dir"],
-                                 "label_noise": a["label_noise"], "epochs": epochs, "lr": lr, "seed": seed,  # None:
-                                 "weight_decay": weight_decay, "batch_size": batch_size,  # the config's default
-                                 "device": device, "out": out,
-                                 "name": name or f"curve-{curve.value}-{dt.datetime.now():%Y%m%d-%H%M%S}"})
-        run = Path(training.train(cfg, hooks)["run_dir"])
-    hooks.stop()
-    device = load_checkpoint(run)["config"]["device"] if resume is not None else device
-    with progress_bar(err_console, f"curve and line, {points} points each") as progress:
-        report = curve_report(run, points, examples, 0, bn_update, points_at_once, device, data_dir, run, progress)
+        settings = {"points": 61 if points is None else points, "examples": examples or 0, "bn_update": bn_update,
+                    "points_at_once": points_at_once, "device": device}
+        cfg = _new_curve_config(start, end, curve, epochs, lr, weight_decay, batch_size, seed, settings, data_dir, out, name)
+    hooks = RichHooks(console)
+    with _interrupted_says(lambda e: interrupted_message(e, hooks.run_dir, "fastflat curve")):
+        try:
+            if resume is None:
+                run = Path(training.train(cfg, _SavingCurveSettings(hooks, settings))["run_dir"])
+            elif not (run / "summary.json").exists():
+                training.resume(run, hooks)
+        finally:
+            hooks.stop()
+    with _interrupted_says(lambda e: f"interrupted: the bend is trained; the points scored so far are cached in {run}; "
+                                     f"continue with: fastflat curve --resume {run}"):
+        with progress_bar(err_console, f"curve and line, {settings['points']} points each") as progress:
+            report = curve_report(run, settings["points"], settings["examples"], 0, settings["bn_update"],
+                                  settings["points_at_once"], device, data_dir, run, progress)
     target = _write(_with_provenance(report, device), run, "curve", plot_curve)
     c, s = report["curve"], report["line"]
     console.print(f"train-loss barrier: {report['curve_kind']} curve {c['barrier']:.4g}, straight segment "
                   f"{s['barrier']:.4g}; highest test error on the path: curve {max(c['test_err']):.2f}%, "
                   f"segment {max(s['test_err']):.2f}%")
     console.print(f"report: {target} and {target.with_suffix('.png')}; the bend: {run / 'members' / 'bend.pt'}")
+
+
+def _new_curve_config(start, end, curve, epochs, lr, weight_decay, batch_size, seed, settings, data_dir, out, name):
+    """The curve run's config, every option checked before any training: both ends readable, finite and of
+    one architecture and dataset, at least two points, examples within the data."""
+    import datetime as dt
+
+    from fastflat import data as datasets
+    from fastflat.config import config_from_dict, load_config
+    from fastflat.load import check_same_model_and_data
+    from fastflat.runs.rundir import load_point
+
+    if not start or not end:
+        raise UserError("fastflat curve needs both end points: --start RUN_A --end RUN_B")
+    if settings["points"] < 2 or settings["examples"] < 0 or settings["points_at_once"] < 1:
+        raise UserError(f"--points must be at least 2 (the two ends), --examples >= 0 and --points-at-once >= 1; got "
+                        f"{settings['points']}, {settings['examples']} and {settings['points_at_once']}")
+    a, b = (config_from_dict(load_point(p)["config"]) for p in (start, end))  # NaN ends: exit 3 here
+    check_same_model_and_data([Path(start), Path(end)], [a, b])
+    if settings["examples"]:
+        data = datasets.load_dataset(a.dataset, data_dir or a.data_dir, "cpu", a.label_noise, a.seed, image_size=a.image_size)
+        if settings["examples"] > len(data.train):
+            raise UserError(f"--examples {settings['examples']} is larger than the {len(data.train)} training examples")
+    return load_config(None, {"method": "curve", "curve.start": start, "curve.end": end, "curve.kind": curve.value,
+                              "model": a.model, "dataset": a.dataset, "data_dir": data_dir or a.data_dir,
+                              "image_size": a.image_size, "label_noise": a.label_noise, "epochs": epochs, "lr": lr,
+                              "seed": seed, "weight_decay": weight_decay, "batch_size": batch_size,  # None: the default
+                              "device": settings["device"], "out": out,
+                              "name": name or f"curve-{curve.value}-{dt.datetime.now():%Y%m%d-%H%M%S}"})
+
+
+def _resumable_curve(run: Path) -> dict[str, Any]:
+    """The settings a curve run was started with; a run that is not a curve is refused before any work."""
+    from fastflat.runs.rundir import load_checkpoint
+
+    config = load_checkpoint(run)["config"]
+    if config.get("method") != "curve":
+        raise UserError(f"{run} is a --method {config.get('method')} run, not a curve: fastflat curve --resume continues "
+                        "curve runs only (fastflat train --resume continues the others)")
+    try:
+        return json.loads((run / CURVE_SETTINGS).read_text())
+    except (OSError, ValueError):  # a run started by fastflat train --method curve: the command's defaults
+        return {"points": 61, "examples": 0, "bn_update": True, "points_at_once": 1, "device": config["device"]}
+
+
+class _SavingCurveSettings:
+    """The command's hooks, plus the evaluation settings written into the run directory as it starts."""
+
+    def __init__(self, hooks: Any, settings: dict[str, Any]):
+        self.hooks, self.settings = hooks, settings
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        from fastflat.runs.rundir import atomic_write_text
+
+        atomic_write_text(Path(info["run_dir"]) / CURVE_SETTINGS, json.dumps(self.settings) + "\n")
+        self.hooks.on_start(info)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.hooks, name)

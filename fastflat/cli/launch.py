@@ -85,13 +85,13 @@ def tell_launcher(message: str) -> None:
         Path(os.environ[ERROR_FILE_ENV]).write_text(message)
 
 
-def interrupted_message(error: KeyboardInterrupt, run_dir: str | None) -> str:
+def interrupted_message(error: KeyboardInterrupt, run_dir: str | None, command: str = "fastflat train") -> str:
     """Say what a stop kept: the checkpoint of the last whole step, or that nothing was saved."""
     if isinstance(error, Interrupted) and error.saved_step is not None:
-        return f"interrupted: checkpoint saved at step {error.saved_step}; continue with: fastflat train --resume {run_dir}"
+        return f"interrupted: checkpoint saved at step {error.saved_step}; continue with: {command} --resume {run_dir}"
     if run_dir is not None and (Path(run_dir) / "checkpoint.pt").exists():
         return (f"interrupted without saving this step; the last checkpoint is kept; continue with: "
-                f"fastflat train --resume {run_dir}")
+                f"{command} --resume {run_dir}")
     return "interrupted before training started: no checkpoint was written, nothing to resume"
 
 

@@ -17,7 +17,7 @@ from fastflat.cli.app import app
 from fastflat.cli.bench import bench_app
 from fastflat.cli.consoles import err_console
 from fastflat.cli.launch import ARGV, tell_launcher
-from fastflat.errors import UserError
+from fastflat.errors import NonFiniteError, UserError
 
 try:  # typer >= 0.29 vendors click; older typer depends on it
     from typer._click.exceptions import UsageError
@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
             err_console.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
             tell_launcher(str(e))
         return 2
+    except NonFiniteError as e:  # NaN/inf in weights read back, or in training outside `train` (a curve's bend)
+        if os.environ.get("RANK", "0") == "0":
+            err_console.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
+            tell_launcher(str(e))
+        return 3
     except typer.Exit as e:
         return e.exit_code
     except typer.Abort:

@@ -125,7 +125,7 @@ def runs_command(
     table = Table(title=f"{len(rows)} runs in {folder}")
     for column in ("run", "method", "model", "data", "epochs", "best test acc.", "final test acc.", "status"):
         table.add_column(column, justify="right" if "acc" in column or column == "epochs" else "left")
-    colour = {"finished": "green", "failed": "red", "running": "cyan", "interrupted": "yellow"}
+    colour = {"finished": "green", "failed": "red", "running": "cyan", "interrupted": "yellow", "unreadable": "red"}
     for r in rows:
         acc = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731
         state = r["status"] + (f": {r['error']}" if r.get("error") else "")

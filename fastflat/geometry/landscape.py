@@ -66,13 +66,23 @@ def score_points(scorer: PointScorer, count: int, vector_at: Callable[[int], Ten
         for i, row in zip(chunk, rows):
             done[i] = row
         if cache is not None:
-            with open(cache, "a") as f:
-                f.write("".join(json.dumps({"i": i, **row}) + "\n" for i, row in zip(chunk, rows)))
-                f.flush()
-                os.fsync(f.fileno())
+            _append_to_cache(cache, [{"i": i, **row} for i, row in zip(chunk, rows)], len(done), count)
         if progress:
             progress(count - len(todo) + start + len(chunk), count)
     return [done[i] for i in range(count)]
+
+
+def _append_to_cache(cache: Path, rows: list[dict[str, Any]], done: int, count: int) -> None:
+    """Append scored points, fsynced; a full disk or a read-only folder is one UserError line (the points
+    cached so far stay valid: a rerun with the same settings continues from them)."""
+    try:
+        with open(cache, "a") as f:
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"cannot write the point cache {cache}: {e.strerror or e}; {done} of {count} points were "
+                        "scored, those cached before stay valid: free space and rerun the same command") from None
 
 
 def _read_cache(path: Path) -> dict[int, dict[str, float]]:

@@ -14,7 +14,8 @@ import torch
 
 from fastflat.config import TrainConfig, config_from_dict, lr_owner, to_dict
 from fastflat.errors import UserError
-from fastflat.loop.assembly import build_trainer
+from fastflat.loop.assembly import build_trainer, user_inputs
+from fastflat.loss.evaluation import resolve_device
 from fastflat.loop.steps import Hooks
 from fastflat.loop.trainer import Trainer
 from fastflat.methods import method_class
@@ -33,6 +34,7 @@ def train(cfg: TrainConfig, hooks: Hooks | None = None, model: torch.nn.Module |
         cfg = replace(cfg, dataset="custom")
     dist.init_from_env(cfg.device)
     check_distributable(cfg)
+    model, data = user_inputs(cfg, model, data, resolve_device(cfg.device))  # before a run directory exists
     name = dist.broadcast_object(cfg.name or default_run_name(cfg))  # one name: the ranks' clocks differ
     run = RunDir.create(cfg.out, name, rank=dist.rank())
     run.path = Path(dist.broadcast_object(str(run.path)))  # rank 0 may have added a -2 suffix
@@ -69,6 +71,7 @@ def resume(run_dir: str | Path, hooks: Hooks | None = None, model: torch.nn.Modu
         check_distributable(cfg)
         if data is None and cfg.dataset == "custom":
             raise UserError(f"{run_dir} trained on data passed in Python: resume(run, data=(train, test))")
+        model, data = user_inputs(cfg, model, data, resolve_device(cfg.device))
         trainer = build_trainer(cfg, run, hooks, resuming=True, model=model, data=data)
         trainer.restore(state)
         run.clear_failed()

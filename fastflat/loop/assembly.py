@@ -26,7 +26,7 @@ from fastflat.loss.evaluation import loss_scaler, resolve_device
 from fastflat.methods import Method, build_method
 from fastflat.methods.schedules import make_schedule
 from fastflat.ops import dist
-from fastflat.runs.rundir import RunDir, load_checkpoint, load_weights
+from fastflat.runs.rundir import RunDir, load_point, load_weights
 
 
 @dataclass
@@ -40,7 +40,9 @@ class RunData:
 
 def build_data(cfg: TrainConfig, method: Method, device: torch.device, data: Any = None) -> RunData:
     """Load the dataset (or the user's `data` pair), then split off validation, the method's holdout, the subset."""
-    if data is not None:  # fastflat.train(..., data=(train, test)): the user's own
+    if isinstance(data, datasets.Dataset):  # the user's own, converted and checked by user_inputs
+        loaded = data
+    elif data is not None:  # fastflat.train(..., data=(train, test)): the user's own
         from fastflat.data.folders import from_user_data
 
         loaded = from_user_data(data, device, cfg.label_noise, cfg.seed)
@@ -53,8 +55,49 @@ def build_data(cfg: TrainConfig, method: Method, device: torch.device, data: Any
         purpose, fraction = request
         kept, holdouts[purpose] = datasets.split_holdout(loaded.train, fraction, cfg.seed, method.holdout_salt or purpose)
         loaded = replace(loaded, train=kept)
+    if cfg.subset > len(loaded.train):
+        held = " after the held-out splits" if validation is not None or holdouts else ""
+        raise UserError(f"--subset {cfg.subset} is more than the {len(loaded.train)} training examples{held}: "
+                        f"use at most {len(loaded.train)}, or 0 for all of them")
     loaded = replace(loaded, train=datasets.random_subset(loaded.train, cfg.subset, cfg.seed))
     return RunData(method.prepare_data(loaded), validation, holdouts)
+
+
+def user_inputs(cfg: TrainConfig, model: Any, data: Any, device: torch.device) -> tuple[Any, datasets.Dataset | None]:
+    """The Python API's model= and data=, checked before any run directory exists: a module (not a name),
+    data the model can take (a probe forward of two examples, eval mode: no BatchNorm statistic moves),
+    logits for every class the labels name. Returns (model, data converted to a Dataset, or None)."""
+    from fastflat.data.folders import from_user_data
+
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise UserError(f"model= takes a torch.nn.Module, got {type(model).__name__} {model!r:.40}; a built-in model "
+                        "is chosen by name in the config: fastflat.train({'model': 'cnn'})")
+    if data is None:
+        return model, None
+    loaded = from_user_data(data, device, cfg.label_noise, cfg.seed)
+    if model is None:
+        if loaded.train.images.dim() != 4:
+            raise UserError(f"data= holds inputs of shape {tuple(loaded.train.images.shape[1:])} per example; the built-in "
+                            "models take images (C, H, W): pass your own nn.Module as model=")
+        return model, loaded
+    x, _ = next(iter(datasets.iterate_batches(datasets.Split(loaded.train.images[:2], loaded.train.labels[:2]), 2,
+                                             dataset=loaded, train=False)))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            logits = model.to(device).eval()(x)
+    except Exception as e:  # the user's forward pass: whatever it raises, say which argument does not fit
+        raise UserError(f"model= cannot take the inputs of data= (shape {tuple(x.shape)}): {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != len(x):
+        raise UserError(f"model= must return logits of shape (batch, classes); for a batch of {len(x)} it returned "
+                        f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    if logits.shape[1] < loaded.num_classes:
+        raise UserError(f"data= labels go up to {loaded.num_classes - 1} but model= returns {logits.shape[1]} logits: "
+                        f"give the model {loaded.num_classes} outputs, or labels 0..{logits.shape[1] - 1}")
+    return model, loaded
 
 
 def build_model_for(cfg: TrainConfig, data: datasets.Dataset, device: torch.device, model: torch.nn.Module | None,
@@ -63,7 +106,7 @@ def build_model_for(cfg: TrainConfig, data: datasets.Dataset, device: torch.devi
     built = (model if model is not None else
              build_model(cfg.model, data.in_channels, data.num_classes, data.image_size)).to(device)
     if cfg.init and not resuming:  # a resumed run has the weights in its checkpoint already
-        load_weights(built, load_checkpoint(cfg.init)["model"], f"--init {cfg.init}", cfg.model)
+        load_weights(built, load_point(cfg.init)["model"], f"--init {cfg.init}", cfg.model)
     if cfg.sync_bn and dist.active():
         from fastflat.loop.syncbn import convert
 

@@ -21,7 +21,7 @@ import torch
 
 from fastflat import data as datasets
 from fastflat.config import TrainConfig, to_dict
-from fastflat.errors import Interrupted, NonFiniteError, UserError
+from fastflat.errors import Interrupted, NonFiniteError, UserError, finite_state_or_raise
 from fastflat.loop.faults import StopRequests
 from fastflat.loop.services import Services
 from fastflat.loop.steps import MAX_ROLLBACKS, MAX_SKIPS_IN_A_ROW, Position, epoch_generator, train_step
@@ -52,6 +52,9 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def checkpoint(self) -> None:
+        """Save the position; a model holding NaN or inf anywhere (a BatchNorm variance too) is never
+        saved: NonFiniteError instead, so the checkpoint on disk stays the last finite one."""
+        finite_state_or_raise(self.model.state_dict(), f"the model after step {self.position.step}")
         self._sync_tally()
         dist.broadcast_buffers_(self.model)  # torchrun: rank 0's BatchNorm statistics are the model's
         dist.assert_identical(self.flat.params, "weights")  # every step keeps them bitwise equal; checked here

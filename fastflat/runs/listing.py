@@ -50,28 +50,61 @@ def _locked(run: Path) -> bool:
         os.close(fd)  # releases the lock if we took it
 
 
-def describe(run: Path) -> dict[str, Any]:
-    """One row: method, model, data, epochs done of planned, best/final test accuracy, status."""
+def _read_config(run: Path) -> dict[str, Any]:
+    """config.yaml as a mapping; ValueError saying why it is not one."""
     try:
-        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        config = {}
+        config = yaml.safe_load((run / "config.yaml").read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("config.yaml is not text") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"config.yaml is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"config.yaml holds a {type(config).__name__}, not a mapping of settings")
+    return config
+
+
+def _read_records(run: Path) -> list[dict[str, Any]]:
+    """The epoch records of metrics.jsonl; a line torn by a kill is skipped (resume cuts it), a line that
+    is JSON but no epoch record is a ValueError naming it."""
     records = []
     metrics = run / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line torn by a kill: resume cuts it
-    scored = [r["test_acc"] for r in records if r.get("test_acc") is not None]
+    if not metrics.is_file():
+        return records
+    try:
+        lines = metrics.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError("metrics.jsonl is not text") from None
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), (int, float)):
+            raise ValueError(f"metrics.jsonl line {number} is not an epoch record")
+        records.append(record)
+    return records
+
+
+def describe(run: Path) -> dict[str, Any]:
+    """One row: method, model, data, epochs done of planned, best/final test accuracy, status; a run whose
+    files cannot be read is the row of an "unreadable" run, with the reason in "error"."""
+    modified = max((p.stat().st_mtime for p in run.iterdir()), default=run.stat().st_mtime)
+    try:
+        config, records = _read_config(run), _read_records(run)
+    except (OSError, ValueError) as e:
+        return {"run": run.name, "path": str(run), "method": None, "model": None, "dataset": None, "epochs_done": 0,
+                "epochs": None, "best_test_acc": None, "final_test_acc": None, "status": "unreadable",
+                "error": str(e), "modified": modified}
+    scored = [r["test_acc"] for r in records if isinstance(r.get("test_acc"), (int, float))]
     row = {"run": run.name, "path": str(run), "method": config.get("method"), "model": config.get("model"),
            "dataset": config.get("dataset"), "epochs_done": records[-1]["epoch"] if records else 0,
            "epochs": config.get("epochs"), "best_test_acc": max(scored) if scored else None,
-           "final_test_acc": scored[-1] if scored else None, "status": status(run),
-           "modified": max((p.stat().st_mtime for p in run.iterdir()), default=run.stat().st_mtime)}
+           "final_test_acc": scored[-1] if scored else None, "status": status(run), "modified": modified}
     if row["status"] == "failed":
-        row["error"] = json.loads((run / "failed.json").read_text()).get("error")
+        try:
+            row["error"] = json.loads((run / "failed.json").read_text()).get("error")
+        except (OSError, ValueError, AttributeError):
+            row["error"] = "failed.json is unreadable"
     return row
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from fastflat.errors import UserError
+from fastflat.errors import UserError, finite_state_or_raise
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "fastflat-checkpoint/1"
@@ -137,15 +137,20 @@ class RunDir:
         parent = Path(parent)
         if rank != 0:  # rank 0 names and makes the directory; the job passes that name to the others
             return cls(parent / name, writes=False)
-        path = parent / name
-        suffix = 1
-        while path.exists():  # never write into an existing run: nothing saved gets overwritten
-            suffix += 1
-            path = parent / f"{name}-{suffix}"
         try:
-            path.mkdir(parents=True)
+            parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create run directory {path}: {e.strerror}") from None
+            raise UserError(f"cannot create run directory {parent / name}: {e.strerror}") from None
+        path, suffix = parent / name, 1
+        while True:  # never write into an existing run: the first free NAME, NAME-2, ... (mkdir is atomic,
+            try:     # so two runs started at the same moment with one --name take different ones)
+                path.mkdir()
+                break
+            except FileExistsError:
+                suffix += 1
+                path = parent / f"{name}-{suffix}"
+            except OSError as e:
+                raise UserError(f"cannot create run directory {path}: {e.strerror}") from None
         return cls(path)
 
     @classmethod
@@ -179,7 +184,7 @@ class RunDir:
         """Delete the temporary files of writes that a crash cut short (call while holding the lock)."""
         if not self.writes:
             return
-        for folder in (self.path, self.path / "members"):
+        for folder in (self.path, self.path / "members", self.path / "trajectory"):
             for tmp in folder.glob(TEMPORARY):
                 tmp.unlink(missing_ok=True)
 
@@ -359,7 +364,8 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, Any], source: str
 def load_point(path: str | Path) -> dict[str, Any]:
     """A point in weight space: a run directory or checkpoint (its current weights), or a member file
     RUN/members/<tag>.pt (an average, a snapshot, a curve's bend) with its run's config. Returns the
-    checkpoint's keys, "model" holding the point's state_dict."""
+    checkpoint's keys, "model" holding the point's state_dict. Weights or buffers holding NaN or inf are
+    a NonFiniteError (exit 3) naming them: nothing is scored from them."""
     path = Path(path)
     if path.is_file() and path.parent.name == "members":
         state = load_checkpoint(path.parent.parent)
@@ -369,5 +375,8 @@ def load_point(path: str | Path) -> dict[str, Any]:
             raise UserError(f"member file {path} is unreadable ({type(e).__name__}); it may be truncated") from None
         if not isinstance(weights, dict):
             raise UserError(f"member file {path} holds no state_dict")
+        finite_state_or_raise(weights, f"member file {path}")
         return {**state, "model": weights}
-    return load_checkpoint(path)
+    state = load_checkpoint(path)
+    finite_state_or_raise(state["model"], f"checkpoint {path}")
+    return state
