@@ -26,6 +26,7 @@ METHOD, OPTIM, DATA, RUN = "Method", "Optimisation", "Data and model", "Run"  # 
 Schedule = enum_of("Schedule", "constant", "step", "cosine")
 Amp = enum_of("Amp", "none", "bf16", "fp16")
 OnNonFinite = enum_of("OnNonFinite", "raise", "skip", "rollback")
+BadImages = enum_of("BadImages", "fail", "skip")
 Dataset = enum_of("Dataset", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic")
 MethodName = enum_of("Method", *registry())
 InnerMethod = enum_of("InnerMethod", *inner_names())
@@ -44,6 +45,9 @@ class GeneralConfig:
     dataset: str = setting("fashion-mnist", "fashion-mnist | mnist | cifar10 | cifar100 | synthetic (a small fixed 10-class "
                            "set for tests) | folder:PATH (train/ and val/ or test/ class folders).", panel=DATA)
     image_size: int = setting(32, "folder:PATH datasets: resize images to this side.", panel=DATA)
+    bad_images: str = setting("fail", "folder:PATH datasets: an image that does not decode stops the run, listed with "
+                              "the others (fail), or is left out with a warning and named in RUN/skipped-images.txt "
+                              "(skip).", choices=BadImages, panel=DATA)
     data_dir: str | None = setting(None, "Folder holding the dataset files (default: the usual places).", panel=DATA)
     label_noise: float = setting(0.0, "Fraction of training labels to corrupt, fixed by --seed.", panel=DATA)
     val_split: float = setting(0.0, "Share of training data held out for validation (choose k or a member without the "

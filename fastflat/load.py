@@ -55,7 +55,7 @@ def check_same_model_and_data(paths: list[Path], configs: list[Any]) -> None:
 
 def data_and_model(cfg: Any, device: torch.device, data_dir: str | None) -> tuple[datasets.Dataset, torch.nn.Module]:
     data = datasets.load_dataset(cfg.dataset, data_dir or cfg.data_dir, device, cfg.label_noise, cfg.seed,
-                                 image_size=cfg.image_size)
+                                 image_size=cfg.image_size, bad_images=cfg.bad_images)
     return data, build_model(cfg.model, data.in_channels, data.num_classes, data.image_size).to(device)
 
 

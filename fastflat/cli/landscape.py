@@ -4,6 +4,8 @@ registered on the main app (fastflat.cli imports this module after defining it).
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,6 +67,30 @@ def _cached_in(out: Path) -> Callable[[KeyboardInterrupt], str]:
     return lambda e: f"interrupted: the points scored so far are cached in {out}; the same command continues from them"
 
 
+POINT_BYTES = 2048  # host memory per scored point: its row of scores as Python objects, its cache line, the grids
+
+
+def _refuse_unless(checks: list[tuple[bool, str]]) -> None:
+    """Every failed check in one UserError line, before any weights are read."""
+    problems = [problem for ok, problem in checks if not ok]
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def _common_checks(examples: int, points_at_once: int) -> list[tuple[bool, str]]:
+    return [(examples >= 0, f"--examples {examples}: 0 (every example) or a count"),
+            (points_at_once >= 1, f"--points-at-once {points_at_once}: at least 1")]
+
+
+def _fits_in_memory(points: int, what: str, fix: Callable[[int], str]) -> tuple[bool, str]:
+    """A grid whose scores alone would not fit in half this machine's memory is refused with a size that
+    fits: fix(most points) says which."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    most = memory // 2 // POINT_BYTES
+    return points <= most, (f"{what}: {points:,} points need about {points * POINT_BYTES / 2**30:.1f} GiB for their "
+                            f"scores, more than half of this machine's {memory / 2**30:.0f} GiB; use {fix(most)}")
+
+
 def _with_provenance(report: dict[str, Any], device: str) -> dict[str, Any]:
     from fastflat.loss.evaluation import resolve_device
     from fastflat.runs.rundir import provenance
@@ -85,6 +111,10 @@ def plane_command(
     """Train loss and test error over the plane through three solutions, P(x, y) = w1 + x u + y v."""
     from fastflat.geometry.landscape import plane
     from fastflat.analysis.plots import plot_plane
+
+    _refuse_unless([(math.isfinite(margin), f"--margin {margin}: a finite share of the points' span"),
+                    _fits_in_memory(grid * grid, f"--grid {grid}", lambda most: f"--grid {math.isqrt(most)} or less"),
+                    *_common_checks(examples, points_at_once)])
 
     with _interrupted_says(_cached_in(out)), progress_bar(err_console, "plane") as progress:
         report = plane(points, grid, margin, examples, seed, bn_update, trajectory, points_at_once, device, data_dir,
@@ -111,6 +141,11 @@ def line_command(
     from fastflat.geometry.landscape import line
     from fastflat.analysis.plots import plot_line
 
+    _refuse_unless([(all(map(math.isfinite, t_range)) and t_range[0] < t_range[1],
+                     f"--range {t_range[0]} {t_range[1]}: two finite values, the first below the second"),
+                    _fits_in_memory(steps, f"--steps {steps}", lambda most: f"--steps {most} or less"),
+                    *_common_checks(examples, points_at_once)])
+
     with _interrupted_says(_cached_in(out)), progress_bar(err_console, "line") as progress:
         report = line(a, b, t_range, steps, examples, seed, bn_update, points_at_once, device, data_dir, out, progress)
     target = _write(_with_provenance(report, device), out, "line", plot_line)
@@ -132,6 +167,13 @@ def rays_command(
     """Train and test error against the distance along random directions from each origin."""
     from fastflat.geometry.landscape import rays
     from fastflat.analysis.plots import plot_rays
+
+    _refuse_unless([(directions >= 1, f"--directions {directions}: at least 1"),
+                    (math.isfinite(distance) and distance > 0, f"--distance {distance}: a finite distance > 0"),
+                    (steps >= 2, f"--steps {steps}: at least 2 (0 and --distance)"),
+                    _fits_in_memory(len(at) * directions * max(steps, 0), "--at x --directions x --steps",
+                                    lambda most: f"at most {most:,} points in all"),
+                    *_common_checks(examples, points_at_once)])
 
     with _interrupted_says(_cached_in(out)), progress_bar(err_console, "rays") as progress:
         report = rays(at, directions, distance, steps, filter_norm, examples, seed, bn_update, points_at_once,
@@ -222,7 +264,8 @@ def _new_curve_config(start, end, curve, epochs, lr, weight_decay, batch_size, s
     a, b = (config_from_dict(load_point(p)["config"]) for p in (start, end))  # NaN ends: exit 3 here
     check_same_model_and_data([Path(start), Path(end)], [a, b])
     if settings["examples"]:
-        data = datasets.load_dataset(a.dataset, data_dir or a.data_dir, "cpu", a.label_noise, a.seed, image_size=a.image_size)
+        data = datasets.load_dataset(a.dataset, data_dir or a.data_dir, "cpu", a.label_noise, a.seed, image_size=a.image_size,
+                                     bad_images=a.bad_images)
         if settings["examples"] > len(data.train):
             raise UserError(f"--examples {settings['examples']} is larger than the {len(data.train)} training examples")
     return load_config(None, {"method": "curve", "curve.start": start, "curve.end": end, "curve.kind": curve.value,

@@ -18,13 +18,14 @@ from fastflat.errors import UserError
 
 
 def load_dataset(name: str, data_dir: str | None = None, device: str | torch.device = "cpu", label_noise: float = 0.0,
-                 seed: int = 0, download: bool = True, image_size: int = 32) -> Dataset:
+                 seed: int = 0, download: bool = True, image_size: int = 32, bad_images: str = "fail") -> Dataset:
     """Load a dataset whole onto `device`, corrupting `label_noise` of its training labels (seeded).
-    `folder:PATH` reads an ImageFolder tree, resized to `image_size` (see fastflat.data.folders)."""
+    `folder:PATH` reads an ImageFolder tree, resized to `image_size`; `bad_images` fail | skip says what an
+    image that does not decode does (see fastflat.data.folders)."""
     if not 0.0 <= label_noise < 1.0:  # also rejects NaN
         raise UserError(f"label noise must be in [0, 1), got {label_noise}; pass e.g. 0.2 for 20%")
     if name.startswith(FOLDER_PREFIX):
-        return load_folder(name, device, label_noise, seed, image_size)
+        return load_folder(name, device, label_noise, seed, image_size, bad_images)
     return load_builtin(name, data_dir, device, label_noise, seed, download)
 
 

@@ -65,6 +65,7 @@ class Dataset:
     label_noise: float  # fraction of training labels asked to be corrupted
     noisy_labels: int  # how many training labels were actually changed
     source: str  # directory the data was read from, or "synthetic"
+    skipped_images: tuple[str, ...] = ()  # folder:PATH with --bad-images skip: "path: why" of each file left out
 
 
 def load_builtin(name: str, data_dir: str | None = None, device: str | torch.device = "cpu", label_noise: float = 0.0,

@@ -9,6 +9,7 @@ loader in the loop). A folder tree is decoded once by torchvision with worker pr
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,17 @@ from fastflat.data.datasets import Dataset, Split, channel_mean_std, to_device, 
 from fastflat.errors import UserError
 
 FOLDER_PREFIX = "folder:"
+RGB = 3  # channels of every ImageFolder image: its default loader converts to RGB
 MAX_RESIDENT_BYTES = 8 * 2**30  # uint8 pixels of both splits; beyond this a streaming loader would be needed
 TEST_FOLDERS = ("val", "test")
 
 
-def load_folder(spec: str, device: str | torch.device, label_noise: float, seed: int, image_size: int = 32) -> Dataset:
-    """`folder:PATH`: PATH/train/<class>/* and PATH/val/<class>/* (or test/), any image format PIL reads."""
+def load_folder(spec: str, device: str | torch.device, label_noise: float, seed: int, image_size: int = 32,
+                bad_images: str = "fail") -> Dataset:
+    """`folder:PATH`: PATH/train/<class>/* and PATH/val/<class>/* (or test/), any image format PIL reads.
+    An image that does not decode (not an image, empty, cut short) is named with the others and the load
+    refused (bad_images="fail"), or left out with a warning (bad_images="skip", the paths kept in
+    Dataset.skipped_images for the run directory)."""
     from torchvision import datasets as tv_datasets
     from torchvision import transforms
 
@@ -42,25 +48,58 @@ def load_folder(spec: str, device: str | torch.device, label_noise: float, seed:
     if train_set.classes != test_set.classes:
         raise UserError(f"--dataset {spec}: train/ has classes {train_set.classes}, {test_dir.name}/ has "
                         f"{test_set.classes}: both need the same class folders")
-    first = train_set[0][0]
-    size = (len(train_set) + len(test_set)) * first.numel()
+    if len(train_set.classes) < 2:
+        raise UserError(f"--dataset {spec}: train/ has one class folder ({train_set.classes[0]}); a classifier needs "
+                        "at least two")
+    size = (len(train_set) + len(test_set)) * RGB * image_size * image_size  # ImageFolder's loader converts to RGB
     if size > MAX_RESIDENT_BYTES:
         raise UserError(f"--dataset {spec}: {size / 2**30:.1f} GiB of pixels at {image_size}x{image_size} is more "
                         f"than fastflat keeps in memory ({MAX_RESIDENT_BYTES / 2**30:.0f} GiB); pass a smaller size")
-    train, test = _decode(train_set), _decode(test_set)
-    return _dataset(f"{FOLDER_PREFIX}{root}", train, test, len(train_set.classes), device, label_noise, seed,
+    (train, bad_train), (test, bad_test) = _decode(train_set, image_size), _decode(test_set, image_size)
+    bad = bad_train + bad_test
+    if bad and bad_images != "skip":
+        listed = "; ".join(f"{path} ({why})" for path, why in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UserError(f"--dataset {spec}: {len(bad)} image(s) do not decode: {listed}; remove them, or pass "
+                        "--bad-images skip to train without them")
+    if len(train) == 0 or len(test) == 0:
+        raise UserError(f"--dataset {spec}: no image of {'train' if len(train) == 0 else test_dir.name}/ decodes")
+    data = _dataset(f"{FOLDER_PREFIX}{root}", train, test, len(train_set.classes), device, label_noise, seed,
                     str(root), pixels=True)
+    return replace(data, skipped_images=tuple(f"{path}: {why}" for path, why in bad))
 
 
-def _decode(folder) -> Split:
-    """Every image of an ImageFolder, decoded by worker processes, as one uint8 (N, C, S, S) tensor."""
+class _Decoded(torch.utils.data.Dataset):
+    """An ImageFolder's items as (uint8 image, label, decoded?): a file that does not decode gives a black
+    placeholder and False, so one bad file never stops the worker processes."""
+
+    def __init__(self, folder: Any, image_size: int):
+        self.folder, self.blank = folder, torch.zeros(RGB, image_size, image_size, dtype=torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, str]:
+        path, label = self.folder.samples[index]
+        try:
+            return self.folder[index][0], label, ""
+        except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+            return self.blank, label, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]
+
+
+def _decode(folder: Any, image_size: int) -> tuple[Split, list[tuple[str, str]]]:
+    """Every image of an ImageFolder, decoded by worker processes, as one uint8 (N, 3, S, S) tensor without
+    the files that do not decode, and those files' (path, why)."""
     workers = min(4, os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(folder, batch_size=256, num_workers=workers if len(folder) > 256 else 0)
-    images, labels = zip(*loader)
-    images = torch.cat(images)
-    if images.shape[1] == 4:  # RGBA: drop alpha
-        images = images[:, :3]
-    return Split(images.contiguous(), torch.cat(labels).long())
+    loader = torch.utils.data.DataLoader(_Decoded(folder, image_size), batch_size=256,
+                                         num_workers=workers if len(folder) > 256 else 0)
+    images, labels, whys = [], [], []
+    for batch_images, batch_labels, batch_whys in loader:
+        images.append(batch_images)
+        labels.append(batch_labels)
+        whys.extend(batch_whys)
+    ok = torch.tensor([not why for why in whys], dtype=torch.bool)
+    bad = [(folder.samples[i][0], why) for i, why in enumerate(whys) if why]
+    return Split(torch.cat(images)[ok].contiguous(), torch.cat(labels).long()[ok]), bad
 
 
 def from_user_data(data: Any, device: str | torch.device, label_noise: float, seed: int) -> Dataset:

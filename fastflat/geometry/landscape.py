@@ -43,14 +43,29 @@ def load_points(paths: list[str | Path], device: str = "auto", data_dir: str | N
 
 
 # -- a grid of points, cached per point ----------------------------------------------------------------------
+NAMES_NOT_CONTENT = ("paths", "from", "to", "run", "origin")  # file names in a spec: the cache keys on content
+
+
+def content_of(config: dict[str, Any], *vectors: Tensor) -> dict[str, Any]:
+    """What a point's scores depend on besides the grid settings: the weights that define it (a SHA-256 of
+    their bytes, so a run's weights replaced at the same path are scored afresh) and the data."""
+    digest = hashlib.sha256()
+    for v in vectors:
+        digest.update(v.detach().contiguous().cpu().numpy().tobytes())
+    return {"weights": digest.hexdigest(), "data": [config["dataset"], config["label_noise"], config["seed"],
+                                                    config.get("image_size")]}
+
+
 def score_points(scorer: PointScorer, count: int, vector_at: Callable[[int], Tensor], spec: dict[str, Any],
                  cache_dir: Path | None, points_at_once: int = 1, progress: Progress | None = None) -> list[dict[str, float]]:
     """Score points 0..count-1 (vector_at(i) builds the (N,) weights). With `cache_dir`, each scored point
-    is appended to a cache file named by `spec` (what defines the grid), so a rerun skips done points."""
+    is appended to a cache file named by `spec`'s content (the grid settings and content_of the weights and
+    data, never a file name), so a rerun skips the points still valid and only those."""
     done: dict[int, dict[str, float]] = {}
     cache = None
     if cache_dir is not None:
-        key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        defining = {k: v for k, v in spec.items() if k not in NAMES_NOT_CONTENT}  # where the weights came from: no
+        key = hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()[:16]
         cache = cache_dir / f".points-{key}.jsonl"
         cache_dir.mkdir(parents=True, exist_ok=True)
         done = _read_cache(cache)
@@ -189,7 +204,7 @@ def plane(paths: list[str], grid: int = 21, margin: float = 0.2, examples: int =
     xs, ys = grid_axis(x.tolist(), grid, margin), grid_axis(y.tolist(), grid, margin)
     u32, v32 = u.to(w1.dtype), v.to(w1.dtype)
     spec = {"kind": "plane", "paths": [str(p) for p in paths], "xs": xs, "ys": ys, "examples": examples,
-            "seed": seed, "bn": bn_update}
+            "seed": seed, "bn": bn_update, **content_of(config, w1, w2, w3)}
     rows = score_points(_scorer(space, data, examples, seed, bn_update), grid * grid,
                         lambda i: w1 + xs[i % grid] * u32 + ys[i // grid] * v32, spec, cache_dir, points_at_once, progress)
     report = {**spec, "coords": torch.stack([x, y], 1).tolist(), **_columns(rows, (grid, grid)),
@@ -213,7 +228,8 @@ def line(a: str, b: str, t_range: tuple[float, float] = (-0.5, 1.5), points: int
     if not lo < hi:
         raise UserError(f"--range {lo} {hi}: the start must be below the end")
     ts = [lo + (hi - lo) * i / (points - 1) for i in range(points)]
-    spec = {"kind": "line", "from": str(a), "to": str(b), "t": ts, "examples": examples, "seed": seed, "bn": bn_update}
+    spec = {"kind": "line", "from": str(a), "to": str(b), "t": ts, "examples": examples, "seed": seed, "bn": bn_update,
+            **content_of(config, wa, wb)}
     rows = score_points(_scorer(space, data, examples, seed, bn_update), points,
                         lambda i: ts[i] * wa + (1 - ts[i]) * wb, spec, cache_dir, points_at_once, progress)
     return {**spec, **_columns(rows), "distance": float((wa - wb).double().norm()),
@@ -236,7 +252,7 @@ def rays(at: list[str], directions: int = 5, max_distance: float = 30.0, points:
     for which, w in enumerate(origins):
         dirs = random_directions(space, directions, seed, filter_norm, w)  # the same seeds from every origin
         spec = {**{k: report[k] for k in ("kind", "t", "directions", "filter_normalised", "examples", "seed", "bn")},
-                "origin": str(at[which])}
+                "origin": str(at[which]), **content_of(config, w)}
         done_before = which * directions * points
         rows = score_points(scorer, directions * points, lambda i: w + ts[i % points] * dirs[i // points], spec,
                             cache_dir, points_at_once,
@@ -306,7 +322,8 @@ def curve_report(run: str | Path, points: int = 61, examples: int = 0, seed: int
               "bn": bn_update, "model": config["model"], "dataset": config["dataset"],
               "distance": float((w2 - w1).double().norm())}
     for name, vector_at in (("curve", on_curve), ("line", lambda i: (1 - ts[i]) * w1 + ts[i] * w2)):
-        spec = {k: report[k] for k in ("kind", "curve_kind", "run", "t", "examples", "seed", "bn")} | {"path": name}
+        spec = {k: report[k] for k in ("kind", "curve_kind", "run", "t", "examples", "seed", "bn")} | {
+            "path": name, **content_of(config, w1, theta, w2)}
         step = (lambda d, n, off=points if name == "line" else 0: progress(off + d, 2 * points)) if progress else None
         rows = score_points(scorer, points, vector_at, spec, cache_dir, points_at_once, step)
         cols = _columns(rows)

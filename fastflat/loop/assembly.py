@@ -48,7 +48,7 @@ def build_data(cfg: TrainConfig, method: Method, device: torch.device, data: Any
         loaded = from_user_data(data, device, cfg.label_noise, cfg.seed)
     else:
         loaded = datasets.load_dataset(cfg.dataset, cfg.data_dir, device, cfg.label_noise, cfg.seed,
-                                       image_size=cfg.image_size)
+                                       image_size=cfg.image_size, bad_images=cfg.bad_images)
     loaded, validation = datasets.hold_out_validation(loaded, cfg.val_split, cfg.seed)
     holdouts: dict[str, datasets.Split] = {}
     if (request := method.holdout()) is not None:  # e.g. Spartan's evolution split

@@ -115,6 +115,10 @@ class Trainer:
                              "device": str(self.device), "params": self.flat.numel,
                              "train_size": len(self.data.train), "noisy_labels": self.data.noisy_labels,
                              "unit": "step" if self.full_batch else "epoch"})
+        if self.data.skipped_images and pos.step == 0:  # --bad-images skip: said once, and kept with the run
+            self.run.write_text("skipped-images.txt", "\n".join(self.data.skipped_images) + "\n")
+            self.hooks.on_event(f"{len(self.data.skipped_images)} image(s) do not decode and were left out: "
+                                f"see {self.run.path / 'skipped-images.txt'}")
         self.model.train()
         if cfg.tensorboard:
             self.run.open_tensorboard(pos.step or None)
@@ -286,6 +290,7 @@ class Trainer:
             **({"fp16_overflow_steps": self.position.overflows, "loss_scale": self.scaler.get_scale()}
                if self.scaler is not None else {}),
             "noisy_labels": self.data.noisy_labels, "data_source": self.data.source,
+            "skipped_images": len(self.data.skipped_images),
             "planned_steps": self.total_steps, "ranks": dist.world_size(),
             **extra, "config": to_dict(self.cfg), "provenance": provenance(self.device),
         }

@@ -206,6 +206,11 @@ class RunDir:
             return
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
+    def write_text(self, name: str, text: str) -> None:
+        """A small text file of the run (atomically), e.g. the images --bad-images skip left out."""
+        if self.writes:
+            atomic_write_text(self.path / name, text)
+
     def append_metrics(self, record: dict[str, Any], name: str = "metrics.jsonl") -> None:
         if not self.writes:
             return
