@@ -143,3 +143,14 @@ def test_a_single_class_tree_is_refused_with_the_reason(tmp_path, capsys):
     root = _tree(tmp_path / "tree", classes=1, broken=False)
     assert main(["train", "--dataset", f"folder:{root}", "--out", str(tmp_path / "runs")]) == 2
     one_line(capsys.readouterr().err, "one class folder (class0)", "at least two")
+
+
+def test_a_hessian_request_that_cannot_fit_is_refused_with_steps_that_fit(runs, tmp_path, capsys, monkeypatch):
+    import os
+
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 16 * 2**20 // 4096 if name == "SC_PHYS_PAGES" else real(name))
+    assert main(["sharpness", str(runs / "a"), "--lanczos-steps", "50", "--out", str(tmp_path / "s")]) == 2  # 16 MiB
+    one_line(capsys.readouterr().err, "--lanczos-steps 50 over 98,474 values", "about 38 MiB", "of this machine's 16 MiB",
+             "use --lanczos-steps 9 or fewer")
+    assert not (tmp_path / "s").exists()

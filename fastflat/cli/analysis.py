@@ -26,6 +26,8 @@ def sharpness_command(
     adaptive: Annotated[bool, typer.Option(help="Scale the ball by |w| (adaptive sharpness).")] = False,
     density: Annotated[int, typer.Option(help="SLQ probes for the spectral density, drawn to density.png (0 = skip).")] = 0,
     tol: Annotated[float, typer.Option(help="Lanczos tolerance on each Ritz value's relative residual.")] = 1e-3,
+    lanczos_steps: Annotated[int, typer.Option(help="Most Lanczos steps (Hessian-vector products) for the top "
+                                               "eigenvalues; memory holds twice as many weight vectors.")] = 50,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset files.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for sharpness.json.")] = Path("."),
@@ -37,9 +39,9 @@ def sharpness_command(
     from fastflat.runs.rundir import atomic_write_text, provenance
     from fastflat.analysis.sharpness import measure_checkpoint
 
-    ms, balls = _sharpness_settings(checkpoints, examples, top, trace_probes, m, rho, ball, density, tol)
+    ms, balls = _sharpness_settings(checkpoints, examples, top, trace_probes, m, rho, ball, density, tol, lanczos_steps)
     say = (lambda message: None) if as_json else (lambda message: err_console.print(message, highlight=False))
-    results = [measure_checkpoint(str(c), examples, top, trace_probes, ms, rho, balls, adaptive, tol,
+    results = [measure_checkpoint(str(c), examples, top, trace_probes, ms, rho, balls, adaptive, tol, lanczos_steps,
                                   device=device, data_dir=data_dir, density=density, progress=say) for c in checkpoints]
     report = {"checkpoints": results, "provenance": provenance(resolve_device(device))}
     out.mkdir(parents=True, exist_ok=True)
@@ -65,12 +67,11 @@ def sharpness_command(
 
 
 def _sharpness_settings(checkpoints: list[Path], examples: int, top: int, trace_probes: int, m: str, rho: float,
-                        ball: str, density: int, tol: float) -> tuple[tuple[int, ...], tuple[str, ...]]:
+                        ball: str, density: int, tol: float, steps: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """Every option checked, and every checkpoint read (finite, one model and dataset), before any measure:
     all problems in one UserError. Returns the m values and the balls."""
     import math
 
-    from fastflat.analysis.sharpness import LANCZOS_MAX_ITERS
     from fastflat.config import config_from_dict
     from fastflat.load import check_same_model_and_data
     from fastflat.runs.rundir import load_point
@@ -84,8 +85,9 @@ def _sharpness_settings(checkpoints: list[Path], examples: int, top: int, trace_
     checks = [(all(b in ("l2", "linf") for b in balls), f"--ball {ball!r}: l2, linf or l2,linf"),
               (all(1 <= v <= examples for v in ms), f"--m {m!r}: each m from 1 to --examples ({examples})"),
               (math.isfinite(rho) and rho > 0, f"--rho {rho}: a finite radius > 0"),
-              (1 <= top <= LANCZOS_MAX_ITERS, f"--top {top}: 1 to {LANCZOS_MAX_ITERS} (Lanczos finds at most as many "
-                                             "eigenvalues as its iterations)"),
+              (steps >= 1, f"--lanczos-steps {steps}: at least 1"),
+              (1 <= top <= max(steps, 1), f"--top {top}: 1 to {steps} (Lanczos finds at most as many eigenvalues "
+                                          "as its --lanczos-steps)"),
               (trace_probes == 0 or trace_probes >= 2, f"--trace-probes {trace_probes}: 0 (skip) or at least 2 (the "
                                                        "trace's standard error needs two)"),
               (density == 0 or density >= 2, f"--density {density}: 0 (skip) or at least 2 probes"),
@@ -95,7 +97,24 @@ def _sharpness_settings(checkpoints: list[Path], examples: int, top: int, trace_
         raise UserError("; ".join(problems))
     states = [load_point(c) for c in checkpoints]  # unreadable or non-finite: named here (exit 2 or 3)
     check_same_model_and_data(list(checkpoints), [config_from_dict(s["config"]) for s in states])
+    _lanczos_fits(states[0]["model"], steps)
     return ms, balls
+
+
+def _lanczos_fits(state_dict: dict, steps: int) -> None:
+    """Lanczos keeps its basis of up to `steps` + 1 weight vectors, stacked once more to orthogonalise:
+    about 2 (steps + 1) N fp32 values. Refused when that alone passes half this machine's memory."""
+    import os
+
+    n = sum(v.numel() for v in state_dict.values() if v.is_floating_point())
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = 2 * (steps + 1) * n * 4
+    if need > memory // 2:
+        fits = memory // 2 // (8 * n) - 1
+        size = lambda b: f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"  # noqa: E731
+        raise UserError(f"--lanczos-steps {steps} over {n:,} values (weights and buffers) needs about {size(need)} for "
+                        f"Lanczos' basis, more than half of this machine's {size(memory)}; use --lanczos-steps "
+                        f"{max(fits, 1)} or fewer" + ("" if fits >= 1 else " (too few: measure on a larger machine)"))
 
 
 @app.command("toy")
