@@ -7,6 +7,7 @@ import pytest
 
 from fastflat.cli import main
 from fastflat.methods import BUILTIN, registry
+from helpers import train_runs
 
 TINY = ["--dataset", "synthetic", "--subset", "128", "--batch-size", "32", "--epochs", "2",
         "--swa-start", "0.25", "--swa-cycle", "1"]
@@ -30,9 +31,7 @@ def test_every_builtin_method_is_in_the_table():
 def ends(tmp_path_factory):
     """Two trained runs for the curve's end points."""
     folder = tmp_path_factory.mktemp("ends")
-    for name, seed in (("a", "1"), ("b", "2")):
-        assert main(["train", "--dataset", "synthetic", "--subset", "128", "--batch-size", "32", "--epochs", "1",
-                     "--seed", seed, "--out", str(folder), "--name", name]) == 0
+    train_runs(folder, "a", "b")
     return folder
 
 

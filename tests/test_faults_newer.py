@@ -15,23 +15,17 @@ from torch.utils.data import TensorDataset
 
 import fastflat
 from fastflat.cli import main
+from helpers import TINY_RUN, one_line, train_runs
 from fastflat.errors import Interrupted, NonFiniteError, UserError
 from fastflat.runs.rundir import RunDir
 
-TINY = ["--dataset", "synthetic", "--subset", "128", "--batch-size", "32", "--epochs", "1"]
-
-
-def one_line(err: str, *phrases: str) -> None:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert all(p in lines[0] for p in phrases), lines[0]
+TINY = TINY_RUN
 
 
 @pytest.fixture(scope="module")
 def ends(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ends")
-    for name, seed in (("a", "1"), ("b", "2")):
-        assert main(["train", *TINY, "--seed", seed, "--out", str(folder), "--name", name]) == 0
+    train_runs(folder, "a", "b")
     return folder
 
 
