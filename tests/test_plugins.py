@@ -66,3 +66,19 @@ def test_without_the_plugin_the_method_is_unknown(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fastflat", "train", "--method", "example-sgd", "--out", str(tmp_path)],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "example-sgd" in done.stderr
+
+
+def test_a_broken_plugin_is_named_and_left_out_without_stopping_fastflat(tmp_path):
+    """Entry points that fail to import, name another class, or take a built-in's name: one line each."""
+    site = tmp_path / "site"
+    info = site / "broken_plugins-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugins\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[fastflat.methods]\nmissing = no_such_module:Method\n"
+                                          "sam = fastflat.methods.sgd:SGD\nwrong = fastflat.methods.sgd:SGD\n")
+    shown = _fastflat(site, "train", "--help")
+    assert shown.returncode == 0
+    for name, why in (("missing", "does not load (ModuleNotFoundError"), ("sam", "takes the name of another method"),
+                      ("wrong", "says name = 'sgd'")):
+        assert f"method plugin '{name}'" in shown.stderr and why in shown.stderr
+    assert "Traceback" not in shown.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import sys
 from typing import TYPE_CHECKING
 
 from fastflat.errors import UserError
@@ -30,20 +31,26 @@ ENTRY_POINT_GROUP = "fastflat.methods"
 
 @functools.cache
 def registry() -> dict[str, type[Method]]:
-    """Every method by name: the built-ins, then the plugins (an entry point NAME = "module:Class")."""
+    """Every method by name: the built-ins, then the plugins (an entry point NAME = "module:Class"). A plugin
+    that does not load, or is no Method named NAME, is left out with one line on stderr saying why: a
+    broken package must not stop fastflat (its --method NAME is then refused as unknown)."""
     methods = {cls.name: cls for cls in BUILTIN}
     for entry in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        problem = None
         try:
             cls = entry.load()
-        except Exception as e:  # a broken plugin is named, not a traceback from deep inside importlib
-            raise UserError(f"method plugin {entry.name!r} ({entry.value}) does not load: {type(e).__name__}: {e}") from None
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise UserError(f"method plugin {entry.name!r} ({entry.value}) is not a fastflat.methods.Method subclass")
-        if cls.name != entry.name:
-            raise UserError(f"method plugin {entry.value} is registered as {entry.name!r} but its class says name = "
-                            f"{cls.name!r}: make them the same")
-        if entry.name in methods:
-            raise UserError(f"method plugin {entry.name!r} ({entry.value}) takes the name of another method; rename it")
+        except Exception as e:  # whatever the plugin's import raises
+            problem = f"does not load ({type(e).__name__}: {e})"
+        else:
+            if not (isinstance(cls, type) and issubclass(cls, Method)):
+                problem = "is not a fastflat.methods.Method subclass"
+            elif cls.name != entry.name:
+                problem = f"says name = {cls.name!r}: make its class's name the entry point's"
+            elif entry.name in methods:
+                problem = "takes the name of another method: rename it"
+        if problem:
+            sys.stderr.write(f"fastflat: method plugin {entry.name!r} ({entry.value}) {problem}; left out\n")
+            continue
         methods[entry.name] = cls
     return methods
 
