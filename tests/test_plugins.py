@@ -75,7 +75,7 @@ def test_a_broken_plugin_is_named_and_left_out_without_stopping_fastflat(tmp_pat
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugins\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[fastflat.methods]\nmissing = no_such_module:Method\n"
-                                          "sam = fastflat.methods.sgd:SGD\nwrong = fastflat.methods.sgd:SGD\n")
+                                          "sam = fastflat.methods.sam:SAM\nwrong = fastflat.methods.sgd:SGD\n")
     shown = _fastflat(site, "train", "--help")
     assert shown.returncode == 0
     for name, why in (("missing", "does not load (ModuleNotFoundError"), ("sam", "takes the name of another method"),
