@@ -20,7 +20,7 @@ from typing import Any
 from fastflat.errors import UserError
 from fastflat.methods import inner_names, method_class, registry, sections
 from fastflat.methods.optimizers import optimizer_problem
-from fastflat.settings import build, enum_of, merge, nest, raise_problems, read_yaml, setting
+from fastflat.settings import build, did_you_mean, enum_of, merge, nest, raise_problems, read_yaml, setting
 
 METHOD, OPTIM, DATA, RUN = "Method", "Optimisation", "Data and model", "Run"  # help panels of the general settings
 Schedule = enum_of("Schedule", "constant", "step", "cosine")
@@ -134,7 +134,7 @@ def _check(cfg: Any) -> list[str]:
         value = value_of(cfg, key)
         if (values := f.metadata.get("choices")) is not None and value not in values.values():
             hint_bool = " (YAML reads an unquoted no/off/yes/on as a boolean: quote it)" if isinstance(value, bool) else ""
-            need(False, key, f"use one of {', '.join(values.values())}{hint_bool}")
+            need(False, key, f"use one of {', '.join(values.values())}{hint_bool}{did_you_mean(value, values.values())}")
         elif isinstance(value, float) and not math.isfinite(value):
             need(False, key, "must be a finite number")
     _check_general(cfg, need)

@@ -131,7 +131,8 @@ def build(cls: type, values: dict[str, Any], problems: list[str], prefix: str = 
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for unknown in sorted(set(values) - names):
-        problems.append(f"unknown config key {prefix + unknown!r}; valid keys here: {', '.join(sorted(names))}")
+        problems.append(f"unknown config key {prefix + unknown!r}{did_you_mean(unknown, _keys_below(cls, prefix))}; "
+                        f"valid keys here: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in values.items():
         if name not in names:
@@ -148,6 +149,30 @@ def build(cls: type, values: dict[str, Any], problems: list[str], prefix: str = 
         except ValueError as e:
             problems.append(str(e))
     return cls(**kwargs)
+
+
+def _keys_below(cls: type, prefix: str) -> dict[str, str]:
+    """What a key given at this level could have meant: each field by name, and each field of a section
+    by its own name too ('rho' -> 'sam.rho'), mapped to the dotted key to write."""
+    hints = typing.get_type_hints(cls)
+    keys = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            for sub in dataclasses.fields(hints[f.name]):
+                keys.setdefault(sub.name, f"{prefix}{f.name}.{sub.name}")
+                keys[f"{f.name}.{sub.name}"] = f"{prefix}{f.name}.{sub.name}"
+    keys.update({f.name: prefix + f.name for f in dataclasses.fields(cls)})
+    return keys
+
+
+def did_you_mean(given: str, candidates: dict[str, str] | list[str]) -> str:
+    """' (did you mean X?)' for the closest candidate, or ''. A dict maps what is compared to what is shown."""
+    import difflib
+
+    shown = candidates if isinstance(candidates, dict) else {c: c for c in candidates}
+    anagrams = [c for c in shown if sorted(c) == sorted(str(given))]  # a swap of two letters: sma -> sam
+    close = anagrams or difflib.get_close_matches(str(given), list(shown), n=1, cutoff=0.6)
+    return f" (did you mean {shown[close[0]]}?)" if close else ""
 
 
 def raise_problems(problems: list[str]) -> None:

@@ -1,5 +1,7 @@
 """Config: defaults <- YAML <- CLI overrides; every bad key or value is one UserError naming it."""
 
+import re
+
 import pytest
 
 from fastflat.config import TrainConfig, config_from_dict, load_config, to_dict
@@ -74,3 +76,12 @@ def test_string_booleans_from_the_command_line():
 def test_spartan_scales_must_be_positive_and_the_error_names_the_key(key):
     with pytest.raises(UserError, match=f"spartan.{key} = 0.0"):
         load_config(overrides={f"spartan.{key}": 0.0})
+
+
+@pytest.mark.parametrize("given, says", [({"rho": 0.1}, "unknown config key 'rho' (did you mean sam.rho?)"),
+                                         ({"method": "sma"}, "(did you mean sam?)"),
+                                         ({"sam": {"rhoo": 1}}, "unknown config key 'sam.rhoo' (did you mean sam.rho?)"),
+                                         ({"epoch": 3}, "(did you mean epochs?)")])
+def test_a_misspelt_key_or_value_gets_a_did_you_mean(given, says):
+    with pytest.raises(UserError, match=re.escape(says)):
+        load_config(None, given)

@@ -259,3 +259,13 @@ def test_ctrl_c_while_a_curve_trains_says_how_to_continue(ends, tmp_path, capsys
     assert code == 130
     err = capsys.readouterr().err
     assert f"interrupted: checkpoint saved at step 3; continue with: fastflat curve --resume {tmp_path / 'c'}" in err
+
+
+def test_result_files_are_readable_as_the_umask_says(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        assert main(["train", *TINY, "--out", str(tmp_path), "--name", "r"]) == 0
+    finally:
+        os.umask(previous)
+    for name in ("checkpoint.pt", "summary.json", "config.yaml", "metrics.jsonl", "curves.png"):
+        assert (tmp_path / "r" / name).stat().st_mode & 0o777 == 0o644, name
