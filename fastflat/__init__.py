@@ -19,7 +19,8 @@ from fastflat.version import __version__
 __all__ = ["__version__", "SAM", "AveragedModel", "FlatParams", "clip_grad_norm_", "flatten", "member_noise", "resume", "train"]
 
 
-def train(config: Any = None, model: Any = None, data: Any = None, hooks: Any = None) -> dict[str, Any]:
+def train(config: Any = None, model: Any = None, data: Any = None, hooks: Any = None,
+          progress: bool = True) -> dict[str, Any]:
     """Train one run, as `fastflat train` does, and return its summary (the run directory is in
     summary["run_dir"]).
 
@@ -27,18 +28,23 @@ def train(config: Any = None, model: Any = None, data: Any = None, hooks: Any = 
     a YAML file, or None for the defaults. model: any nn.Module mapping a batch of inputs to logits
     (replaces config's model). data: (train, test), each a torch Dataset of (input, label), a DataLoader,
     or an (inputs, labels) pair of tensors (replaces config's dataset; float inputs are used as given).
-    hooks: a fastflat.loop.Hooks for progress (default: silent).
+    progress: print what `fastflat train` prints (run directory, progress, epoch lines, summary) on stdout;
+    False for silence. hooks: a fastflat.loop.Hooks of your own receives the progress instead.
     """
+    from fastflat.cli.progress import shown_progress
     from fastflat.config import as_config
     from fastflat.loop import api
 
-    return api.train(as_config(config), hooks, model=model, data=data)
+    with shown_progress(hooks, progress) as shown:
+        return api.train(as_config(config), shown, model=model, data=data)
 
 
 def resume(run_dir: str | Path, model: Any = None, data: Any = None, hooks: Any = None,
-           epochs: int | None = None) -> dict[str, Any]:
+           epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Continue a run from its last checkpoint and return its summary; a run trained on your own
     model or data needs them again (a fresh instance of the same module). `epochs` extends the run."""
+    from fastflat.cli.progress import shown_progress
     from fastflat.loop import api
 
-    return api.resume(run_dir, hooks, model=model, data=data, epochs=epochs)
+    with shown_progress(hooks, progress) as shown:
+        return api.resume(run_dir, shown, model=model, data=data, epochs=epochs)

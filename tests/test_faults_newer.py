@@ -269,3 +269,13 @@ def test_result_files_are_readable_as_the_umask_says(tmp_path):
         os.umask(previous)
     for name in ("checkpoint.pt", "summary.json", "config.yaml", "metrics.jsonl", "curves.png"):
         assert (tmp_path / "r" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_fastflat_train_shows_progress_unless_asked_not_to(tmp_path, capsys):
+    fastflat.train({"dataset": "synthetic", "subset": 128, "batch_size": 32, "epochs": 1, "out": str(tmp_path),
+                    "name": "shown"})
+    out = capsys.readouterr().out
+    assert f"run {tmp_path / 'shown'}" in out and "epoch   1" in out and "test accuracy" in out
+    fastflat.train({"dataset": "synthetic", "subset": 128, "batch_size": 32, "epochs": 1, "out": str(tmp_path),
+                    "name": "quiet"}, progress=False)
+    assert capsys.readouterr().out == ""

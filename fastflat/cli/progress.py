@@ -9,6 +9,7 @@ plain line is printed instead: at tenths of an epoch, at most one every PIPED_TR
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,6 +34,7 @@ class RichHooks(Hooks):
         self.refreshes_per_epoch = refreshes_per_epoch
         self.progress: Progress | None = None
         self.run_dir: str | None = None
+        self.summary: dict[str, Any] | None = None  # the finished run's, from on_end
 
     def on_start(self, info: dict[str, Any]) -> None:
         self.run_dir = info["run_dir"]
@@ -94,6 +96,7 @@ class RichHooks(Hooks):
             self.progress.stop()
 
     def on_end(self, summary: dict[str, Any]) -> None:
+        self.summary = summary
         self.stop()
 
     def print_summary(self, summary: dict[str, Any]) -> None:
@@ -147,3 +150,21 @@ def progress_bar(console: Console, what: str):
     finally:
         if task is not None:
             bar.stop()
+
+
+@contextmanager
+def shown_progress(hooks: Hooks | None, progress: bool) -> Iterator[Hooks | None]:
+    """fastflat.train()'s display: your hooks as given, none (progress=False), or what `fastflat train`
+    shows, stopped however the run ends and followed by the summary table when it finishes."""
+    if hooks is not None or not progress:
+        yield hooks
+        return
+    from fastflat.cli.consoles import console
+
+    shown = RichHooks(console)
+    try:
+        yield shown
+    finally:
+        shown.stop()
+    if shown.summary is not None:
+        shown.print_summary(shown.summary)
