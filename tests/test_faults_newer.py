@@ -102,9 +102,10 @@ def test_sharpness_refuses_runs_of_two_models_and_impossible_options_before_meas
 
 
 # -- 3: non-finite weights ------------------------------------------------------------------------------------
-def test_eval_and_ensemble_of_a_nan_checkpoint_exit_3_naming_it(ends, tmp_path, capsys):
+def test_eval_ensemble_and_sharpness_of_a_nan_checkpoint_exit_3_naming_it(ends, tmp_path, capsys):
     bad = _with_nan(ends / "a", tmp_path / "nan")
-    for args in (["eval", str(bad), "--json"], ["ensemble", "--from", str(bad), "--from", str(ends / "b")]):
+    for args in (["eval", str(bad), "--json"], ["ensemble", "--from", str(bad), "--from", str(ends / "b")],
+                 ["sharpness", str(bad), "--out", str(tmp_path / "s")]):
         assert main(args) == 3, args
         captured = capsys.readouterr()
         one_line(captured.err, "non-finite (NaN or inf)")
