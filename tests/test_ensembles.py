@@ -90,7 +90,7 @@ def test_ensemble_of_one_member_equals_that_member(tmp_path):
     trainer = build_trainer(tiny(tmp_path, epochs=1), RunDir.create(tmp_path, "t"))
     path = trainer.services.save_member("only")
     report = evaluate_members(trainer.model, [path], trainer.data.test, trainer.data)
-    alone = trainer.evaluate()
+    alone = trainer.services.evaluate()
     assert report["ensemble"]["acc"] == pytest.approx(alone["acc"])
     assert report["members"][0]["nll"] == pytest.approx(alone["loss"], rel=1e-5)
     assert report["disagreement"] == 0.0 and report["accuracy_by_size"] == [report["ensemble"]["acc"]]

@@ -30,7 +30,7 @@ def ends(tmp_path_factory):
 
 
 def _with_nan(src: Path, dst: Path) -> Path:
-    """A copy of run `src` whose first weight holds a NaN (and whose first BatchNorm variance an inf)."""
+    """A copy of run `src` whose first weight holds a NaN."""
     dst.mkdir()
     state = torch.load(src / "checkpoint.pt", weights_only=True)
     first = next(k for k, v in state["model"].items() if v.is_floating_point())

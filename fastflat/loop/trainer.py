@@ -47,9 +47,6 @@ class Trainer:
         self.saved_step: int | None = None  # the step the checkpoint on disk holds
         self._reset_tally()
 
-    def evaluate(self) -> dict[str, float]:
-        return self.services.evaluate()
-
     # -- checkpoints ---------------------------------------------------------------------------------
     def checkpoint(self) -> None:
         """Save the position; a model holding NaN or inf anywhere (a BatchNorm variance too) is never
@@ -232,7 +229,7 @@ class Trainer:
         scored = (pos.epoch + 1) % cfg.eval_every == 0 or pos.epoch + 1 == cfg.epochs or self._steps_spent()
         test: dict[str, float] = {}
         if scored:
-            test = {f"test_{k}": v for k, v in self.evaluate().items()}
+            test = {f"test_{k}": v for k, v in self.services.evaluate().items()}
         if scored and self.validation is not None:  # for choosing epochs, members, k without the test set
             val = evaluate(self.model, self.validation, self.data, max(cfg.batch_size, 512), cfg.amp)
             test.update(val_loss=val["loss"], val_acc=val["acc"])
