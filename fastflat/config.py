@@ -83,9 +83,11 @@ class GeneralConfig:
     checkpoint_every: int = setting(0, "Also checkpoint every N steps (0 = each epoch).", panel=RUN)
     eval_every: int = setting(1, "Evaluate and checkpoint every N epochs (full batch: steps), and after the last.", panel=RUN)
     subset: int = setting(0, "Train on a seeded random N training examples (0 = all).", panel=DATA)
+    test_subset: int = setting(0, "Score on a seeded random N test examples (0 = all): quicker tries; the summary's "
+                               "test_examples says how many.", panel=DATA)
     trajectory_every: int = setting(0, "Save the weights every N steps to trajectory/ (for fastflat landscape plane "
                                     "--trajectory; 0 = never).", panel=RUN)
-    log_every: int = setting(50, "A line of steps.jsonl (and steps.csv) every N steps: loss, accuracy, lr (0 = epochs only).", panel=RUN)
+    log_every: int = setting(50, "A line of steps.jsonl (and steps.csv) every N steps, at least 10 a run: loss, accuracy, lr (0 = epochs only).", panel=RUN)
     tensorboard: bool = setting(False, "Also write TensorBoard scalars to RUN/tensorboard (pip install tensorboard).", panel=RUN)
 
 
@@ -169,6 +171,7 @@ def _check_general(cfg: Any, need: Any) -> None:
     need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "needs momentum > 0")
     need(cfg.eval_every >= 1, "eval_every", "must be at least 1")
     need(cfg.subset >= 0, "subset", "must be >= 0 (0 = the whole training set)")
+    need(cfg.test_subset >= 0, "test_subset", "must be >= 0 (0 = the whole test set)")
     need(cfg.trajectory_every >= 0, "trajectory_every", "must be >= 0 (0 = no trajectory)")
     need(cfg.log_every >= 0, "log_every", "must be >= 0 (0 = per epoch only)")
 

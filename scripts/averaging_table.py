@@ -12,7 +12,7 @@ for seed in (0, 1, 2):
     swa = json.loads((out / f"swa-s{seed}" / "summary.json").read_text())
     sse = json.loads((out / f"sse-s{seed}" / "summary.json").read_text())["ensemble"]
     fge = json.loads((out / f"fge-s{seed}" / "summary.json").read_text())["ensemble"]
-    rows["SGD (final weights of the SWA run)"].append(100 - swa["test_acc"])
+    rows["SGD (final weights of the SWA run)"].append(100 - swa.get("iterate_acc", swa["test_acc"]))
     rows["SWA"].append(100 - swa["swa_acc"])
     rows["SSE best member"].append(100 - sse["best_member_acc"])
     rows["SSE ensemble"].append(100 - sse["ensemble"]["acc"])

@@ -25,9 +25,9 @@ def runs(tmp_path_factory):
 
 # -- landscape ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, phrase", [
-    (["plane", "--points", "{a}", "--points", "{b}", "--points", "{c}", "--margin", "inf"], "--margin inf"),
-    (["plane", "--points", "{a}", "--points", "{b}", "--points", "{c}", "--grid", "100000"], "--grid 100000:"),
-    (["plane", "--points", "{a}", "--points", "{b}", "--points", "{c}", "--examples", "-5"], "--examples -5"),
+    (["plane", "--at", "{a}", "--at", "{b}", "--at", "{c}", "--margin", "inf"], "--margin inf"),
+    (["plane", "--at", "{a}", "--at", "{b}", "--at", "{c}", "--grid", "100000"], "--grid 100000:"),
+    (["plane", "--at", "{a}", "--at", "{b}", "--at", "{c}", "--examples", "-5"], "--examples -5"),
     (["line", "--from", "{a}", "--to", "{b}", "--range", "0", "inf"], "--range 0.0 inf"),
     (["line", "--from", "{a}", "--to", "{b}", "--examples", "5000"], "--examples 5000 is larger than the 1024"),
     (["rays", "--at", "{a}", "--distance", "inf"], "--distance inf"),
@@ -42,7 +42,7 @@ def test_landscape_bad_options_are_one_line_and_write_nothing(runs, tmp_path, ca
 
 
 def test_a_huge_grid_is_refused_with_a_grid_that_fits(runs, tmp_path, capsys):
-    main(["landscape", "plane", "--points", str(runs / "a"), "--points", str(runs / "b"), "--points", str(runs / "c"),
+    main(["landscape", "plane", "--at", str(runs / "a"), "--at", str(runs / "b"), "--at", str(runs / "c"),
           "--grid", "100000", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert "GiB" in err and "--grid" in err and "or less" in err
@@ -61,21 +61,32 @@ def test_landscape_of_nan_weights_exits_3(runs, tmp_path, capsys):
 def test_replaced_weights_at_the_same_path_are_scored_afresh(runs, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(runs / "a", moved)
-    args = ["landscape", "line", "--from", str(moved), "--to", str(runs / "b"), "--steps", "3", "--examples", "64"]
-    assert main([*args, "--out", str(tmp_path / "out")]) == 0
-    first = json.loads((tmp_path / "out" / "line.json").read_text())["train_err"]
+    args = ["landscape", "line", "--from", str(moved), "--to", str(runs / "b"), "--points", "3", "--examples", "64"]
+    assert main([*args, "--out", str(tmp_path / "out"), "--name", "first"]) == 0
+    first = json.loads((tmp_path / "out" / "first" / "line.json").read_text())["train_err"]
     shutil.copy(runs / "c" / "checkpoint.pt", moved / "checkpoint.pt")  # other weights, same path
-    assert main([*args, "--out", str(tmp_path / "out")]) == 0
-    rerun = json.loads((tmp_path / "out" / "line.json").read_text())["train_err"]
-    assert main([*args, "--out", str(tmp_path / "fresh")]) == 0
-    fresh = json.loads((tmp_path / "fresh" / "line.json").read_text())["train_err"]
+    assert main([*args, "--out", str(tmp_path / "out"), "--name", "rerun"]) == 0
+    rerun = json.loads((tmp_path / "out" / "rerun" / "line.json").read_text())["train_err"]
+    assert main([*args, "--out", str(tmp_path / "fresh"), "--name", "fresh"]) == 0  # another cache
+    fresh = json.loads((tmp_path / "fresh" / "fresh" / "line.json").read_text())["train_err"]
     assert rerun == fresh and rerun != first
+
+
+def test_a_rerun_never_overwrites_a_report(runs, tmp_path, capsys):
+    args = ["landscape", "line", "--from", str(runs / "a"), "--to", str(runs / "b"), "--points", "2", "--examples", "64",
+            "--out", str(tmp_path), "--name", "same"]
+    assert main(args) == 0
+    (tmp_path / "same" / "line.json").write_text("kept")
+    assert main(args) == 0
+    assert (tmp_path / "same" / "line.json").read_text() == "kept"
+    assert json.loads((tmp_path / "same-2" / "line.json").read_text())["kind"] == "line"
+    assert "same-2" in capsys.readouterr().out
 
 
 def test_a_rerun_with_the_same_weights_reuses_every_cached_point(runs, tmp_path, monkeypatch):
     from fastflat.geometry import points
 
-    args = ["landscape", "line", "--from", str(runs / "a"), "--to", str(runs / "b"), "--steps", "3", "--examples", "64",
+    args = ["landscape", "line", "--from", str(runs / "a"), "--to", str(runs / "b"), "--points", "3", "--examples", "64",
             "--out", str(tmp_path)]
     assert main(args) == 0
     shutil.copytree(runs / "a", tmp_path / "a-copy")  # the same weights under another name: still valid

@@ -83,18 +83,19 @@ def test_console_script_entry_point_runs_as_a_module(tmp_path):
 def test_ensemble_command_reports_and_plots_an_sse_run(capsys, tmp_path):
     code, _, _ = run_cli(capsys, "train", *TINY[:-1], "2", "--method", "sse", "--out", str(tmp_path), "--name", "s")
     assert code == 0
-    code, out, _ = run_cli(capsys, "ensemble", "--sse", str(tmp_path / "s"), "--json")
+    code, out, _ = run_cli(capsys, "ensemble", "--sse", str(tmp_path / "s"), "--json", "--out", str(tmp_path))
     report = json.loads(out)
     assert code == 0 and len(report["members"]) == 2 and len(report["accuracy_by_size"]) == 2
-    assert (tmp_path / "s" / "ensemble-sse.json").exists() and (tmp_path / "s" / "ensemble-sse.png").exists()
+    folder = next(tmp_path.glob("ensemble-sse-*"))  # a new directory named by the command
+    assert (folder / "ensemble.json").exists() and (folder / "ensemble.png").exists()
 
 
 def test_ensemble_of_independent_runs(capsys, tmp_path):
     for seed in ("0", "1"):
         assert run_cli(capsys, "train", *TINY, "--seed", seed, "--out", str(tmp_path), "--name", f"r{seed}")[0] == 0
     code, out, _ = run_cli(capsys, "ensemble", "--from", str(tmp_path / "r0"), "--from", str(tmp_path / "r1"),
-                           "--out", str(tmp_path / "ind.json"))
-    assert code == 0 and "ensemble" in out and json.loads((tmp_path / "ind.json").read_text())["kind"] == "final"
+                           "--out", str(tmp_path), "--name", "ind")
+    assert code == 0 and "ensemble" in out and json.loads((tmp_path / "ind" / "ensemble.json").read_text())["kind"] == "final"
 
 
 def test_budget_view_puts_each_run_at_its_budget(capsys, tmp_path):
@@ -108,24 +109,24 @@ def test_budget_view_puts_each_run_at_its_budget(capsys, tmp_path):
     train_run("fge", "--epochs", "2", "--method", "fge", "--fge-cycle-epochs", "0.5")
     code, out, _ = run_cli(capsys, "ensemble", "--budgets", "--from", str(tmp_path / "ind0"), "--from",
                            str(tmp_path / "ind1"), "--sse", str(tmp_path / "sse"), "--fge", str(tmp_path / "fge"),
-                           "--out", str(tmp_path / "budgets.json"))
+                           "--out", str(tmp_path), "--name", "budgets")
     assert code == 0 and "1B" in out and "2B" in out
-    view = json.loads((tmp_path / "budgets.json").read_text())
+    view = json.loads((tmp_path / "budgets" / "ensemble.json").read_text())
     assert view["budget_epochs"] == 1 and set(view["rows"]) == {"ind", "sse", "fge"}
     assert list(view["rows"]["sse"]) == ["2"] and list(view["rows"]["fge"]) == ["2"]
     assert view["rows"]["fge"]["2"]["per_run"][0]["members"] == 2  # 1 epoch of 0.5-epoch cycles after pretraining
     # each entry is the plain ensemble command's answer for the same runs
-    run_cli(capsys, "ensemble", "--from", str(tmp_path / "ind0"), "--from", str(tmp_path / "ind1"), "--out", str(tmp_path / "i.json"))
-    run_cli(capsys, "ensemble", "--sse", str(tmp_path / "sse"), "--out", str(tmp_path / "s.json"))
-    ind, sse = (json.loads((tmp_path / f).read_text()) for f in ("i.json", "s.json"))
+    run_cli(capsys, "ensemble", "--from", str(tmp_path / "ind0"), "--from", str(tmp_path / "ind1"), "--out", str(tmp_path), "--name", "i")
+    run_cli(capsys, "ensemble", "--sse", str(tmp_path / "sse"), "--out", str(tmp_path), "--name", "s")
+    ind, sse = (json.loads((tmp_path / f / "ensemble.json").read_text()) for f in ("i", "s"))
     assert view["rows"]["ind"]["2"]["error"] == pytest.approx(100 - ind["ensemble"]["acc"])
     assert view["rows"]["ind"]["1"]["error"] == pytest.approx(100 - ind["members"][0]["acc"])
     assert view["rows"]["sse"]["2"]["error"] == pytest.approx(100 - sse["ensemble"]["acc"])
     assert view["rows"]["sse"]["2"]["best_member_error"] == pytest.approx(100 - sse["best_member_acc"])
-    assert (tmp_path / "budgets.png").exists() and view["provenance"]["git_sha"]
+    assert (tmp_path / "budgets" / "ensemble.png").exists() and view["provenance"]["git_sha"]
     # --sse-keep 1: the SSE entry becomes its last snapshot alone; the best member still counts every snapshot
-    run_cli(capsys, "ensemble", "--budgets", "--sse", str(tmp_path / "sse"), "--sse-keep", "1", "--out", str(tmp_path / "b1.json"))
-    only_last = json.loads((tmp_path / "b1.json").read_text())["rows"]["sse"]["1"]  # no Ind: B = 2 epochs
+    run_cli(capsys, "ensemble", "--budgets", "--sse", str(tmp_path / "sse"), "--sse-keep", "1", "--out", str(tmp_path), "--name", "b1")
+    only_last = json.loads((tmp_path / "b1" / "ensemble.json").read_text())["rows"]["sse"]["1"]  # no Ind: B = 2 epochs
     assert only_last["error"] == pytest.approx(100 - sse["members"][-1]["acc"])
     assert only_last["best_member_error"] == pytest.approx(100 - sse["best_member_acc"])
     assert only_last["per_run"][0]["members"] == 1 and only_last["per_run"][0]["collected"] == 2
@@ -144,15 +145,15 @@ def test_sse_keep_auto_ensembles_the_last_k_best_on_validation(capsys, tmp_path)
     run = tmp_path / "sse"
     assert run_cli(capsys, "train", "--dataset", "synthetic", "--epochs", "3", "--method", "sse", "--sse-cycles", "3",
                    "--val-split", "0.2", "--label-noise", "0.4", "--out", str(tmp_path), "--name", "sse")[0] == 0
-    code, out, _ = run_cli(capsys, "ensemble", "--sse", str(run), "--sse-keep", "auto", "--out", str(tmp_path / "auto.json"))
+    code, out, _ = run_cli(capsys, "ensemble", "--sse", str(run), "--sse-keep", "auto", "--out", str(tmp_path), "--name", "auto")
     assert code == 0 and "validation (" in out
-    auto = json.loads((tmp_path / "auto.json").read_text())
+    auto = json.loads((tmp_path / "auto" / "ensemble.json").read_text())
     v, k = auto["validation"], auto["validation"]["best_k"]
     assert [m["member"].rsplit("/", 1)[1] for m in auto["members"]] == [f"snapshot-0{i}.pt" for i in range(4 - k, 4)]
     # the same k given by number is the same ensemble; every snapshot is scored on test for the pick alone
-    run_cli(capsys, "ensemble", "--sse", str(run), "--sse-keep", str(k), "--out", str(tmp_path / "fixed.json"))
-    run_cli(capsys, "ensemble", "--sse", str(run), "--sse-keep", "0", "--out", str(tmp_path / "all.json"))
-    fixed, every = (json.loads((tmp_path / f).read_text()) for f in ("fixed.json", "all.json"))
+    run_cli(capsys, "ensemble", "--sse", str(run), "--sse-keep", str(k), "--out", str(tmp_path), "--name", "fixed")
+    run_cli(capsys, "ensemble", "--sse", str(run), "--sse-keep", "0", "--out", str(tmp_path), "--name", "all")
+    fixed, every = (json.loads((tmp_path / f / "ensemble.json").read_text()) for f in ("fixed", "all"))
     assert fixed["ensemble"] == pytest.approx(auto["ensemble"])
     picked = [m["member"] for m in every["members"]].index(v["best_member"])
     assert v["best_member_test"]["acc"] == pytest.approx(every["members"][picked]["acc"])
@@ -194,7 +195,7 @@ def test_train_takes_sse_keep_auto_and_matches_the_ensemble_command(capsys, tmp_
     assert run_cli(capsys, "train", "--dataset", "synthetic", "--epochs", "3", "--method", "sse", "--sse-cycles", "3",
                    "--sse-keep", "auto", "--val-split", "0.2", "--out", str(tmp_path), "--name", "auto")[0] == 0
     summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
-    code, out, _ = run_cli(capsys, "ensemble", "--sse", str(tmp_path / "auto"), "--json")
+    code, out, _ = run_cli(capsys, "ensemble", "--sse", str(tmp_path / "auto"), "--json", "--out", str(tmp_path / "e"))
     report = json.loads(out)
     assert code == 0 and summary["sse_keep"] == report["validation"]["best_k"] == len(report["members"])
     assert summary["ensemble"]["ensemble"]["acc"] == pytest.approx(report["ensemble"]["acc"])

@@ -171,7 +171,7 @@ def test_a_full_disk_while_caching_points_is_one_line(ends, tmp_path, capsys, mo
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)
-    code = main(["landscape", "line", "--from", str(ends / "a"), "--to", str(ends / "b"), "--steps", "2",
+    code = main(["landscape", "line", "--from", str(ends / "a"), "--to", str(ends / "b"), "--points", "2",
                  "--examples", "32", "--out", str(tmp_path)])
     assert code == 2
     one_line(capsys.readouterr().err, "cannot write the point cache", "No space left on device")
@@ -280,3 +280,20 @@ def test_fastflat_train_shows_progress_unless_asked_not_to(tmp_path, capsys):
     fastflat.train({"dataset": "synthetic", "subset": 128, "batch_size": 32, "epochs": 1, "out": str(tmp_path),
                     "name": "quiet"}, progress=False)
     assert capsys.readouterr().out == ""
+
+
+def test_a_curve_trains_its_bend_on_the_end_runs_data_and_says_when_it_does_not(ends, tmp_path, capsys):
+    """Last round the bend trained on all 60,000 images between ends trained on 2,000: a curve whose middle
+    beat its ends only because it saw 30x the data. Now it takes the ends' subset and seed, and warns."""
+    import yaml
+
+    base = ["curve", "--from", str(ends / "a"), "--to", str(ends / "b"), "--max-steps", "2", "--points", "2",
+            "--examples", "32", "--out", str(tmp_path)]
+    capsys.readouterr()
+    assert main([*base, "--name", "same"]) == 0
+    config = yaml.safe_load((tmp_path / "same" / "config.yaml").read_text())
+    assert config["subset"] == 128 and config["seed"] == 1 and config["max_steps"] == 2
+    err = capsys.readouterr().err
+    assert "the end runs saw different data (seed 1 / 2)" in err and "while the ends trained" not in err
+    assert main([*base, "--name", "more", "--subset", "256"]) == 0
+    assert "the bend trains on --subset 256 while the ends trained on 128" in capsys.readouterr().err

@@ -258,8 +258,8 @@ def test_fastflat_curve_writes_the_report_and_the_curve_beats_the_segment(two_ru
 
 @pytest.mark.parametrize("args, message", [
     (["landscape", "line", "--from", "{a}", "--to", "{a}"], "same weights"),
-    (["landscape", "plane", "--points", "{a}", "--points", "{b}", "--points", "{a}"], "collinear"),
-    (["landscape", "plane", "--points", "{a}", "--points", "{b}"], "exactly three"),
+    (["landscape", "plane", "--at", "{a}", "--at", "{b}", "--at", "{a}"], "collinear"),
+    (["landscape", "plane", "--at", "{a}", "--at", "{b}"], "exactly three"),
     (["landscape", "rays", "--at", "{a}", "--directions", "0"], "directions"),
     (["landscape", "line", "--from", "{a}", "--to", "{b}/members/swa.pt"], "does not exist"),
     (["ensemble", "--curve", "{a}"], "not a curve"),
@@ -283,3 +283,72 @@ def test_points_of_different_architectures_are_refused(two_runs, tmp_path):
                                  "batch_size": 64, "out": str(tmp_path), "name": "big"}))
     with pytest.raises(UserError, match="must share one model and dataset"):
         landscape.load_points([str(two_runs / "s0"), str(tmp_path / "big")], device="cpu")
+
+
+# -- one vocabulary, honest pictures --------------------------------------------------------------------------
+def test_a_line_starts_at_from(two_runs):
+    a, b = str(two_runs / "s0"), str(two_runs / "s1")
+    along = landscape.line(a, b, (0.0, 1.0), 2, examples=64, device="cpu")
+    at_a = landscape.rays([a], directions=1, max_distance=1.0, points=2, examples=64, device="cpu")["rays"][0]
+    at_b = landscape.rays([b], directions=1, max_distance=1.0, points=2, examples=64, device="cpu")["rays"][0]
+    assert along["train_loss"][0] == pytest.approx(at_a["train_loss"][0][0], rel=1e-6)  # t = 0: --from
+    assert along["train_loss"][1] == pytest.approx(at_b["train_loss"][0][0], rel=1e-6)  # t = 1: --to
+
+
+def test_the_plane_grid_covers_its_points_and_trajectory_and_warns_when_nearly_collinear(two_runs, monkeypatch):
+    a, b = str(two_runs / "s0"), str(two_runs / "s1")
+    config, data, space, (wa, wb) = landscape.load_points([a, b], "cpu")
+    nudge = torch.randn(wa.shape, generator=torch.Generator().manual_seed(0)) * 1e-4
+    monkeypatch.setattr(landscape, "load_points", lambda *args: (config, data, space, (wa, wb, wa + 2 * (wb - wa) + nudge)))
+    heard = []
+    report = landscape.plane([a, b, a], grid=3, margin=0.1, examples=32, trajectory=a, device="cpu", warn=heard.append)
+    assert len(heard) == 1 and "nearly on one line" in heard[0] and report["collinearity"] < 0.05
+    xs, ys = report["xs"], report["ys"]
+    plotted = report["coords"] + list(zip(report["trajectory"]["x"], report["trajectory"]["y"]))
+    assert all(xs[0] <= x <= xs[-1] and ys[0] <= y <= ys[-1] for x, y in plotted)
+    assert ys[-1] - ys[0] >= 0.2 * (xs[-1] - xs[0]) / 1.2 - 1e-9  # a second axis wide enough to see, not a sliver
+
+    assert landscape.collinearity([0.0, 1.0, 0.5], [0.0, 0.0, 0.5]) == pytest.approx(0.5)  # well off the line
+
+
+def test_every_figure_labels_its_axes_and_colour_bars(tmp_path, monkeypatch):
+    """Each plot with a synthetic report: every data axes has x and y labels, every colour bar a label."""
+    import matplotlib.pyplot as plt
+
+    from fastflat.analysis import plots
+    from fastflat.analysis.toy import plot_toy, run_toy
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
+    grid = [[1.0, 2.0, 3.0], [2.0, 3.0, 4.0], [3.0, 4.0, 5.0]]
+    plots.plot_plane({"xs": [0, 1, 2], "ys": [0, 1, 2], "train_loss": grid, "test_err": grid,
+                      "coords": [[0, 0], [1, 0], [0, 1]], "trajectory": {"x": [0, 1], "y": [0, 1]}}, tmp_path / "p.png")
+    plots.plot_line({"t": [0, 1], "train_loss": [1, 2], "test_loss": [1, 2], "train_err": [1, 2], "test_err": [1, 2],
+                     "from": "a", "to": "b", "distance": 1.0}, tmp_path / "l.png")
+    plots.plot_rays({"t": [0, 1], "filter_normalised": False,
+                     "rays": [{"at": "a", "train_err": [[1, 2]], "test_err": [[1, 2]]}]}, tmp_path / "r.png")
+    path = {"train_loss": [1, 2], "test_err": [1, 2], "barrier": 1.0}
+    plots.plot_curve({"t": [0, 1], "curve": path, "line": path, "curve_kind": "bezier", "run": "c"}, tmp_path / "c.png")
+    plots.plot_spectral_density([{"checkpoint": "a", "density": {"nodes": [0.0, 1.0], "weights": [0.5, 0.5]}}],
+                                tmp_path / "d.png")
+    plots.plot_training_curves([{"epoch": 1, "train_loss": 1, "test_loss": 1, "train_acc": 1, "test_acc": 1, "lr": 0.1}],
+                               tmp_path / "t.png", steps=[{"epoch": 0.5, "train_loss": 1, "train_acc": 1, "lr": 0.1}])
+    monkeypatch.setattr("fastflat.analysis.plots.save_figure", lambda fig, path: figures.append(fig))
+    plot_toy(run_toy("easom", "sgd", 2, 0.3, 10, None, 0), tmp_path / "toy.png")
+    assert len(figures) == 7
+    for fig in figures:
+        colour_bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+        for ax in fig.axes:
+            if ax in colour_bars:
+                assert ax.get_ylabel(), f"an unlabelled colour bar in {fig}"
+            else:
+                assert ax.get_xlabel() and ax.get_ylabel(), f"axes {ax.get_title()!r} lacks a label"
+        plt.close(fig)
+
+
+def test_the_running_line_breaks_at_each_epoch():
+    from fastflat.analysis.plots import _broken_at_epochs
+
+    steps = [{"epoch": e, "train_loss": v} for e, v in ((0.5, 2.0), (1.0, 1.5), (1.5, 1.4), (2.0, 1.2))]
+    xs, ys = _broken_at_epochs(steps, "train_loss")
+    assert xs[:2] == [0.5, 1.0] and xs[2] != xs[2] and xs[3:] == [1.5, 2.0]  # a NaN gap between epoch 1 and 2

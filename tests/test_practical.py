@@ -96,7 +96,7 @@ def test_piped_output_has_full_width_lines_and_timestamped_progress(tmp_path):
 
 
 def test_step_logs_csv_and_tensorboard_and_a_resumed_run_logs_each_step_once(tmp_path):
-    settings = {"dataset": "synthetic", "epochs": 2, "log_every": 3, "tensorboard": True}
+    settings = {"dataset": "synthetic", "epochs": 4, "log_every": 3, "tensorboard": True}  # 32 steps: >= 10 lines
     whole = tmp_path / "whole" / "r"
     train(load_config(overrides={**settings, "out": str(tmp_path / "whole"), "name": "r"}))
     with pytest.raises(KeyboardInterrupt):
@@ -105,23 +105,23 @@ def test_step_logs_csv_and_tensorboard_and_a_resumed_run_logs_each_step_once(tmp
 
     resume(tmp_path / "cut" / "r")
     steps = [json.loads(line) for line in (whole / "steps.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in steps] == [3, 6, 9, 12, 15] and steps[-1]["epoch"] == pytest.approx(15 / 8)
+    assert [r["step"] for r in steps] == list(range(3, 31, 3)) and steps[-1]["epoch"] == pytest.approx(30 / 8)
     assert (tmp_path / "cut" / "r" / "steps.jsonl").read_text() == (whole / "steps.jsonl").read_text()
     import csv
 
     rows = list(csv.DictReader((whole / "steps.csv").open()))
-    assert [int(r["step"]) for r in rows] == [3, 6, 9, 12, 15] and float(rows[0]["lr"]) == steps[0]["lr"]
+    assert [int(r["step"]) for r in rows] == list(range(3, 31, 3)) and float(rows[0]["lr"]) == steps[0]["lr"]
     epochs = list(csv.DictReader((whole / "metrics.csv").open()))
-    assert [int(r["epoch"]) for r in epochs] == [1, 2] and "test_acc" in epochs[0]
+    assert [int(r["epoch"]) for r in epochs] == [1, 2, 3, 4] and "test_acc" in epochs[0]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     board = EventAccumulator(str(whole / "tensorboard"))
     board.Reload()
-    assert [e.step for e in board.Scalars("step/train_loss")] == [3, 6, 9, 12, 15]
-    assert [e.step for e in board.Scalars("epoch/test_acc")] == [8, 16]
+    assert [e.step for e in board.Scalars("step/train_loss")] == list(range(3, 31, 3))
+    assert [e.step for e in board.Scalars("epoch/test_acc")] == [8, 16, 24, 32]
     cut = EventAccumulator(str(tmp_path / "cut" / "r" / "tensorboard"))
     cut.Reload()
-    assert [e.step for e in cut.Scalars("step/train_loss")] == [3, 6, 9, 12, 15]  # resume purged the repeat
+    assert [e.step for e in cut.Scalars("step/train_loss")] == list(range(3, 31, 3))  # resume purged the repeat
 
 
 def test_a_finished_constant_lr_run_extends_to_what_a_longer_run_gives(capsys, tmp_path):
@@ -143,3 +143,12 @@ def test_a_run_whose_schedule_spans_its_budget_refuses_to_extend(capsys, tmp_pat
     code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path / "cos"), "--epochs", "3")
     assert code == 2 and "cannot be extended" in err and "cosine schedule" in err
     assert (tmp_path / "cos" / "summary.json").exists()  # nothing touched
+
+
+def test_a_short_run_still_logs_its_steps(tmp_path):
+    """--log-every 50 over a 16-step run: every step logged (at least 10 lines a run), so curves.png's LR
+    panel shows the schedule and not a straight line between epochs."""
+    train(load_config(overrides={"dataset": "synthetic", "epochs": 2, "schedule": "cosine", "out": str(tmp_path),
+                                 "name": "r"}))
+    steps = [json.loads(line) for line in (tmp_path / "r" / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 16 and len({r["lr"] for r in steps}) > 10

@@ -124,15 +124,15 @@ def test_sharpness_command_compares_checkpoints_and_writes_json(capsys, tmp_path
                      "--name", method]) == 0
     capsys.readouterr()
     code = main(["sharpness", str(tmp_path / "sgd"), str(tmp_path / "sam"), "--examples", "128", "--top", "2",
-                 "--trace-probes", "2", "--m", "64", "--ball", "l2,linf", "--density", "2", "--out", str(tmp_path), "--json"])
+                 "--trace-probes", "2", "--m", "64", "--ball", "l2,linf", "--density", "2", "--out", str(tmp_path), "--name", "s", "--json"])
     report = json.loads(capsys.readouterr().out)
-    assert code == 0 and (tmp_path / "sharpness.json").exists() and len(report["checkpoints"]) == 2
+    assert code == 0 and (tmp_path / "s" / "sharpness.json").exists() and len(report["checkpoints"]) == 2
     for r in report["checkpoints"]:
         assert len(r["top_eigenvalues"]) == 2 and r["top_eigenvalues"][0] >= r["top_eigenvalues"][1]
         assert r["hvps"] >= 2 + 2 and r["trace_stderr"] >= 0 and set(r["sharpness"]) == {"l2_m64", "linf_m64"}
         assert r["examples"] == 128 and "eval" in r["mode"]
         assert sum(r["density"]["weights"]) == pytest.approx(1.0, rel=1e-5)
-    assert (tmp_path / "density.png").stat().st_size > 10_000
+    assert (tmp_path / "s" / "density.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("args, says", [(["--examples", "5000"], "larger than the 1024 training examples"),

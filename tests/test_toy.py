@@ -36,10 +36,11 @@ def test_sam_with_a_vanishing_radius_follows_the_base_optimizer():
 def test_toy_command_writes_json_and_png(capsys, tmp_path):
     assert main(["toy", "--fn", "rastrigin", "--optimizer", "adam", "--starts", "2", "--steps", "30",
                  "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "toy-rastrigin-adam.json").read_text())
+    folder = next(tmp_path.glob("toy-rastrigin-adam-*"))  # a new directory named by the command, never overwritten
+    report = json.loads((folder / "toy.json").read_text())
     assert len(report["runs"]) == 4 and {r["kind"] for r in report["runs"]} == {"plain", "sam"}
     assert report["runs"][0]["start"] == report["runs"][1]["start"]  # same starts for both
-    assert (tmp_path / "toy-rastrigin-adam.png").stat().st_size > 10_000
+    assert (folder / "toy.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("args, says", [(["--fn", "himmelblau"], "unknown function 'himmelblau'"),

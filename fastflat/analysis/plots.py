@@ -8,6 +8,7 @@ from typing import Any
 import io
 
 import matplotlib
+import matplotlib.patheffects
 
 from fastflat.runs.rundir import atomic_write_bytes
 
@@ -28,6 +29,25 @@ def _values(history: list[dict[str, Any]], key: str) -> list[float]:
     return [float("nan") if r.get(key) is None else r[key] for r in history]
 
 
+def _broken_at_epochs(steps: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """A running mean restarts at every epoch: a gap (NaN) between epochs, so no line is drawn from one
+    epoch's last value down to the next epoch's first."""
+    import math
+
+    xs: list[float] = []
+    ys: list[float] = []
+    last = None
+    for record, value in zip(steps, _values(steps, key)):
+        epoch = math.ceil(record["epoch"]) - 1  # the record at epoch 1.0 closes epoch 0
+        if last is not None and epoch != last:
+            xs.append(float("nan"))
+            ys.append(float("nan"))
+        xs.append(record["epoch"])
+        ys.append(value)
+        last = epoch
+    return xs, ys
+
+
 def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str = "",
                          steps: list[dict[str, Any]] | None = None) -> None:
     """Loss, accuracy and learning rate against epochs: per-step lines (steps.jsonl, the epoch's running
@@ -39,8 +59,8 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str =
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, label in ((ax_loss, "loss", "cross-entropy"), (ax_acc, "acc", "accuracy (%)")):
         if steps:
-            ax.plot([r["epoch"] for r in steps], _values(steps, f"train_{key}"), "-", color="C0", alpha=0.4,
-                    linewidth=1, label="train (running, per step)")
+            xs, ys = _broken_at_epochs(steps, f"train_{key}")
+            ax.plot(xs, ys, "-", color="C0", alpha=0.4, linewidth=1, label="train (running mean within the epoch)")
         ax.plot(epochs, _values(history, f"train_{key}"), "o", color="C0", label="train (epoch)")
         ax.plot(epochs, _values(history, f"test_{key}"), "s-", color="C1", label="test")
         if any(f"val_{key}" in r for r in history):
@@ -102,7 +122,10 @@ def plot_spectral_density(results: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         t, p = density_curve(r["density"]["nodes"], r["density"]["weights"])
-        ax.semilogy(t.numpy(), p.clamp_min(1e-12).numpy(), label=Path(r["checkpoint"]).name or r["checkpoint"])
+        # Far from every node the Gaussians underflow to 0 (or to rounding): leave a gap there rather
+        # than draw a floor that looks like a measured plateau.
+        p = p.masked_fill(p < p.max() * 1e-10, float("nan"))
+        ax.semilogy(t.numpy(), p.numpy(), label=Path(r["checkpoint"]).name or r["checkpoint"])
     ax.set_xlabel("Hessian eigenvalue")
     ax.set_ylabel("density (SLQ)")
     ax.grid(alpha=0.3)
@@ -148,14 +171,16 @@ def plot_plane(report: dict[str, Any], path: Path) -> None:
             cs = ax.contourf(xs, ys, z, levels=levels, cmap="viridis", norm=matplotlib.colors.LogNorm())
         else:
             cs = ax.contourf(xs, ys, z, levels=15, cmap="viridis")
-        fig.colorbar(cs, ax=ax, format="%.3g")
+        fig.colorbar(cs, ax=ax, format="%.3g", label=title)
         for (x, y), name in zip(report["coords"], ("w1", "w2", "w3")):
             ax.plot(x, y, "w*", markersize=12, markeredgecolor="k")
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), color="w")
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), color="w",
+                        path_effects=[matplotlib.patheffects.withStroke(linewidth=2, foreground="k")])
         if "trajectory" in report:
             tr = report["trajectory"]
             ax.plot(tr["x"], tr["y"], "r.-", markersize=3, linewidth=0.8, label="trajectory (projected)")
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # under the axes, off the surface
+        ax.set_aspect("equal", adjustable="box")  # both axes in weight units: distances read true
         ax.set_title(title)
         ax.set_xlabel("u (weight units)")
         ax.set_ylabel("v (weight units)")
@@ -164,14 +189,14 @@ def plot_plane(report: dict[str, Any], path: Path) -> None:
 
 
 def plot_line(report: dict[str, Any], path: Path) -> None:
-    """Train and test along w(t) = t A + (1 - t) B, past both ends; A at t = 1, B at t = 0."""
+    """Train and test along w(t) = (1 - t) A + t B, past both ends; A (from) at t = 0, B (to) at t = 1."""
     ts = report["t"]
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
     for split, style in (("train", "-"), ("test", "--")):
         ax_loss.plot(ts, report[f"{split}_loss"], style, label=split)
         ax_err.plot(ts, report[f"{split}_err"], style, label=split)
     for ax, label in ((ax_loss, "loss"), (ax_err, "error (%)")):
-        for t, name in ((0.0, Path(report["to"]).name), (1.0, Path(report["from"]).name)):
+        for t, name in ((0.0, Path(report["from"]).name), (1.0, Path(report["to"]).name)):
             ax.axvline(t, color="gray", alpha=0.5)
             ax.annotate(name, (t, ax.get_ylim()[1]), fontsize=7, rotation=90, va="top")
         ax.set_xlabel(f"t (distance between the points: {report['distance']:.3g})")

@@ -25,6 +25,7 @@ from fastflat.flat import FlatParams
 from fastflat.loss.hessian import hvp
 
 Operator = Callable[[Tensor], Tensor]  # (N,) -> (N,), symmetric
+StageProgress = Callable[[str, int, int], None]  # (what is being measured, done, total)
 
 
 class CountedOperator:
@@ -72,24 +73,45 @@ def power_iteration(op: Operator, n: int, tol: float = 1e-4, max_iters: int = 20
     return {"eigenvalue": value, "hvps": calls, "converged": False}
 
 
-def lanczos(op: Operator, n: int, k: int = 1, tol: float = 1e-4, max_iters: int = 100, seed: int = 0,
-            device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def lanczos(op: Operator, n: int, k: int = 1, tol: float = 1e-3, max_iters: int = 100, seed: int = 0,
+            device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+            progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """The k largest (algebraic) eigenvalues by Lanczos with full reorthogonalisation.
 
-    Stops when each of the top-k Ritz values has residual |beta_j s_jk| <= tol |theta_k| (Paige's bound
-    on |H y - theta y| for the Ritz pair), at an invariant subspace, or at max_iters."""
+    Stops when each of the top-k Ritz values theta is within tol |theta| of an eigenvalue, by the bound
+    min(r, r^2 / gap) on that distance: r = |beta_j s_jk| is the residual |H y - theta y| of the Ritz pair
+    (Paige), and r^2 / gap the sharper bound of Kato and Temple once the Ritz value is separated by `gap`
+    from the rest of the spectrum (estimated by the nearest other Ritz value, and from the next
+    one down for the k-th). The residual alone would ask for ~sqrt(tol) more accuracy than the
+    eigenvalue needs: the top eigenvalue converges quadratically faster than its vector. Also stops at
+    an invariant subspace, or at max_iters. `progress(done, max_iters)` hears every product."""
     if k < 1:
         raise UserError(f"top K = {k} is invalid: ask for at least 1 eigenvalue")
     q = _unit(n, torch.Generator().manual_seed(seed), torch.device(device), dtype)
     ritz: Tensor = torch.zeros(0, dtype=torch.float64)
     alphas: list[float] = []
-    for alphas, betas, beta in _lanczos_steps(op, q, min(max_iters, n)):
+    steps = min(max_iters, n)
+    for alphas, betas, beta in _lanczos_steps(op, q, steps):
+        if progress is not None:
+            progress(len(alphas), steps)
         ritz, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))  # ascending
-        top = min(k, len(alphas))
-        residuals = (beta * vectors[-1, -top:]).abs()
-        if len(alphas) >= k and bool((residuals <= tol * ritz[-top:].abs().clamp_min(1e-30)).all()):
+        if len(alphas) >= k and bool((error_bounds(ritz, vectors, beta, k) <= tol * ritz[-k:].abs().clamp_min(1e-30)).all()):
             break
     return {"eigenvalues": ritz.flip(0)[:k].tolist(), "hvps": len(alphas), "tolerance": tol}
+
+
+def error_bounds(ritz: Tensor, vectors: Tensor, beta: float, k: int) -> Tensor:
+    """For the top k Ritz values (ascending, as eigh gives them): min(r, r^2 / gap), a bound on each one's
+    distance to an eigenvalue of H. The gap is to the nearest other Ritz value; with a single Ritz
+    value there is no estimate, and the residual alone is the bound."""
+    top = ritz[-k:]
+    residuals = (beta * vectors[-1, -k:]).abs()
+    if len(ritz) < 2:
+        return residuals
+    others = (ritz[None, :] - top[:, None]).abs()  # (k, m)
+    others[torch.arange(k), torch.arange(len(ritz) - k, len(ritz))] = float("inf")  # not the value itself
+    gaps = others.min(1).values
+    return torch.minimum(residuals, residuals**2 / gaps.clamp_min(1e-300))
 
 
 def _lanczos_steps(op: Operator, q: Tensor, steps: int):
@@ -123,7 +145,8 @@ def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
 
 
 def slq_density(op: Operator, n: int, probes: int = 4, steps: int = 30, seed: int = 0,
-                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Stochastic Lanczos quadrature (Ghorbani et al. 2019): per probe, `steps` Lanczos steps from a random
     unit vector give nodes (Ritz values) and weights (squared first components of T's eigenvectors) that
     sum to 1; their average over probes estimates the spectral density. Returns every node and weight."""
@@ -132,7 +155,8 @@ def slq_density(op: Operator, n: int, probes: int = 4, steps: int = 30, seed: in
     for _ in range(probes):
         q = _unit(n, generator, torch.device(device), dtype)
         for alphas, betas, _ in _lanczos_steps(op, q, min(steps, n)):
-            pass  # run to the end: every step sharpens the quadrature
+            if progress is not None:  # run to the end: every step sharpens the quadrature
+                progress(hvps + len(alphas), probes * min(steps, n))
         hvps += len(alphas)
         theta, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))
         nodes.append(theta)
@@ -153,7 +177,7 @@ def density_curve(nodes: list[float], weights: list[float], sigma: float | None 
 
 
 def hutchinson(op: Operator, n: int, probes: int = 64, seed: int = 0, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+               dtype: torch.dtype = torch.float32, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """tr(H) ~ mean of z^T H z over Rademacher probes z, with its standard error (std / sqrt(probes))."""
     if probes < 2:
         raise UserError(f"trace probes = {probes} is invalid: a standard error needs at least 2")
@@ -162,6 +186,8 @@ def hutchinson(op: Operator, n: int, probes: int = 64, seed: int = 0, device: st
     for _ in range(probes):
         z = (torch.randint(0, 2, (n,), generator=generator) * 2 - 1).to(device, dtype)
         samples.append(float(z @ op(z)))
+        if progress is not None:
+            progress(len(samples), probes)
     values = torch.tensor(samples, dtype=torch.float64)
     return {"trace": float(values.mean()), "trace_stderr": float(values.std() / math.sqrt(probes)), "hvps": probes}
 
@@ -199,7 +225,7 @@ def ascend_in_ball(loss_grad: LossGrad, w: Tensor, rho: float, ball: str = "l2",
 
 
 def m_sharpness(flat: FlatParams, batches: list[tuple[Tensor, Tensor]], rho: float, ball: str = "l2",
-                adaptive: bool = False, steps: int = 20) -> float:
+                adaptive: bool = False, steps: int = 20, progress: Callable[[int, int], None] | None = None) -> float:
     """Mean over `batches` (m examples each) of each batch's own worst increase within the ball: SAM's
     m-sharpness. The weights are restored exactly after each batch."""
     if len(flat.vectors) != 1:
@@ -222,6 +248,8 @@ def m_sharpness(flat: FlatParams, batches: list[tuple[Tensor, Tensor]], rho: flo
     try:
         for x, y in batches:
             values.append(ascend_in_ball(loss_grad_on(x, y), saved, rho, ball, adaptive, steps)["sharpness"])
+            if progress is not None:
+                progress(len(values), len(batches))
     finally:
         with torch.no_grad():
             w.copy_(saved)
@@ -232,7 +260,7 @@ def m_sharpness(flat: FlatParams, batches: list[tuple[Tensor, Tensor]], rho: flo
 def measure_checkpoint(path: str, examples: int = 2048, top: int = 1, probes: int = 32, ms: tuple[int, ...] = (),
                        rho: float = 0.05, balls: tuple[str, ...] = ("l2",), adaptive: bool = False,
                        tol: float = 1e-3, max_iters: int = LANCZOS_MAX_ITERS, device: str = "auto", data_dir: str | None = None,
-                       density: int = 0, progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+                       density: int = 0, progress: StageProgress = lambda stage, done, total: None) -> dict[str, Any]:
     """Every measure for one run directory or checkpoint, on its first `examples` training examples
     (no augmentation), model in eval mode. `ms`: batch sizes m for m-sharpness (empty: skipped);
     `density`: SLQ probes for the spectral density (0: skipped). A member
@@ -250,28 +278,28 @@ def measure_checkpoint(path: str, examples: int = 2048, top: int = 1, probes: in
     flat = FlatParams(model)
     op = model_operator(flat, chunks)
     n = flat.numel
-    progress(f"{path}: top {top} eigenvalue(s) by Lanczos")
-    eig = lanczos(op, n, k=top, tol=tol, max_iters=max_iters, device=dev)
+    stage = lambda what: lambda done, total: progress(f"{path}: {what}", done, total)  # noqa: E731
+    eig = lanczos(op, n, k=top, tol=tol, max_iters=max_iters, device=dev,
+                  progress=stage(f"top {top} eigenvalue{'s' if top > 1 else ''} (Lanczos, at most)"))
     result = {"checkpoint": str(path), "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method,
               "examples": examples, "mode": "eval (BatchNorm running statistics)", "params": n,
               "top_eigenvalues": eig["eigenvalues"], "hvps": eig["hvps"], "lanczos_tol": tol}
     if probes:
-        progress(f"{path}: trace by Hutchinson, {probes} probes")
         op.calls = 0
-        tr = hutchinson(op, n, probes=probes, device=dev)
+        tr = hutchinson(op, n, probes=probes, device=dev, progress=stage("trace (Hutchinson probes)"))
         result.update(trace=tr["trace"], trace_stderr=tr["trace_stderr"], hvps=result["hvps"] + tr["hvps"])
     if density:
-        progress(f"{path}: spectral density by stochastic Lanczos quadrature, {density} probes")
-        result["density"] = slq_density(op, n, probes=density, device=dev)
+        result["density"] = slq_density(op, n, probes=density, device=dev,
+                                        progress=stage(f"spectral density (SLQ, {density} probes)"))
         result["hvps"] += result["density"]["hvps"]
     sharp: dict[str, float] = {}
     for m in ms:
         batches = [(head.images[i : i + m], head.labels[i : i + m]) for i in range(0, examples - m + 1, m)]
         batches = [next(iter(datasets.iterate_batches(datasets.Split(x, y), m, dataset=data, train=False))) for x, y in batches]
         for ball in balls:
-            progress(f"{path}: {'adaptive ' if adaptive else ''}{ball} sharpness, m = {m}, rho = {rho}")
             key = f"{'a' if adaptive else ''}{ball}_m{m}"
-            sharp[key] = m_sharpness(flat, batches, rho, ball, adaptive)
+            sharp[key] = m_sharpness(flat, batches, rho, ball, adaptive, progress=stage(
+                f"{'adaptive ' if adaptive else ''}{ball} sharpness, m = {m} (batches)"))
     if sharp:
         result.update(sharpness=sharp, rho=rho)
     return result

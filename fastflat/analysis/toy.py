@@ -114,27 +114,40 @@ def run_toy(name: str, optimizer: str = "sgd", starts: int = 4, rho: float = 0.3
 
 
 def plot_toy(report: dict[str, Any], path: str | Path) -> None:
-    """Contours of the function, each trajectory (plain solid, SAM dashed), start dots, end crosses."""
+    """Contours of the function with each trajectory (plain solid, SAM dashed), start dots, end crosses:
+    on the whole domain (left) and zoomed onto the trajectories (right), where steps of a few pixels on
+    the whole domain can be told apart. The legend sits under the panels, off the data."""
     import matplotlib.pyplot as plt
 
     from fastflat.analysis.plots import save_figure
 
     s = surface(report["function"])
     x0, x1, y0, y1 = s.domain
-    xs, ys = torch.meshgrid(torch.linspace(x0, x1, 300), torch.linspace(y0, y1, 300), indexing="xy")
-    fig, ax = plt.subplots(figsize=(7, 6))
-    contour = ax.contourf(xs, ys, s.f(xs, ys), levels=40, cmap="viridis")
-    fig.colorbar(contour, ax=ax)
-    for i, run in enumerate(report["runs"]):
-        px, py = zip(*run["path"])
-        color = f"C{(i // 2) % 10}"
-        ax.plot(px, py, "--" if run["kind"] == "sam" else "-", color=color, lw=1.5,
-                label=f"start {i // 2 + 1} {'SAM' if run['kind'] == 'sam' else report['optimizer']}")
-        ax.plot(px[0], py[0], "o", color=color)
-        ax.plot(px[-1], py[-1], "x", color=color, ms=9)
-    ax.plot(*s.argmin, "*", color="red", ms=14, label="global minimum")
-    ax.set_xlim(x0, x1)
-    ax.set_ylim(y0, y1)
-    ax.set_title(f"{report['function']}: {report['optimizer']} (solid) vs SAM rho={report['rho']} (dashed)")
-    ax.legend(fontsize=7, loc="upper left")
+    px_all = [x for run in report["runs"] for x, _ in run["path"]]
+    py_all = [y for run in report["runs"] for _, y in run["path"]]
+    pad = 0.1 * max(max(px_all) - min(px_all), max(py_all) - min(py_all), 1e-3 * (x1 - x0))
+    zoom = (max(x0, min(px_all) - pad), min(x1, max(px_all) + pad), max(y0, min(py_all) - pad), min(y1, max(py_all) + pad))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.5))
+    for ax, (a0, a1, b0, b1), where in ((axes[0], s.domain, "whole domain"), (axes[1], zoom, "around the trajectories")):
+        xs, ys = torch.meshgrid(torch.linspace(a0, a1, 300), torch.linspace(b0, b1, 300), indexing="xy")
+        contour = ax.contourf(xs, ys, s.f(xs, ys), levels=40, cmap="viridis")
+        fig.colorbar(contour, ax=ax, label=f"{report['function']}(x, y)")
+        for i, run in enumerate(report["runs"]):
+            px, py = zip(*run["path"])
+            color = f"C{(i // 2) % 10}"
+            ax.plot(px, py, "--" if run["kind"] == "sam" else "-", color=color, lw=1.5,
+                    label=f"start {i // 2 + 1} {'SAM' if run['kind'] == 'sam' else report['optimizer']}")
+            ax.plot(px[0], py[0], "o", color=color)
+            ax.plot(px[-1], py[-1], "x", color=color, ms=9)
+        ax.plot(*s.argmin, "*", color="red", ms=14, label="global minimum")
+        ax.set_xlim(a0, a1)
+        ax.set_ylim(b0, b1)
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
+        ax.set_title(where)
+    fig.suptitle(f"{report['function']}: {report['optimizer']} (solid) vs SAM rho={report['rho']} (dashed); "
+                 "o start, x end")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(len(labels), 5))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     save_figure(fig, Path(path))

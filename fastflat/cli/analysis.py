@@ -11,6 +11,7 @@ import typer
 
 from fastflat.cli.app import app
 from fastflat.cli.consoles import console, err_console
+from fastflat.cli.outputs import OUT_DEFAULT, Name, Out, results_dir
 from fastflat.errors import UserError
 
 
@@ -30,7 +31,7 @@ def sharpness_command(
                                                "eigenvalues; memory holds twice as many weight vectors.")] = 50,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset files.")] = None,
-    out: Annotated[Path, typer.Option(help="Folder for sharpness.json.")] = Path("."),
+    out: Out = OUT_DEFAULT, name: Name = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of a table.")] = False,
 ) -> None:
     """Sharpness of trained weights: top Hessian eigenvalues, Hessian trace, SAM's m-sharpness."""
@@ -40,11 +41,14 @@ def sharpness_command(
     from fastflat.analysis.sharpness import measure_checkpoint
 
     ms, balls = _sharpness_settings(checkpoints, examples, top, trace_probes, m, rho, ball, density, tol, lanczos_steps)
-    say = (lambda message: None) if as_json else (lambda message: err_console.print(message, highlight=False))
-    results = [measure_checkpoint(str(c), examples, top, trace_probes, ms, rho, balls, adaptive, tol, lanczos_steps,
-                                  device=device, data_dir=data_dir, density=density, progress=say) for c in checkpoints]
+    from fastflat.cli.progress import staged_progress
+
+    with staged_progress(err_console) as progress:
+        results = [measure_checkpoint(str(c), examples, top, trace_probes, ms, rho, balls, adaptive, tol, lanczos_steps,
+                                      device=device, data_dir=data_dir, density=density, progress=progress)
+                   for c in checkpoints]
     report = {"checkpoints": results, "provenance": provenance(resolve_device(device))}
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_dir(out, name, "sharpness")
     atomic_write_text(out / "sharpness.json", json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     if density:
         from fastflat.analysis.plots import plot_spectral_density
@@ -126,7 +130,7 @@ def toy_command(
     steps: Annotated[int, typer.Option(help="Steps per trajectory.")] = 300,
     lr: Annotated[float | None, typer.Option(help="Step size (default: one that suits the function).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the start points.")] = 0,
-    out: Annotated[Path, typer.Option(help="Folder for toy-<fn>-<optimizer>.json and .png.")] = Path("."),
+    out: Out = OUT_DEFAULT, name: Name = None,
 ) -> None:
     """2-D test functions: trajectories with and without SAM from the same starts, on a contour plot."""
     from fastflat.runs.rundir import json_safe
@@ -134,8 +138,7 @@ def toy_command(
     from fastflat.analysis.toy import plot_toy, run_toy
 
     report = run_toy(fn, optimizer, starts, rho, steps, lr, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / f"toy-{fn}-{optimizer}.json"
+    target = results_dir(out, name, f"toy-{fn}-{optimizer}") / "toy.json"
     atomic_write_text(target, json.dumps(json_safe(report), allow_nan=False) + "\n")
     plot_toy(report, target.with_suffix(".png"))
     from rich.table import Table

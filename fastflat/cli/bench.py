@@ -22,7 +22,7 @@ from fastflat.errors import UserError
 bench_app = typer.Typer(rich_markup_mode="rich", add_completion=False,
                         help="Benchmark the fused ops against their baselines, and whole training steps.")
 
-OUT = "benchmarks/results"
+OUT = "runs"  # as every command; the rows committed with fastflat are under benchmarks/results
 CPU_SIZES, GPU_SIZES, QUICK_SIZES = "2^16,2^20,2^22", "2^16,2^20,2^24,2^26", "2^16,2^20"
 # Defaults sized by device: on a CPU, torch.compile costs seconds of compilation per (op, size, dtype)
 # and bf16 is not the case anyone tunes there, so a CPU run times fp32 without compile unless asked.
@@ -91,10 +91,14 @@ def kernels(
 
 @bench_app.command("train")
 def train(
-    model: Annotated[str, typer.Option(help="cnn | resnet18 | preact-resnet18 | wrn-D-K | vgg16-bn.")] = "resnet18",
+    model: Annotated[str | None, typer.Option(help="cnn | resnet18 | preact-resnet18 | wrn-D-K | vgg16-bn "
+                                              "(default: resnet18 on a GPU, cnn on a CPU).")] = None,
     methods: Annotated[str, typer.Option(help="Methods to time; unknown ones show as unavailable.")] = "sgd,sam",
-    steps: Annotated[int, typer.Option(min=1, help="Timed steps (and fwd+bwd passes) per method.")] = 20,
-    warmup: Annotated[int, typer.Option(min=0, help="Untimed steps first.")] = 3,
+    steps: Annotated[int | None, typer.Option(min=1, help="Timed steps (and fwd+bwd passes) per method [default: 20; "
+                                              "--quick 5].")] = None,
+    warmup: Annotated[int | None, typer.Option(min=0, help="Untimed steps first [default: 3; --quick 1].")] = None,
+    quick: Annotated[bool, typer.Option(help="A smoke run: 5 timed steps after 1 untimed, the small CNN unless "
+                                        "--model is given.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 128,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     out: Annotated[str, typer.Option(help="Folder for the JSON and CSV results (never overwritten).")] = OUT,
@@ -112,6 +116,9 @@ def train(
     if batch_size % dist.world_size():
         raise UserError(f"--batch-size {batch_size} does not split over {dist.world_size()} processes")
     dev = _device(device)
+    model = model or ("resnet18" if dev.type == "cuda" and not quick else "cnn")
+    steps = steps or (5 if quick else 20)
+    warmup = (1 if quick else 3) if warmup is None else warmup
     settings = TrainSettings(model=model, methods=_names(methods, None, "--methods"), steps=steps,
                              batch_size=batch_size, warmup=warmup, device=dev)
     say = console if fmt == "table" else err_console  # csv/json own stdout

@@ -19,3 +19,8 @@ def _wide_when_piped(console: Console) -> Console:
 
 console = _wide_when_piped(Console())
 err_console = _wide_when_piped(Console(stderr=True))
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """'1 run', '2 runs' ('1 process', '2 processes' with many=)."""
+    return f"{count} {word if count == 1 else many or word + 's'}"

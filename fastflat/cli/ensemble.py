@@ -10,7 +10,8 @@ from typing import Annotated, Any
 import typer
 
 from fastflat.cli.app import app
-from fastflat.cli.consoles import console, err_console
+from fastflat.cli.consoles import console, err_console, plural
+from fastflat.cli.outputs import OUT_DEFAULT, Name, Out, results_dir
 from fastflat.errors import UserError
 
 
@@ -26,7 +27,7 @@ def ensemble_command(
     points: Annotated[int, typer.Option("--points", help="With --curve: points t = 0 .. 1 in the ensemble (BatchNorm re-estimated at each).")] = 5,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset files.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the JSON report here (default: ensemble-<kind>.json in the run).")] = None,
+    out: Out = OUT_DEFAULT, name: Name = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of a table.")] = False,
 ) -> None:
     """Evaluate an ensemble: accuracy, NLL, ECE of the ensemble and each member, disagreement, and a plot.
@@ -39,7 +40,7 @@ def ensemble_command(
     if curve is not None:
         if any(groups.values()) or swa is not None or budgets or sse_keep is not None:
             raise UserError("--curve takes a curve run alone (with --points K), not with other runs or --budgets")
-        return _curve_ensemble(curve, points, device, data_dir, out, as_json)
+        return _curve_ensemble(curve, points, device, data_dir, results_dir(out, name, "ensemble-curve"), as_json)
     keep = _parse_keep(sse_keep)
     if keep is not None and not sse:
         raise UserError("--sse-keep picks snapshots of --sse runs; no --sse run was given")
@@ -52,8 +53,7 @@ def ensemble_command(
             raise UserError("--budgets needs runs: --from RUN (Ind), --sse RUN, --fge RUN, each repeatable")
         with progress_bar(err_console, "members") as progress, reporting_progress(progress):
             report = budget_report(groups, keep, device, data_dir)
-        first = next(r for rs in groups.values() for r in rs)
-        target = out or Path(first) / "ensemble-budgets.json"
+        target = results_dir(out, name, "ensemble-budgets") / "ensemble.json"
     else:
         chosen = [(k, r) for k, rs in (("fge", fge or []), ("sse", sse or [])) for r in rs] + (
             [("swa", swa)] if swa is not None else []) + [("final", r) for r in runs or []]
@@ -63,7 +63,7 @@ def ensemble_command(
         kind = chosen[0][0]
         with progress_bar(err_console, "members") as progress, reporting_progress(progress):
             report = runs_report(kind, [r for _, r in chosen], keep, device, data_dir)
-        target = out or Path(chosen[0][1]) / f"ensemble-{kind}.json"
+        target = results_dir(out, name, f"ensemble-{kind}") / "ensemble.json"
     write_report(report, target)
     if as_json:
         print(json.dumps(report))
@@ -73,7 +73,7 @@ def ensemble_command(
         _print_ensemble(report, target)
 
 
-def _curve_ensemble(run: Path, points: int, device: str, data_dir: str | None, out: Path | None, as_json: bool) -> None:
+def _curve_ensemble(run: Path, points: int, device: str, data_dir: str | None, folder: Path, as_json: bool) -> None:
     from fastflat.runs.rundir import json_safe
     from fastflat.geometry.landscape import curve_ensemble
     from fastflat.runs.rundir import atomic_write_text
@@ -82,7 +82,7 @@ def _curve_ensemble(run: Path, points: int, device: str, data_dir: str | None, o
 
     with progress_bar(err_console, "curve points") as progress:
         report = curve_ensemble(run, points, device=device, data_dir=data_dir, progress=progress)
-    target = out or run / "ensemble-curve.json"
+    target = folder / "ensemble.json"
     atomic_write_text(target, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     if as_json:
         print(json.dumps(json_safe(report)))
@@ -110,7 +110,7 @@ def _parse_keep(value: str | None) -> int | str | None:
 def _print_ensemble(report: dict[str, Any], target: Path) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{report['kind']} ensemble of {len(report['members'])} models")
+    table = Table(title=f"{report['kind']} ensemble of {plural(len(report['members']), 'model')}")
     for column in ("model", "accuracy", "NLL", "ECE", "ensemble acc. (first k)"):
         table.add_column(column, justify="right" if column != "model" else "left")
     for m, curve in zip(report["members"], report["accuracy_by_size"]):

@@ -19,13 +19,16 @@ from fastflat.cli.consoles import console, err_console
 from fastflat.cli.launch import interrupted_message
 from fastflat.methods.curve import CurveKind
 from fastflat.errors import UserError
+from fastflat.cli.outputs import OUT_DEFAULT, Name, Out, points_cache, results_dir
 from fastflat.cli.progress import progress_bar
 
 landscape_app = typer.Typer(help="Loss-surface pictures: the plane through three solutions, a line, random rays.",
                             no_args_is_help=True)
 app.add_typer(landscape_app, name="landscape")
 
-Examples = Annotated[int, typer.Option(help="Examples per point: a seeded subset of the training and test sets (0 = all).")]
+EXAMPLES_DEFAULT = 1000  # a CPU scores ~1,000 examples a point in well under a second on the small CNN
+Examples = Annotated[int, typer.Option(help="Examples per point: a seeded subset of the training and test sets, the same at "
+                                            "every point (0 = all: full pictures).")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")]
 DataDir = Annotated[str | None, typer.Option(help="Folder holding the dataset files.")]
 BNUpdate = Annotated[bool, typer.Option("--bn-update/--no-bn-update", help="Re-estimate BatchNorm statistics at every point.")]
@@ -64,7 +67,8 @@ def _interrupted_says(message: Callable[[KeyboardInterrupt], str]):
 
 
 def _cached_in(out: Path) -> Callable[[KeyboardInterrupt], str]:
-    return lambda e: f"interrupted: the points scored so far are cached in {out}; the same command continues from them"
+    return lambda e: (f"interrupted: the points scored so far are cached in {points_cache(out)}; the same command "
+                      "continues from them")
 
 
 POINT_BYTES = 2048  # host memory per scored point: its row of scores as Python objects, its cache line, the grids
@@ -100,13 +104,12 @@ def _with_provenance(report: dict[str, Any], device: str) -> dict[str, Any]:
 
 @landscape_app.command("plane")
 def plane_command(
-    points: Annotated[list[str], typer.Option("--points", help="Three run directories or member files: w1 w2 w3 (repeat --points).")],
-    grid: Annotated[int, typer.Option(min=2, help="Points per side of the grid.")] = 21,
+    at: Annotated[list[str], typer.Option("--at", help="Three solutions, run directories or member files: w1 w2 w3 (repeat --at).")],
+    grid: Annotated[int, typer.Option(min=2, help="Points per side of the grid (grid x grid points; full pictures: 21).")] = 11,
     margin: Annotated[float, typer.Option(min=0.0, help="Grid margin around the three points, times their span.")] = 0.2,
     trajectory: Annotated[str | None, typer.Option(help="A run trained with --trajectory-every: project its weights onto the plane.")] = None,
-    examples: Examples = 0, seed: Seed = 0, bn_update: BNUpdate = True, points_at_once: AtOnce = 1,
-    device: Device = "auto", data_dir: DataDir = None,
-    out: Annotated[Path, typer.Option(help="Folder for plane.json/.npz/.png (and the per-point cache).")] = Path("landscape"),
+    examples: Examples = EXAMPLES_DEFAULT, seed: Seed = 0, bn_update: BNUpdate = True, points_at_once: AtOnce = 1,
+    device: Device = "auto", data_dir: DataDir = None, out: Out = OUT_DEFAULT, name: Name = None,
 ) -> None:
     """Train loss and test error over the plane through three solutions, P(x, y) = w1 + x u + y v."""
     from fastflat.geometry.landscape import plane
@@ -116,10 +119,11 @@ def plane_command(
                     _fits_in_memory(grid * grid, f"--grid {grid}", lambda most: f"--grid {math.isqrt(most)} or less"),
                     *_common_checks(examples, points_at_once)])
 
-    with _interrupted_says(_cached_in(out)), progress_bar(err_console, "plane") as progress:
-        report = plane(points, grid, margin, examples, seed, bn_update, trajectory, points_at_once, device, data_dir,
-                       out, progress)
-    target = _write(_with_provenance(report, device), out, "plane", plot_plane)
+    folder = results_dir(out, name, "plane")
+    with _interrupted_says(_cached_in(out)), progress_bar(err_console, f"plane, {grid * grid} points") as progress:
+        report = plane(at, grid, margin, examples, seed, bn_update, trajectory, points_at_once, device, data_dir,
+                       points_cache(out), progress, warn=_warn)
+    target = _write(_with_provenance(report, device), folder, "plane", plot_plane)
     if "trajectory" in report:
         off = report["trajectory"]["distance_off_plane"]
         console.print(f"trajectory: {len(off)} points, distance off the plane up to {max(off):.3g} (weight units)")
@@ -129,27 +133,28 @@ def plane_command(
 
 @landscape_app.command("line")
 def line_command(
-    a: Annotated[str, typer.Option("--from", help="Point A (t = 1), e.g. RUN/members/swa.pt.")],
-    b: Annotated[str, typer.Option("--to", help="Point B (t = 0), e.g. the SWA run's final SGD weights (RUN).")],
+    a: Annotated[str, typer.Option("--from", help="Point A (t = 0), e.g. the SWA run's final SGD weights (RUN).")],
+    b: Annotated[str, typer.Option("--to", help="Point B (t = 1), e.g. RUN/members/swa.pt.")],
     t_range: Annotated[tuple[float, float], typer.Option("--range", help="t from .. to (past both ends).")] = (-0.5, 1.5),
-    steps: Annotated[int, typer.Option(min=2, help="Points along the line.")] = 41,
-    examples: Examples = 0, seed: Seed = 0, bn_update: BNUpdate = True, points_at_once: AtOnce = 1,
-    device: Device = "auto", data_dir: DataDir = None,
-    out: Annotated[Path, typer.Option(help="Folder for line.json/.npz/.png.")] = Path("landscape"),
+    points: Annotated[int, typer.Option(min=2, help="Points along the line (full pictures: 41).")] = 21,
+    examples: Examples = EXAMPLES_DEFAULT, seed: Seed = 0, bn_update: BNUpdate = True, points_at_once: AtOnce = 1,
+    device: Device = "auto", data_dir: DataDir = None, out: Out = OUT_DEFAULT, name: Name = None,
 ) -> None:
-    """Train and test loss and error along w(t) = t A + (1 - t) B."""
+    """Train and test loss and error along w(t) = (1 - t) A + t B."""
     from fastflat.geometry.landscape import line
     from fastflat.analysis.plots import plot_line
 
     _refuse_unless([(all(map(math.isfinite, t_range)) and t_range[0] < t_range[1],
                      f"--range {t_range[0]} {t_range[1]}: two finite values, the first below the second"),
-                    _fits_in_memory(steps, f"--steps {steps}", lambda most: f"--steps {most} or less"),
+                    _fits_in_memory(points, f"--points {points}", lambda most: f"--points {most} or less"),
                     *_common_checks(examples, points_at_once)])
 
-    with _interrupted_says(_cached_in(out)), progress_bar(err_console, "line") as progress:
-        report = line(a, b, t_range, steps, examples, seed, bn_update, points_at_once, device, data_dir, out, progress)
-    target = _write(_with_provenance(report, device), out, "line", plot_line)
-    console.print(f"line of {steps} points over t in [{t_range[0]}, {t_range[1]}], |A - B| = {report['distance']:.4g}; "
+    folder = results_dir(out, name, "line")
+    with _interrupted_says(_cached_in(out)), progress_bar(err_console, f"line, {points} points") as progress:
+        report = line(a, b, t_range, points, examples, seed, bn_update, points_at_once, device, data_dir,
+                      points_cache(out), progress)
+    target = _write(_with_provenance(report, device), folder, "line", plot_line)
+    console.print(f"line of {points} points over t in [{t_range[0]}, {t_range[1]}], |A - B| = {report['distance']:.4g}; "
                   f"report: {target} and {target.with_suffix('.png')}")
 
 
@@ -158,11 +163,10 @@ def rays_command(
     at: Annotated[list[str], typer.Option("--at", help="Origin(s): run directories or member files (repeat --at).")],
     directions: Annotated[int, typer.Option(help="Random directions per origin (the same ones from every origin).")] = 5,
     distance: Annotated[float, typer.Option(help="Farthest distance along each direction.")] = 30.0,
-    steps: Annotated[int, typer.Option(help="Points along each ray, from 0 to --distance.")] = 16,
+    points: Annotated[int, typer.Option(help="Points along each ray, from 0 to --distance (full pictures: 16).")] = 8,
     filter_norm: Annotated[bool, typer.Option(help="Filter-normalised directions (Li et al. 2018) instead of unit ones.")] = False,
-    examples: Examples = 0, seed: Seed = 0, bn_update: BNUpdate = True, points_at_once: AtOnce = 1,
-    device: Device = "auto", data_dir: DataDir = None,
-    out: Annotated[Path, typer.Option(help="Folder for rays.json/.png.")] = Path("landscape"),
+    examples: Examples = EXAMPLES_DEFAULT, seed: Seed = 0, bn_update: BNUpdate = True, points_at_once: AtOnce = 1,
+    device: Device = "auto", data_dir: DataDir = None, out: Out = OUT_DEFAULT, name: Name = None,
 ) -> None:
     """Train and test error against the distance along random directions from each origin."""
     from fastflat.geometry.landscape import rays
@@ -170,15 +174,16 @@ def rays_command(
 
     _refuse_unless([(directions >= 1, f"--directions {directions}: at least 1"),
                     (math.isfinite(distance) and distance > 0, f"--distance {distance}: a finite distance > 0"),
-                    (steps >= 2, f"--steps {steps}: at least 2 (0 and --distance)"),
-                    _fits_in_memory(len(at) * directions * max(steps, 0), "--at x --directions x --steps",
+                    (points >= 2, f"--points {points}: at least 2 (0 and --distance)"),
+                    _fits_in_memory(len(at) * directions * max(points, 0), "--at x --directions x --points",
                                     lambda most: f"at most {most:,} points in all"),
                     *_common_checks(examples, points_at_once)])
 
-    with _interrupted_says(_cached_in(out)), progress_bar(err_console, "rays") as progress:
-        report = rays(at, directions, distance, steps, filter_norm, examples, seed, bn_update, points_at_once,
-                      device, data_dir, out, progress)
-    target = _write(_with_provenance(report, device), out, "rays", plot_rays)
+    folder = results_dir(out, name, "rays")
+    with _interrupted_says(_cached_in(out)), progress_bar(err_console, f"rays, {len(at) * directions * points} points") as progress:
+        report = rays(at, directions, distance, points, filter_norm, examples, seed, bn_update, points_at_once,
+                      device, data_dir, points_cache(out), progress)
+    target = _write(_with_provenance(report, device), folder, "rays", plot_rays)
     for ray in report["rays"]:
         far = [row[-1] for row in ray["train_err"]]
         console.print(f"{ray['at']}: train error at distance {distance:g}: {min(far):.2f} .. {max(far):.2f} %")
@@ -188,22 +193,28 @@ def rays_command(
 CURVE_SETTINGS = "curve-settings.json"  # the evaluation settings a curve run was started with, for --resume
 
 
+CURVE_DEFAULTS = {"points": 21, "examples": EXAMPLES_DEFAULT}  # quick on a CPU; the paper's pictures: 61 and 0 (all)
+
+
 @app.command("curve")
 def curve_command(
-    start: Annotated[str | None, typer.Option(help="End point w1: a run directory or member file.")] = None,
-    end: Annotated[str | None, typer.Option(help="End point w2 (same model and dataset).")] = None,
+    start: Annotated[str | None, typer.Option("--from", "--start", help="End point w1 (t = 0): a run directory or member file.")] = None,
+    end: Annotated[str | None, typer.Option("--to", "--end", help="End point w2 (t = 1), same model and dataset.")] = None,
     curve: Annotated[CurveKind, typer.Option(help="Bezier (quadratic) or polygonal chain through the bend.")] = CurveKind("bezier"),
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs to train the bend.")] = 4,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs to train the bend (full pictures: 4 or more).")] = 1,
+    subset: Annotated[int | None, typer.Option(help="Train the bend on a seeded N training examples (default: the "
+                                               "end runs' own --subset, so bend and ends see the same data).")] = None,
+    max_steps: Annotated[int, typer.Option(help=setting_help("max_steps"))] = 0,
     lr: Annotated[float | None, typer.Option(help=setting_help("lr"))] = None,
     weight_decay: Annotated[float | None, typer.Option(help=setting_help("weight_decay"))] = None,
     batch_size: Annotated[int | None, typer.Option(help=setting_help("batch_size"))] = None,
-    seed: Annotated[int | None, typer.Option(help=setting_help("seed"))] = None,
-    points: Annotated[int | None, typer.Option(help="Values of t evaluated along each path (the paper: 61). [default: 61]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the bend's run (default: the end runs' seed).")] = None,
+    points: Annotated[int | None, typer.Option(help=f"Values of t evaluated along each path (the paper: 61). "
+                                               f"[default: {CURVE_DEFAULTS['points']}]")] = None,
     examples: Annotated[int | None, typer.Option(help="Examples per point: a seeded subset of the training and test sets "
-                                                 "(0 = all). [default: 0]")] = None,
+                                                 f"(0 = all). [default: {CURVE_DEFAULTS['examples']}]")] = None,
     bn_update: BNUpdate = True, points_at_once: AtOnce = 1,
-    device: Device = "auto", data_dir: DataDir = None,
-    out: Annotated[str, typer.Option(help="Parent folder of the curve's run directory.")] = "runs",
+    device: Device = "auto", data_dir: DataDir = None, out: Out = OUT_DEFAULT,
     name: Annotated[str | None, typer.Option(help="Run directory name (default: curve-<kind>-<time>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Finish an interrupted curve run (training, then the evaluation) "
                                                 "with the settings it was started with.")] = None,
@@ -217,13 +228,15 @@ def curve_command(
     if resume is not None:
         if start or end or points is not None or examples is not None:
             raise UserError("--resume continues the curve run with the settings it was started with; drop "
-                            "--start/--end/--points/--examples")
+                            "--from/--to/--points/--examples")
         run, settings = resume, _resumable_curve(resume)
         device = settings["device"]
     else:
-        settings = {"points": 61 if points is None else points, "examples": examples or 0, "bn_update": bn_update,
+        settings = {"points": CURVE_DEFAULTS["points"] if points is None else points,
+                    "examples": CURVE_DEFAULTS["examples"] if examples is None else examples, "bn_update": bn_update,
                     "points_at_once": points_at_once, "device": device}
-        cfg = _new_curve_config(start, end, curve, epochs, lr, weight_decay, batch_size, seed, settings, data_dir, out, name)
+        cfg = _new_curve_config(start, end, curve, epochs, lr, weight_decay, batch_size, seed, subset, max_steps,
+                                settings, data_dir, out, name)
     hooks = RichHooks(console)
     with _interrupted_says(lambda e: interrupted_message(e, hooks.run_dir, "fastflat curve")):
         try:
@@ -246,9 +259,14 @@ def curve_command(
     console.print(f"report: {target} and {target.with_suffix('.png')}; the bend: {run / 'members' / 'bend.pt'}")
 
 
-def _new_curve_config(start, end, curve, epochs, lr, weight_decay, batch_size, seed, settings, data_dir, out, name):
+DATA_SETTINGS = ("subset", "seed", "val_split", "label_noise", "image_size")  # what decides the examples a run saw
+
+
+def _new_curve_config(start, end, curve, epochs, lr, weight_decay, batch_size, seed, subset, max_steps, settings,
+                      data_dir, out, name):
     """The curve run's config, every option checked before any training: both ends readable, finite and of
-    one architecture and dataset, at least two points, examples within the data."""
+    one architecture and dataset, at least two points, examples within the data. The bend sees the end
+    runs' data (their subset, seed, split) unless told otherwise; a warning says when it would not."""
     import datetime as dt
 
     from fastflat import data as datasets
@@ -257,23 +275,37 @@ def _new_curve_config(start, end, curve, epochs, lr, weight_decay, batch_size, s
     from fastflat.runs.rundir import load_point
 
     if not start or not end:
-        raise UserError("fastflat curve needs both end points: --start RUN_A --end RUN_B")
+        raise UserError("fastflat curve needs both end points: --from RUN_A --to RUN_B")
     if settings["points"] < 2 or settings["examples"] < 0 or settings["points_at_once"] < 1:
         raise UserError(f"--points must be at least 2 (the two ends), --examples >= 0 and --points-at-once >= 1; got "
                         f"{settings['points']}, {settings['examples']} and {settings['points_at_once']}")
     a, b = (config_from_dict(load_point(p)["config"]) for p in (start, end))  # NaN ends: exit 3 here
     check_same_model_and_data([Path(start), Path(end)], [a, b])
+    chosen = {"subset": a.subset if subset is None else subset, "seed": a.seed if seed is None else seed,
+              "val_split": a.val_split, "label_noise": a.label_noise, "image_size": a.image_size}
+    seeded = any(getattr(c, key) for c in (a, b) for key in ("subset", "val_split", "label_noise"))
+    keys = [key for key in DATA_SETTINGS if key != "seed" or seeded]  # the seed picks examples only then
+    differ = [f"{key} {getattr(a, key)} / {getattr(b, key)}" for key in keys if getattr(a, key) != getattr(b, key)]
     if settings["examples"]:
         data = datasets.load_dataset(a.dataset, data_dir or a.data_dir, "cpu", a.label_noise, a.seed, image_size=a.image_size,
                                      bad_images=a.bad_images)
         if settings["examples"] > len(data.train):
             raise UserError(f"--examples {settings['examples']} is larger than the {len(data.train)} training examples")
+    if differ:  # every check passed: now the warnings
+        _warn(f"the end runs saw different data ({', '.join(differ)}): the bend trains on the first's")
+    if chosen["subset"] != a.subset:
+        _warn(f"the bend trains on --subset {chosen['subset'] or 'all'} while the ends trained on "
+              f"{a.subset or 'all'} examples: a curve that beats its ends may only have seen more data")
     return load_config(None, {"method": "curve", "curve.start": start, "curve.end": end, "curve.kind": curve.value,
                               "model": a.model, "dataset": a.dataset, "data_dir": data_dir or a.data_dir,
-                              "image_size": a.image_size, "label_noise": a.label_noise, "epochs": epochs, "lr": lr,
-                              "seed": seed, "weight_decay": weight_decay, "batch_size": batch_size,  # None: the default
-                              "device": settings["device"], "out": out,
+                              **chosen, "epochs": epochs, "lr": lr, "max_steps": max_steps,
+                              "weight_decay": weight_decay, "batch_size": batch_size,  # None: the default
+                              "device": settings["device"], "out": str(out),
                               "name": name or f"curve-{curve.value}-{dt.datetime.now():%Y%m%d-%H%M%S}"})
+
+
+def _warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 
 def _resumable_curve(run: Path) -> dict[str, Any]:
@@ -287,7 +319,7 @@ def _resumable_curve(run: Path) -> dict[str, Any]:
     try:
         return json.loads((run / CURVE_SETTINGS).read_text())
     except (OSError, ValueError):  # a run started by fastflat train --method curve: the command's defaults
-        return {"points": 61, "examples": 0, "bn_update": True, "points_at_once": 1, "device": config["device"]}
+        return {**CURVE_DEFAULTS, "bn_update": True, "points_at_once": 1, "device": config["device"]}
 
 
 class _SavingCurveSettings:

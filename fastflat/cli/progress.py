@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fastflat.cli.consoles import plural
 from fastflat.loop.steps import Hooks
 
 
@@ -80,6 +81,7 @@ class RichHooks(Hooks):
 
     def on_epoch(self, record: dict[str, Any]) -> None:
         self.progress.update(self.task, completed=record["step"])
+        self.tick, self.tick_seen = time.perf_counter(), 0  # the next rate counts training only, not this evaluation
         if "test_acc" not in record:  # not an evaluation epoch (--eval-every): the bar says enough
             return
         val = f"val acc {record['val_acc']:5.2f}%  " if "val_acc" in record else ""
@@ -107,11 +109,13 @@ class RichHooks(Hooks):
                 ("train loss", f"{summary['train_loss']:.4f}"), ("epochs / steps", f"{summary['epochs']} / {summary['steps']}"),
                 ("training time", f"{summary['train_seconds']:.1f} s"), ("device", summary["provenance"]["device"]),
                 ("run directory", summary["run_dir"])]
-        if "swa_acc" in summary:
-            rows.insert(1, ("SWA test accuracy", f"{summary['swa_acc']:.2f}% ({summary['swa_models_averaged']} models)"))
+        if summary.get("delivered", "iterate") != "iterate":  # test accuracy above is that model's (SWA's average)
+            rows[0] = (f"test accuracy ({summary['delivered'].upper()})", rows[0][1] + (
+                f" ({plural(summary['swa_models_averaged'], 'model')})" if "swa_models_averaged" in summary else ""))
+            rows.insert(1, ("last iterate test accuracy", f"{_num(summary['iterate_acc'], '.2f')}%"))
         if summary.get("ensemble"):
             e = summary["ensemble"]
-            rows.insert(1, ("ensemble test accuracy", f"{e['ensemble']['acc']:.2f}% ({len(e['members'])} models)"))
+            rows.insert(1, ("ensemble test accuracy", f"{e['ensemble']['acc']:.2f}% ({plural(len(e['members']), 'model')})"))
             rows.insert(2, ("best member", f"{e['best_member_acc']:.2f}%"))
         for key, value in rows:
             table.add_row(key, value)
@@ -150,6 +154,30 @@ def progress_bar(console: Console, what: str):
     finally:
         if task is not None:
             bar.stop()
+
+
+@contextmanager
+def staged_progress(console: Console):
+    """A progress bar with ETA per stage of long work: yields update(stage, done, total); a new stage
+    closes the previous bar (left on screen, or its last plain line when piped) and opens its own."""
+    current: dict[str, Any] = {"stage": None, "bar": None, "update": None}
+
+    def close() -> None:
+        if current["bar"] is not None:
+            current["bar"].__exit__(None, None, None)
+            current["bar"] = None
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage != current["stage"]:
+            close()
+            current["stage"], current["bar"] = stage, progress_bar(console, stage)
+            current["update"] = current["bar"].__enter__()
+        current["update"](done, total)
+
+    try:
+        yield update
+    finally:
+        close()
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from fastflat.cli.app import app, opt
+from fastflat.cli.consoles import plural
 from fastflat.cli.options import config_options, with_signature
 from fastflat.config import GeneralConfig, load_config, option_keys
 from fastflat.cli.consoles import console, err_console
@@ -65,7 +66,12 @@ def _train(config: Path | None, resume: Path | None, print_config: bool, nproc: 
 
             print(yaml.safe_dump(load_checkpoint(resume)["config"], sort_keys=False), end="")
         else:
-            print(yaml.safe_dump(to_dict(load_config(config, overrides)), sort_keys=False), end="")
+            from fastflat.methods import sections, sections_in_use
+
+            cfg = load_config(config, overrides)
+            unused = set(sections()) - set(sections_in_use(cfg))  # other methods' settings: noise here
+            resolved = {k: v for k, v in to_dict(cfg).items() if k not in unused}
+            print(yaml.safe_dump(resolved, sort_keys=False), end="")
         return
     hooks = RichHooks(console) if os.environ.get("RANK", "0") == "0" else training.Hooks()  # torchrun: rank 0 speaks
     try:
@@ -122,13 +128,14 @@ def runs_command(
         return
     from rich.table import Table
 
-    table = Table(title=f"{len(rows)} runs in {folder}")
+    table = Table(title=f"{plural(len(rows), 'run')} in {folder}")
     for column in ("run", "method", "model", "data", "epochs", "best test acc.", "final test acc.", "status"):
         table.add_column(column, justify="right" if "acc" in column or column == "epochs" else "left")
-    colour = {"finished": "green", "failed": "red", "running": "cyan", "interrupted": "yellow", "unreadable": "red"}
+    colour = {"finished": "green", "failed": "red", "running": "cyan", "interrupted": "yellow", "unreadable": "red",
+              "cut short": "yellow"}
     for r in rows:
         acc = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731
-        state = r["status"] + (f": {r['error']}" if r.get("error") else "")
+        state = r["status"] + (f": {r['error']}" if r.get("error") else " by --max-steps" if r["status"] == "cut short" else "")
         table.add_row(r["run"], str(r["method"]), str(r["model"]), str(r["dataset"]), f"{r['epochs_done']}/{r['epochs']}",
                       acc(r["best_test_acc"]), acc(r["final_test_acc"]), f"[{colour.get(r['status'], 'white')}]{state}")
     console.print(table)

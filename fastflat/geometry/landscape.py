@@ -136,10 +136,12 @@ def project(points: Tensor, origin: Tensor, u: Tensor, v: Tensor) -> tuple[Tenso
     return x, y, off
 
 
-def grid_axis(values: list[float], points: int, margin: float) -> list[float]:
-    """`points` evenly spaced coordinates covering `values` with `margin` x their span on each side."""
+def grid_axis(values: list[float], points: int, margin: float, span: float | None = None) -> list[float]:
+    """`points` evenly spaced coordinates covering `values` with `margin` x `span` (default: their own
+    span) on each side. The plane passes the larger of its two spans, so points nearly on one line still
+    get a second axis wide enough to see the surface around them."""
     lo, hi = min(values), max(values)
-    pad = margin * (hi - lo)
+    pad = margin * (hi - lo if span is None else span)
     lo, hi = lo - pad, hi + pad
     return [lo + (hi - lo) * i / (points - 1) for i in range(points)]
 
@@ -192,35 +194,61 @@ def _columns(rows: list[dict[str, float]], shape: tuple[int, ...] | None = None)
     return out
 
 
-def plane(paths: list[str], grid: int = 21, margin: float = 0.2, examples: int = 0, seed: int = 0,
+def plane(paths: list[str], grid: int = 11, margin: float = 0.2, examples: int = 0, seed: int = 0,
           bn_update: bool = True, trajectory: str | None = None, points_at_once: int = 1, device: str = "auto",
-          data_dir: str | None = None, cache_dir: Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Train loss and test error over the plane through three points, P(x, y) = w1 + x u^ + y v^."""
+          data_dir: str | None = None, cache_dir: Path | None = None, progress: Progress | None = None,
+          warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train loss and test error over the plane through three points, P(x, y) = w1 + x u^ + y v^.
+
+    The grid spans the three points and the projected trajectory (when given), plus `margin` times that
+    span on each side; `warn` hears when the three points are nearly on one line (the plane is then
+    decided by rounding, and its picture by little more)."""
     if len(paths) != 3:
-        raise UserError(f"a plane needs exactly three points (--points A B C), got {len(paths)}")
+        raise UserError(f"a plane needs exactly three solutions (--at A --at B --at C), got {len(paths)}")
     config, data, space, (w1, w2, w3) = load_points(paths, device, data_dir)
     u, v = plane_basis(w1, w2, w3)
     x, y, _ = project(torch.stack([w1, w2, w3]), w1, u, v)
-    xs, ys = grid_axis(x.tolist(), grid, margin), grid_axis(y.tolist(), grid, margin)
+    ratio = collinearity(x.tolist(), y.tolist())
+    if warn is not None and ratio < COLLINEAR_BELOW:
+        warn(f"the three points are nearly on one line (the third lies {ratio:.1%} of their span off the line "
+             "through the first two): the plane's second axis is mostly rounding; a line (fastflat landscape "
+             "line) shows them better")
+    extent_x, extent_y, path = x.tolist(), y.tolist(), None
+    if trajectory is not None:
+        steps, weights = load_trajectory(trajectory, space)
+        tx, ty, off = project(weights.to(w1.device), w1, u, v)
+        path = {"run": str(trajectory), "steps": steps, "x": tx.tolist(), "y": ty.tolist(),
+                "distance_off_plane": off.tolist()}
+        extent_x, extent_y = extent_x + path["x"], extent_y + path["y"]
+    span = max(max(extent_x) - min(extent_x), max(extent_y) - min(extent_y))
+    xs, ys = grid_axis(extent_x, grid, margin, span), grid_axis(extent_y, grid, margin, span)
     u32, v32 = u.to(w1.dtype), v.to(w1.dtype)
     spec = {"kind": "plane", "paths": [str(p) for p in paths], "xs": xs, "ys": ys, "examples": examples,
             "seed": seed, "bn": bn_update, **content_of(config, w1, w2, w3)}
     rows = score_points(_scorer(space, data, examples, seed, bn_update), grid * grid,
                         lambda i: w1 + xs[i % grid] * u32 + ys[i // grid] * v32, spec, cache_dir, points_at_once, progress)
     report = {**spec, "coords": torch.stack([x, y], 1).tolist(), **_columns(rows, (grid, grid)),
-              "model": config["model"], "dataset": config["dataset"]}
-    if trajectory is not None:
-        steps, weights = load_trajectory(trajectory, space)
-        tx, ty, off = project(weights.to(w1.device), w1, u, v)
-        report["trajectory"] = {"run": str(trajectory), "steps": steps, "x": tx.tolist(), "y": ty.tolist(),
-                                "distance_off_plane": off.tolist()}
+              "collinearity": ratio, "model": config["model"], "dataset": config["dataset"]}
+    if path is not None:
+        report["trajectory"] = path
     return report
+
+
+COLLINEAR_BELOW = 0.05  # the third point closer to the first two's line than 5% of their span: warn
+
+
+def collinearity(xs: list[float], ys: list[float]) -> float:
+    """How far the third point lies off the line through the first two, as a share of the points' span
+    (0: on the line). In plane coordinates the first two lie on the x axis, so that is |y3| / span."""
+    span = max(max(xs) - min(xs), max(ys) - min(ys), 1e-30)
+    return abs(ys[2] - ys[0]) / span
 
 
 def line(a: str, b: str, t_range: tuple[float, float] = (-0.5, 1.5), points: int = 41, examples: int = 0,
          seed: int = 0, bn_update: bool = True, points_at_once: int = 1, device: str = "auto",
          data_dir: str | None = None, cache_dir: Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """w(t) = t w_A + (1 - t) w_B: t = 1 is A, t = 0 is B, and the range reaches past both."""
+    """w(t) = (1 - t) w_A + t w_B: t = 0 is A (--from), t = 1 is B (--to), as on a curve; the range
+    reaches past both."""
     config, data, space, (wa, wb) = load_points([a, b], device, data_dir)
     if torch.equal(wa, wb):
         raise UserError(f"{a} and {b} are the same weights: a line needs two distinct points")
@@ -231,7 +259,7 @@ def line(a: str, b: str, t_range: tuple[float, float] = (-0.5, 1.5), points: int
     spec = {"kind": "line", "from": str(a), "to": str(b), "t": ts, "examples": examples, "seed": seed, "bn": bn_update,
             **content_of(config, wa, wb)}
     rows = score_points(_scorer(space, data, examples, seed, bn_update), points,
-                        lambda i: ts[i] * wa + (1 - ts[i]) * wb, spec, cache_dir, points_at_once, progress)
+                        lambda i: (1 - ts[i]) * wa + ts[i] * wb, spec, cache_dir, points_at_once, progress)
     return {**spec, **_columns(rows), "distance": float((wa - wb).double().norm()),
             "model": config["model"], "dataset": config["dataset"]}
 
@@ -241,7 +269,7 @@ def rays(at: list[str], directions: int = 5, max_distance: float = 30.0, points:
          data_dir: str | None = None, cache_dir: Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """w + t d along `directions` random directions from each point of `at`, t in [0, max_distance]."""
     if directions < 1 or max_distance <= 0 or points < 2:
-        raise UserError(f"--directions >= 1, --distance > 0 and --steps >= 2 (got {directions}, {max_distance}, {points})")
+        raise UserError(f"--directions >= 1, --distance > 0 and --points >= 2 (got {directions}, {max_distance}, {points})")
     config, data, space, origins = load_points(at, device, data_dir)
     ts = [max_distance * i / (points - 1) for i in range(points)]
     scorer = _scorer(space, data, examples, seed, bn_update)

@@ -60,6 +60,10 @@ def build_data(cfg: TrainConfig, method: Method, device: torch.device, data: Any
         raise UserError(f"--subset {cfg.subset} is more than the {len(loaded.train)} training examples{held}: "
                         f"use at most {len(loaded.train)}, or 0 for all of them")
     loaded = replace(loaded, train=datasets.random_subset(loaded.train, cfg.subset, cfg.seed))
+    if cfg.test_subset > len(loaded.test):
+        raise UserError(f"--test-subset {cfg.test_subset} is more than the {len(loaded.test)} test examples: use at most "
+                        f"{len(loaded.test)}, or 0 for all of them")
+    loaded = replace(loaded, test=datasets.random_subset(loaded.test, cfg.test_subset, cfg.seed))
     return RunData(method.prepare_data(loaded), validation, holdouts)
 
 

@@ -42,6 +42,10 @@ class Trainer:
         self.data, self.validation, self.holdouts = services.data, services.validation, services.holdouts
         self.model, self.flat, self.device, self.scaler = services.model, services.flat, services.device, services.scaler
         self.steps_per_epoch, self.total_steps = services.steps_per_epoch, services.total_steps
+        # --log-every N, but at least 10 lines in a short run (a 30-step run would otherwise log none,
+        # and its LR panel would be a straight line between epochs)
+        planned = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+        self.log_interval = max(1, min(cfg.log_every, planned // 10))
         self.full_batch = method.whole_set_steps  # an epoch is one step over the whole training set
         self.position = Position()
         self.saved_step: int | None = None  # the step the checkpoint on disk holds
@@ -203,7 +207,7 @@ class Trainer:
         pos.seen += closure.batch_size
         pos.step, pos.batch = pos.step + 1, index + 1
         self.services.step = pos.step
-        if self.cfg.log_every and pos.step % self.cfg.log_every == 0:
+        if self.cfg.log_every and pos.step % self.log_interval == 0:
             self._log_step(lr, metrics)
         self.hooks.on_step(pos.step, {"lr": lr, "seen": pos.seen, "epoch": pos.epoch,
                                       "loss_sum": self.loss_sum, "correct": self.correct, **metrics})
@@ -275,12 +279,17 @@ class Trainer:
         extra = self.method.finish(self.flat)
         history = self.run.read_metrics()
         final = next((r for r in reversed(history) if "test_acc" in r), {})
+        # test_acc is the model the method delivers (SWA: the average); the last iterate keeps its own name
+        delivers = extra.pop("delivers", None)
+        delivered = ({"test_acc": extra[f"{delivers}_acc"], "test_loss": extra[f"{delivers}_loss"], "delivered": delivers}
+                     if delivers else {"delivered": "iterate"})
         summary = {
             "run_dir": str(self.run.path), "method": self.cfg.method, "model": self.cfg.model,
             "dataset": self.cfg.dataset, "epochs": self.cfg.epochs, "steps": self.position.step,
             "test_acc": final.get("test_acc"), "test_loss": final.get("test_loss"),
+            "iterate_acc": final.get("test_acc"), "iterate_loss": final.get("test_loss"), **delivered,
             "train_loss": final.get("train_loss"), "train_seconds": sum(r["epoch_seconds"] for r in history),
-            "params": self.flat.numel, "train_size": len(self.data.train),
+            "params": self.flat.numel, "train_size": len(self.data.train), "test_examples": len(self.data.test),
             "evolution_split_size": sum(len(s) for s in self.holdouts.values()),
             "val_split_size": len(self.validation) if self.validation is not None else 0,
             "val_acc": final.get("val_acc"), "skipped_steps": self.position.skipped,

@@ -79,6 +79,15 @@ def sections() -> dict[str, type]:
     return found
 
 
+def sections_in_use(cfg: TrainConfig) -> list[str]:
+    """The settings sections this run reads: its method's, the wrapped method's, and SWA's when --swa."""
+    cls = method_class(cfg.method)
+    used = [cls.settings_key()] + ([method_class(cfg.inner).settings_key()] if cls.wraps else [])
+    if cfg.swa.enabled:
+        used.append(SWA.settings_key())
+    return [section for section in dict.fromkeys(used) if section in sections()]
+
+
 def build_method(cfg: TrainConfig) -> Method:
     """`--method swa|sse|fge|spartan` wraps `--inner`; `--swa` adds SWA on top of any method whose class
     has no swa_refusal (the config refuses the others before anything is built)."""
@@ -88,4 +97,4 @@ def build_method(cfg: TrainConfig) -> Method:
 
 
 __all__ = ["BUILTIN", "Closure", "Method", "RunServices", "build_method", "inner_names", "method_class", "registry",
-           "sections"]
+           "sections", "sections_in_use"]

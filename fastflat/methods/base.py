@@ -193,7 +193,8 @@ class Method:
     def weights(self, flat: FlatParams) -> list[Tensor]:
         """The weights this method delivers as its model, one (N,) vector per flat group: the current
         ones, or an average (SWA). Its finish() scores them (SWA: after re-estimating BatchNorm, as
-        swa_acc); the per-epoch test scores in metrics.jsonl are of the current weights, the iterate."""
+        swa_acc, and says "delivers": "swa" so that the summary's test_acc is that model's); the per-epoch
+        test scores in metrics.jsonl are of the current weights, the iterate (iterate_acc in the summary)."""
         return flat.params
 
     def lr(self, step: int, scheduled: float) -> float:
@@ -207,7 +208,9 @@ class Method:
         """Called after each epoch's last step."""
 
     def finish(self, flat: FlatParams) -> dict[str, Any]:
-        """After the last epoch: extra results for the summary (averaged model, ensemble)."""
+        """After the last epoch: extra results for the summary (averaged model, ensemble). A method that
+        delivers another model than its last iterate returns its scores as <name>_acc and <name>_loss
+        and "delivers": <name>."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -188,7 +188,7 @@ class SWA(Wrapper):
         result = {f"swa_{k}": v for k, v in self.services.evaluate().items()}
         result["swa_checkpoint"] = self.services.save_member("swa")
         model.load_state_dict(saved)
-        return {**inner, **result, "swa_models_averaged": int(self.count)}
+        return {**inner, **result, "swa_models_averaged": int(self.count), "delivers": "swa"}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "average": self.average, "count": self.count}

@@ -26,12 +26,21 @@ if TYPE_CHECKING:  # annotations only: the config is assembled above the methods
 
 def status(run: Path) -> str:
     if (run / "summary.json").is_file():
-        return "finished"
+        return "cut short" if _cut_short(run) else "finished"
     if (run / "failed.json").is_file():
         return "failed"
     if _locked(run):
         return "running"
     return "interrupted" if (run / CHECKPOINT).is_file() else "not started"
+
+
+def _cut_short(run: Path) -> bool:
+    """A finished run stopped by --max-steps before the steps its schedule planned."""
+    try:
+        summary = json.loads((run / "summary.json").read_text())
+        return summary["steps"] < summary["planned_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _locked(run: Path) -> bool:
@@ -135,4 +144,5 @@ def default_run_name(cfg: TrainConfig) -> str:
     that cannot sit in a file name (':' of torchvision:NAME, '/') becomes '-'."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     data = f"folder-{Path(cfg.dataset[len('folder:'):]).name}" if cfg.dataset.startswith("folder:") else cfg.dataset
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{cfg.method}-{data}-{cfg.model}-s{cfg.seed}-{stamp}")
+    model = cfg.model.removeprefix("custom:")  # fastflat.train(model=...): its class name, once (not custom-custom-)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{cfg.method}-{data}-{model}-s{cfg.seed}-{stamp}")

@@ -185,6 +185,8 @@ class RunDir:
                 raise UserError(f"run {self.path} is being trained by another fastflat process; "
                                 f"wait for it to end (or stop it) before resuming") from None
             yield
+            if (self.path / "summary.json").is_file():  # finished: no lock file left behind in the results
+                (self.path / LOCK).unlink(missing_ok=True)
         finally:
             os.close(fd)  # closing releases the lock
 
