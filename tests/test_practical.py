@@ -33,11 +33,38 @@ def test_version_and_short_help(capsys):
         assert code == 0 and "Usage" in out
 
 
+HELPS = [["train"], ["curve"], ["landscape", "plane"], ["landscape", "line"], ["landscape", "rays"], ["sharpness"],
+         ["toy"], ["ensemble"], ["runs"], ["report"], ["bench", "train"], ["bench", "kernels"]]
+
+
+@pytest.mark.parametrize("columns", ["80", "60"])
+def test_help_never_cuts_an_option_name(capsys, monkeypatch, columns):
+    """In 80 columns Rich cut 8 of train's option names (--checkpoint-eve…): names that cannot be copied."""
+    import click
+    import typer
+
+    from fastflat.cli import app
+
+    monkeypatch.setenv("COLUMNS", columns)
+    for argv in HELPS:
+        code, out, _ = run_cli(capsys, *argv, "-h")
+        assert code == 0 and "…" not in out, f"{argv}: {[line for line in out.splitlines() if '…' in line]}"
+        command = typer.main.get_command(app)
+        for name in argv:
+            command = command.commands[name]
+        names = [opt for p in command.params if isinstance(p, click.Option) for opt in (*p.opts, *p.secondary_opts)]
+        missing = [n for n in names if n.startswith("--") and n not in out]
+        assert not missing, f"{argv}: {missing} not shown whole"
+
+
 def test_print_config_prints_the_resolved_yaml_and_writes_nothing(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "train", "--method", "sam", "--rho", "0.1", "--out", str(tmp_path), "--print-config")
     config = yaml.safe_load(out)
     assert code == 0 and config["method"] == "sam" and config["sam"]["rho"] == 0.1 and config["epochs"] == 2
     assert list(tmp_path.iterdir()) == []
+    assert "spartan" not in config and "swa" not in config  # only the sections this run reads
+    code, out, _ = run_cli(capsys, "train", "--method", "spartan", "--inner", "sam", "--swa", "--print-config")
+    assert {"spartan", "sam", "swa"} <= set(yaml.safe_load(out)) and "fullbatch" not in yaml.safe_load(out)
     assert load_config(overrides={"method": "sam"}).sam.rho == 0.05  # printed values are resolved, not defaults only
 
 

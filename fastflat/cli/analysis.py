@@ -152,3 +152,20 @@ def toy_command(
                       f"({run['end'][0]:.4g}, {run['end'][1]:.4g})", f"{run['value']:.4g}", "yes" if run["global_min"] else "no")
     console.print(table)
     console.print(f"report: {target} and {target.with_suffix('.png')}")
+
+
+@app.command("report")
+def report_command(
+    folders: Annotated[list[Path], typer.Argument(help="Run directories and results directories (ensemble, sharpness, "
+                                                       "landscape, curve, toy), shown in this order.")],
+    title: Annotated[str | None, typer.Option(help="The page's title (default: the folders' names).")] = None,
+    out: Out = OUT_DEFAULT, name: Name = None,
+) -> None:
+    """One self-contained HTML page (figures inlined) of runs and results: a study on one page."""
+    from fastflat.analysis.report import build_report
+    from fastflat.runs.rundir import atomic_write_text
+
+    page = build_report(folders, title)
+    target = results_dir(out, name, "report") / "report.html"
+    atomic_write_text(target, page)
+    console.print(f"report: {target} ({len(page) / 2**20:.1f} MiB, open it in any browser)")
