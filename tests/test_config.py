@@ -85,3 +85,14 @@ def test_spartan_scales_must_be_positive_and_the_error_names_the_key(key):
 def test_a_misspelt_key_or_value_gets_a_did_you_mean(given, says):
     with pytest.raises(UserError, match=re.escape(says)):
         load_config(None, given)
+
+
+@pytest.mark.parametrize("argv, says", [(["train", "--method", "sma"], "(did you mean sam?)"),
+                                        (["train", "--schedule", "cosin"], "(did you mean cosine?)"),
+                                        (["curve", "--from", "a", "--to", "b", "--curve", "bezeir"], "(did you mean bezier?)")])
+def test_a_misspelt_choice_on_the_command_line_gets_a_did_you_mean(capsys, argv, says):
+    from fastflat.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1

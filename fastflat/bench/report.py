@@ -83,29 +83,30 @@ def _cell(row: dict[str, Any] | None) -> str:
     if row["status"] != "ok":
         style = STATUS_STYLE.get(row["status"], "dim")
         return f"[{style}]{row['status']}[/{style}]"
-    return f"{row['time_ms']:.3g} [dim]({row['pct_copy']:.0f}%)[/dim]"
+    return f"{row['time_ms']:.3g}"
 
 
 def kernel_table(rows: list[dict[str, Any]]) -> Table:
-    """A line per (op, workload, dtype) with the providers side by side; reasons listed under the table."""
+    """A line per (op, workload, dtype) with the providers side by side, in ms; then how many times faster
+    ours is than each baseline that ran. The share of copy bandwidth stays in the JSON and CSV rows."""
     from fastflat.bench.registry import BASELINES, PROVIDERS
 
-    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
-    table = Table(title="fastflat bench kernels: median ms (% of copy bandwidth at the byte floor)",
-                  caption="ours = triton where it ran, else flat-torch; x = its speed-up over each baseline")
-    for name in ("op", "workload", "dtype", "copy GB/s", *providers, *(f"ours x {b}" for b in BASELINES)):
-        table.add_column(name, justify="left" if name in ("op", "workload", "dtype") else "right")
+    providers = [p for p in PROVIDERS if any(r["provider"] == p and r["status"] == "ok" for r in rows)]
+    baselines = [b for b in BASELINES if any(r.get(f"vs_{b}") is not None for r in rows)]
+    table = Table(title="fastflat bench kernels: milliseconds per call (median; lower is better)",
+                  caption="ours = the Triton kernel where it ran, else the flat-buffer torch twin; "
+                          "\"x faster than B\" = B's time / ours")
+    for name in ("op", "size", "dtype", *providers, *(f"x faster than {b}" for b in baselines)):
+        table.add_column(name, justify="left" if name in ("op", "size", "dtype") else "right")
     cases: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in rows:
         cases.setdefault((r["op"], r["workload"], r["dtype"]), {})[r["provider"]] = r
-    copy_gbps = {(w, d): by["torch"]["gbps"] for (op, w, d), by in cases.items() if op == "copy"}
     for (op, workload, dtype), by in cases.items():
         if op == "copy":
             continue
         ours = by.get("triton") if by.get("triton", {}).get("status") == "ok" else by.get("flat-torch")
-        ratios = [_num(ours and ours[f"vs_{b}"], ".2f") for b in BASELINES]
-        table.add_row(op, workload, dtype, _num(copy_gbps.get((workload, dtype)), ".1f"),
-                      *(_cell(by.get(p)) for p in providers), *ratios)
+        ratios = [_num(ours and ours[f"vs_{b}"], ".2f") for b in baselines]
+        table.add_row(op, workload, dtype, *(_cell(by.get(p)) for p in providers), *ratios)
     return table
 
 
@@ -140,30 +141,38 @@ MAX_PCT_COPY = 110.0  # an op that reads and writes at least its byte floor cann
 MIN_COPY_GBPS = 1.0  # a copy slower than this on any machine of this decade means the machine was busy
 
 
+NOISE_KINDS = {  # what a warning means, said once above the cases it covers
+    "spread": "the timings spread widely (IQR over half the median): the machine was busy",
+    "too fast": "faster than copying the bytes it must touch: timed under load, served from cache, or the op "
+                "skipped its write (clip below its limit); compare at a larger size",
+    "slow copy": "the reference copy ran implausibly slowly: the machine was busy",
+    "negative": "the passes were timed slower than the whole step (negative time outside fwd+bwd), i.e. noise",
+}
+
+
 def noise_warnings(rows: list[dict[str, Any]]) -> list[str]:
-    """Why a measurement cannot be trusted, one line each (seen under load: pct_copy 2525.7, outside
-    fwd+bwd -94.77 ms). Each row also gets them in its own "warnings" field, for the JSON and CSV."""
-    lines = []
+    """Why measurements cannot be trusted: one line per kind of doubt, naming the cases it covers (seen
+    under load: pct_copy 2525.7, outside fwd+bwd -94.77 ms). Each row also gets its own in its "warnings"
+    field, for the JSON and CSV."""
+    cases: dict[str, list[str]] = {}
     for r in rows:
-        found = []
         if r.get("status", "ok") != "ok":
             continue
+        found: list[tuple[str, str]] = []
         median = r.get("time_ms", r.get("step_ms"))
         if median and r.get("iqr_ms") is not None and r["iqr_ms"] / median > NOISY_IQR:
-            found.append(f"IQR {r['iqr_ms']:.3g} ms is {100 * r['iqr_ms'] / median:.0f}% of the median")
+            found.append(("spread", f"IQR {r['iqr_ms']:.3g} ms, {100 * r['iqr_ms'] / median:.0f}% of the median"))
         if r.get("pct_copy") is not None and r["pct_copy"] > MAX_PCT_COPY:
-            found.append(f"{r['pct_copy']:.0f}% of copy bandwidth: faster than a plain copy of its byte floor, so the "
-                         "copy was timed under load, caches held the data, or the op skipped its write (clip "
-                         "below its limit); compare at a larger size")
+            found.append(("too fast", f"{r['pct_copy']:.0f}% of copy bandwidth"))
         if r.get("op") == "copy" and r.get("gbps") is not None and r["gbps"] < MIN_COPY_GBPS:
-            found.append(f"copy bandwidth {r['gbps']:.2f} GB/s is implausibly low: the machine was busy")
+            found.append(("slow copy", f"copy bandwidth {r['gbps']:.2f} GB/s"))
         if r.get("outside_fwd_bwd_ms") is not None and r["outside_fwd_bwd_ms"] < 0:
-            found.append(f"negative time outside fwd+bwd ({r['outside_fwd_bwd_ms']:.3g} ms): the passes were timed "
-                         "slower than the whole step, i.e. noise")
-        r["warnings"] = "; ".join(found)
+            found.append(("negative", f"{r['outside_fwd_bwd_ms']:.3g} ms outside fwd+bwd"))
+        r["warnings"] = "; ".join(f"{detail}: {NOISE_KINDS[kind]}" for kind, detail in found)
         what = " ".join(str(r[k]) for k in ("op", "method", "workload", "model", "dtype", "provider") if r.get(k))
-        lines += [f"{what}: {f}" for f in found]
-    return lines
+        for kind, detail in found:
+            cases.setdefault(kind, []).append(f"{what} ({detail})")
+    return [f"{NOISE_KINDS[kind]}: {', '.join(found)}" for kind, found in cases.items()]
 
 
 def print_rows(rows: list[dict[str, Any]], fmt: str) -> None:

@@ -243,7 +243,7 @@ def _report(benchmark: str, device: torch.device, rows: list[dict], out: str, se
     else:
         console.print(report.train_table(rows))
     for line in warnings:
-        console.print(f"[yellow]untrustworthy: {line}[/yellow]", highlight=False)
+        console.print(f"[yellow]untrustworthy, {line}[/yellow]", highlight=False)
     report.print_provenance(console, rows)
     json_path, csv_path = report.write_results(out, benchmark, device, rows, settings)
     console.print(f"wrote {json_path} and {csv_path}")

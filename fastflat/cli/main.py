@@ -6,7 +6,9 @@ stderr and exit code 2; `main` guarantees it, including for click's own usage er
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 
 import typer
@@ -27,8 +29,21 @@ except ImportError:
 app.add_typer(bench_app, name="bench", help="Benchmark the fused kernels and training steps (results in benchmarks/results).")
 
 
+def _with_a_guess(message: str) -> str:
+    """A choice that is not one of the allowed values gets the closest one: --method sma (did you mean sam?)."""
+    from fastflat.settings import did_you_mean
+
+    found = re.search(r"'([^']*)' is not one of (('[^']*'(, )?)+)", message)
+    if found is None:
+        return message
+    return message.rstrip(".") + did_you_mean(found.group(1), re.findall(r"'([^']*)'", found.group(2)))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app; user errors become one stderr line and exit code 2."""
+    # torch's "No CUDA runtime is found" note on CPU machines (logged when torch.compile loads its C++
+    # toolchain) says nothing a user of this command can act on
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     command = typer.main.get_command(app)
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
@@ -38,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         result = command.main(args=argv, prog_name="fastflat", standalone_mode=False)
     except UsageError as e:
         name = e.ctx.command_path if e.ctx is not None else "fastflat"
-        err_console.print(f"error: {e.format_message()} (see: {name} --help)", highlight=False, markup=False, soft_wrap=True)
+        err_console.print(f"error: {_with_a_guess(e.format_message())} (see: {name} --help)", highlight=False,
+                          markup=False, soft_wrap=True)
         return 2
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # torchrun: every rank refuses alike; rank 0 says it
