@@ -166,3 +166,36 @@ def test_slq_weights_sum_to_one_and_reproduce_each_probes_quadratic_form():
     assert result["hvps"] == 3 * 7  # the products made: 7 distinct eigenvalues end each Krylov space (it said 60)
     scaled_identity = slq_density(lambda v: 2.0 * v, 60, probes=3, steps=20, dtype=torch.float64)
     assert scaled_identity["hvps"] == 3 and scaled_identity["nodes"] == pytest.approx([2.0] * 3)  # exact after 1 step
+
+
+def test_kept_graphs_give_the_same_products_as_recomputing_them():
+    """One chunk graph kept (PyHessian's way) or rebuilt per product: the same H v, over uneven chunks."""
+    from fastflat.analysis.sharpness import model_operator
+    from fastflat.data.models import build_model
+    from fastflat.flat import FlatParams
+    from fastflat.loss.hessian import graph_bytes
+
+    torch.manual_seed(0)
+    model = build_model("cnn", 1, 10, 16).eval().double()
+    flat = FlatParams(model)
+    chunks = [(torch.randn(n, 1, 16, 16, dtype=torch.float64), torch.randint(0, 10, (n,))) for n in (7, 5)]
+    v = torch.randn(flat.numel, dtype=torch.float64)
+    kept, rebuilt = model_operator(flat, chunks, keep_graphs=True), model_operator(flat, chunks, keep_graphs=False)
+    assert torch.allclose(kept(v), rebuilt(v), rtol=1e-10, atol=1e-12) and kept.kept_graphs and not rebuilt.kept_graphs
+    assert torch.allclose(kept(2 * v), 2 * rebuilt(v), rtol=1e-10, atol=1e-12)  # the graphs survive a product
+    assert graph_bytes(flat, chunks[0]) > graph_bytes(flat, (chunks[1][0][:1], chunks[1][1][:1])) > 0
+
+
+def test_lanczos_stops_by_the_eigenvalue_error_not_the_vector_residual():
+    """The Kato-Temple bound r^2 / gap: within tol of the eigenvalue with fewer products than the
+    residual rule, and still within tol of the truth."""
+    from fastflat.analysis.sharpness import error_bounds
+
+    torch.manual_seed(1)
+    spectrum = torch.cat([torch.tensor([40.0, 30.0, 22.0]), torch.rand(300) * 2], ).double()
+    q, _ = torch.linalg.qr(torch.randn(303, 303, dtype=torch.float64))
+    a = q @ torch.diag(spectrum) @ q.T
+    result = lanczos(lambda v: a @ v, 303, k=1, tol=1e-3, dtype=torch.float64)
+    assert abs(result["eigenvalues"][0] - 40.0) <= 1e-3 * 40.0 and result["hvps"] <= 10
+    ritz, vectors = torch.tensor([1.0, 5.0, 10.0], dtype=torch.float64), torch.eye(3, dtype=torch.float64)
+    assert float(error_bounds(ritz, vectors, 0.5, 1)[0]) == pytest.approx(min(0.5, 0.25 / 5.0))

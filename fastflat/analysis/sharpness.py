@@ -22,7 +22,7 @@ from torch import Tensor
 from fastflat.errors import UserError
 from fastflat.loss.evaluation import at_least_fp32
 from fastflat.flat import FlatParams
-from fastflat.loss.hessian import hvp
+from fastflat.loss.hessian import KeptGraphs, graph_bytes, hvp
 
 Operator = Callable[[Tensor], Tensor]  # (N,) -> (N,), symmetric
 StageProgress = Callable[[str, int, int], None]  # (what is being measured, done, total)
@@ -39,11 +39,33 @@ class CountedOperator:
         return self.op(v)
 
 
-def model_operator(flat: FlatParams, chunks: list[tuple[Tensor, Tensor]]) -> CountedOperator:
-    """H v of the mean cross-entropy over `chunks` at the model's weights (one flat group)."""
+def model_operator(flat: FlatParams, chunks: list[tuple[Tensor, Tensor]], keep_graphs: bool | None = None) -> CountedOperator:
+    """H v of the mean cross-entropy over `chunks` at the model's weights (one flat group). With
+    keep_graphs each chunk's gradient graph is built once and every product is one backward through
+    them (no forward pass); None keeps them when they fit in a quarter of the memory (keeps_graphs)."""
     if len(flat.vectors) != 1:
         raise UserError("sharpness needs every trainable parameter in one dtype on one device")
-    return CountedOperator(lambda v: hvp(flat, chunks, [v.to(flat.params[0].dtype)])[0].to(v.dtype))
+    if keep_graphs is None:
+        keep_graphs = keeps_graphs(flat, chunks)
+    product = KeptGraphs(flat, chunks) if keep_graphs else (lambda vs: hvp(flat, chunks, vs))
+    op = CountedOperator(lambda v: product([v.to(flat.params[0].dtype)])[0].to(v.dtype))
+    op.kept_graphs = keep_graphs
+    return op
+
+
+def keeps_graphs(flat: FlatParams, chunks: list[tuple[Tensor, Tensor]]) -> bool:
+    """Whether every chunk's gradient graph fits in a quarter of the free memory (on a GPU) or of the
+    machine's memory (on a CPU), by one chunk's measured graph times the number of chunks."""
+    import os
+
+    if not chunks:
+        return False
+    device = chunks[0][0].device
+    if device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] // 4
+    else:
+        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    return graph_bytes(flat, chunks[0]) * len(chunks) <= budget
 
 
 def _unit(n: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -283,7 +305,8 @@ def measure_checkpoint(path: str, examples: int = 2048, top: int = 1, probes: in
                   progress=stage(f"top {top} eigenvalue{'s' if top > 1 else ''} (Lanczos, at most)"))
     result = {"checkpoint": str(path), "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method,
               "examples": examples, "mode": "eval (BatchNorm running statistics)", "params": n,
-              "top_eigenvalues": eig["eigenvalues"], "hvps": eig["hvps"], "lanczos_tol": tol}
+              "top_eigenvalues": eig["eigenvalues"], "hvps": eig["hvps"], "lanczos_tol": tol,
+              "kept_graphs": op.kept_graphs}
     if probes:
         op.calls = 0
         tr = hutchinson(op, n, probes=probes, device=dev, progress=stage("trace (Hutchinson probes)"))

@@ -1,10 +1,14 @@
-"""`fastflat bench hessian`: what one Hessian-vector product costs against one gradient, and how long the
-top eigenvalue takes, for a model on N fixed training examples (eval mode, as `fastflat sharpness`).
+"""`fastflat bench hessian`: what one Hessian-vector product costs against one gradient (rebuilding the
+graph per product, and keeping it), and what the top eigenvalue costs by our Lanczos against PyHessian's
+power iteration, at equal data, for a model on N fixed training examples (eval mode, as `fastflat
+sharpness`).
 
-    row = run_hessian("cnn", "fashion-mnist", examples=2048, device=torch.device("cpu"))
+    rows = run_hessian("cnn", "fashion-mnist", examples=1024, device=torch.device("cpu"), checkpoint="runs/sgd0")
 
-Both are timed in the same run over the same chunks of 256 examples; an HVP is one double backward,
-so about 2x a gradient is what the method allows (more: the double-backward graph itself).
+Every solver row gives its products (HVPs), seconds and relative error against a reference eigenvalue
+from Lanczos run to a residual of 1e-10. PyHessian itself runs when it is installed (`pip install
+pyhessian`; its `hessian(model, criterion, data=(x, y)).eigenvalues()`, products counted), and its
+stopping rule always runs on our operator ("PyHessian's rule").
 """
 
 from __future__ import annotations
@@ -16,21 +20,32 @@ import torch
 import torch.nn.functional as F
 
 from fastflat import data as datasets
-from fastflat.bench.train import times_ms, median_iqr
-from fastflat.flat import FlatParams
+from fastflat.analysis.sharpness import lanczos, model_operator, power_iteration
+from fastflat.bench.train import median_iqr, times_ms
 from fastflat.data.models import build_model
-from fastflat.analysis.sharpness import lanczos, model_operator
+from fastflat.flat import FlatParams
+
+SEEDS = (0, 1, 2)  # start vectors: the iterative solvers' only randomness
 
 
 def run_hessian(model_name: str, dataset: str, examples: int, device: torch.device, repeats: int = 5,
-                tol: float = 1e-3) -> dict[str, Any]:
-    data = datasets.load_dataset(dataset, device=device)
+                tol: float = 1e-3, checkpoint: str | None = None, data_dir: str | None = None) -> list[dict[str, Any]]:
+    if checkpoint is not None:
+        from fastflat.load import load_run
+
+        run = load_run(checkpoint, str(device), data_dir)
+        data, model, model_name, dataset = run.data, run.model, run.config.model, run.config.dataset
+        weights = f"trained ({checkpoint})"
+    else:
+        data = datasets.load_dataset(dataset, data_dir, device=device)
+        torch.manual_seed(0)
+        model = build_model(model_name, data.in_channels, data.num_classes, data.image_size).to(device)
+        weights = "initialisation (seed 0)"
+    model.eval()
     head = datasets.Split(data.train.images[:examples], data.train.labels[:examples])
     chunks = list(datasets.iterate_batches(head, 256, dataset=data, train=False))
-    torch.manual_seed(0)
-    model = build_model(model_name, data.in_channels, data.num_classes, data.image_size).to(device).eval()
     flat = FlatParams(model)
-    op = model_operator(flat, chunks)
+    rebuilt, kept = model_operator(flat, chunks, keep_graphs=False), model_operator(flat, chunks, keep_graphs=True)
     v = torch.randn(flat.numel, device=device)
 
     def gradient() -> None:
@@ -38,13 +53,68 @@ def run_hessian(model_name: str, dataset: str, examples: int, device: torch.devi
         for x, y in chunks:
             (F.cross_entropy(model(x), y) * (len(y) / examples)).backward()
 
-    gradient(), op(v)  # warm-up: allocator, lazy init
+    gradient(), rebuilt(v), kept(v)  # warm-up: allocator, lazy init
     grad_ms, _ = median_iqr(times_ms(gradient, repeats, device))
-    hvp_ms, hvp_iqr = median_iqr(times_ms(lambda: op(v), repeats, device))
+    hvp_ms, hvp_iqr = median_iqr(times_ms(lambda: rebuilt(v), repeats, device))
+    kept_ms, kept_iqr = median_iqr(times_ms(lambda: kept(v), repeats, device))
+    reference = lanczos(kept, flat.numel, k=1, tol=1e-10, max_iters=100, device=device)["eigenvalues"][0]
+    base = {"model": model_name, "dataset": dataset, "examples": examples, "params": flat.numel, "weights": weights,
+            "grad_ms": grad_ms, "hvp_ms": hvp_ms, "hvp_iqr_ms": hvp_iqr, "hvp_kept_ms": kept_ms,
+            "hvp_kept_iqr_ms": kept_iqr, "hvp_over_grad": hvp_ms / grad_ms, "reference_eigenvalue": reference,
+            "tol": tol}
+    rows = []
+    for seed in SEEDS:
+        rows.append(_solve("lanczos (fastflat)", lambda: _lanczos(kept, flat.numel, tol, seed, device), reference, base, seed))
+        rows.append(_solve("power iteration, PyHessian's rule", lambda: _power(kept, flat.numel, tol, seed, device),
+                           reference, base, seed))
+        rows.append(_solve("PyHessian 0.1", lambda: _pyhessian(model, head, data, tol, seed), reference, base, seed))
+    return rows
+
+
+def _solve(solver: str, run, reference: float, base: dict[str, Any], seed: int) -> dict[str, Any]:
     start = time.perf_counter()
-    top = lanczos(op, flat.numel, k=1, tol=tol, device=device)
-    top_s = time.perf_counter() - start
-    return {"model": model_name, "dataset": dataset, "examples": examples, "params": flat.numel,
-            "grad_ms": grad_ms, "hvp_ms": hvp_ms, "hvp_iqr_ms": hvp_iqr, "hvp_over_grad": hvp_ms / grad_ms,
-            "top_eigenvalue": top["eigenvalues"][0], "lanczos_hvps": top["hvps"], "lanczos_tol": tol,
-            "top_eigenvalue_s": top_s, "weights": "initialisation (seed 0)"}
+    try:
+        value, hvps = run()
+    except ImportError as e:
+        return {**base, "solver": solver, "seed": seed, "status": "unavailable", "reason": str(e), "eigenvalue": None,
+                "hvps": None, "rel_error": None, "seconds": None}
+    return {**base, "solver": solver, "seed": seed, "status": "ok", "reason": "", "eigenvalue": value, "hvps": hvps,
+            "rel_error": abs(value - reference) / abs(reference), "seconds": time.perf_counter() - start}
+
+
+def _lanczos(op, n: int, tol: float, seed: int, device) -> tuple[float, int]:
+    result = lanczos(op, n, k=1, tol=tol, seed=seed, device=device)
+    return result["eigenvalues"][0], result["hvps"]
+
+
+def _power(op, n: int, tol: float, seed: int, device) -> tuple[float, int]:
+    result = power_iteration(op, n, tol=tol, max_iters=100, seed=seed, device=device)  # PyHessian's maxIter
+    return result["eigenvalue"], result["hvps"]
+
+
+def _pyhessian(model: torch.nn.Module, head: datasets.Split, data: datasets.Dataset, tol: float, seed: int) -> tuple[float, int]:
+    """PyHessian's own top eigenvalue on the same examples in one batch (its data= mode keeps one graph),
+    its hessian_vector_product counted. It runs on a copy: its model.zero_grad() would set the gradients
+    to None, cutting them from our flat buffer."""
+    import copy
+    import importlib
+
+    try:
+        ph = importlib.import_module("pyhessian.hessian")  # the module (the package's attribute is its class)
+    except ImportError:
+        raise ImportError("PyHessian is not installed (pip install pyhessian)") from None
+    x, y = next(iter(datasets.iterate_batches(head, len(head), dataset=data, train=False)))
+    calls, product = [0], ph.hessian_vector_product
+
+    def counted(*args):
+        calls[0] += 1
+        return product(*args)
+
+    ph.hessian_vector_product = counted
+    try:
+        torch.manual_seed(seed)
+        solver = ph.hessian(copy.deepcopy(model), torch.nn.CrossEntropyLoss(), data=(x, y), cuda=x.is_cuda)
+        values, _ = solver.eigenvalues(maxIter=100, tol=tol, top_n=1)
+    finally:
+        ph.hessian_vector_product = product
+    return float(values[0]), calls[0]

@@ -18,9 +18,9 @@ from fastflat.errors import UserError
 @app.command("sharpness")
 def sharpness_command(
     checkpoints: Annotated[list[Path], typer.Argument(help="Run directories or checkpoint files, compared side by side.")],
-    examples: Annotated[int, typer.Option(min=1, help="First N training examples (no augmentation).")] = 2048,
+    examples: Annotated[int, typer.Option(min=1, help="First N training examples (no augmentation; full: 4096).")] = 1024,
     top: Annotated[int, typer.Option(help="Top-K Hessian eigenvalues (Lanczos).")] = 1,
-    trace_probes: Annotated[int, typer.Option(help="Rademacher probes for the Hutchinson trace (0 = skip).")] = 32,
+    trace_probes: Annotated[int, typer.Option(help="Rademacher probes for the Hutchinson trace (0 = skip; full: 64).")] = 16,
     m: Annotated[str, typer.Option(help="Batch sizes m for SAM's m-sharpness, e.g. 8,32,128 (empty = skip).")] = "",
     rho: Annotated[float, typer.Option(help="Radius of the sharpness ball.")] = 0.05,
     ball: Annotated[str, typer.Option(help="Balls for m-sharpness: l2, linf or l2,linf.")] = "l2",

@@ -34,3 +34,48 @@ def hvp(flat: FlatParams, chunks: list[tuple[Tensor, Tensor]], v: list[Tensor], 
             grads = torch.autograd.grad(loss, params, create_graph=True)
             torch.stack([(g * p).sum() for g, p in zip(grads, pieces)]).sum().backward()
     return [g.clone() for g in flat.grads]
+
+
+class KeptGraphs:
+    """H v with each chunk's gradient graph built once and kept: a product is then one backward through
+    the kept graphs, with no forward pass (PyHessian's way when its data fit one batch). Memory holds
+    every chunk's graph at once; `graph_bytes` measures one chunk's before choosing this.
+
+        hv = KeptGraphs(flat, chunks)([v])          # the same H v as hvp(flat, chunks, [v])
+    """
+
+    def __init__(self, flat: FlatParams, chunks: list[tuple[Tensor, Tensor]], amp: str = "none"):
+        self.flat = flat
+        model = flat.model
+        total = sum(len(y) for _, y in chunks)
+        self.params = [model.get_parameter(name) for vec in flat.vectors for name in vec.names]
+        self.grads = []  # per chunk: the gradient of its share of the mean loss, with its graph
+        with torch.enable_grad(), frozen_bn_stats(model):
+            for x, y in chunks:
+                with autocast(x.device, amp):
+                    loss = F.cross_entropy(at_least_fp32(model(x)), y) * (len(y) / total)
+                self.grads.append(torch.autograd.grad(loss, self.params, create_graph=True))
+
+    def __call__(self, v: list[Tensor]) -> list[Tensor]:
+        flat = self.flat
+        pieces = [v_i[off : off + p.numel()].view_as(p) for vec, v_i in zip(flat.vectors, v)
+                  for off, p in zip(vec.offsets, (flat.model.get_parameter(n) for n in vec.names))]
+        flat.zero_grad_()
+        with torch.enable_grad():
+            for grads in self.grads:
+                torch.stack([(g * p).sum() for g, p in zip(grads, pieces)]).sum().backward(retain_graph=True)
+        return [g.clone() for g in flat.grads]
+
+
+def graph_bytes(flat: FlatParams, chunk: tuple[Tensor, Tensor], amp: str = "none") -> int:
+    """Bytes that one chunk's kept gradient graph holds: every tensor autograd saves while building it
+    (an overestimate where saved tensors share storage, e.g. the weights themselves)."""
+    saved = [0]
+
+    def pack(t: Tensor) -> Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        KeptGraphs(flat, [chunk], amp)
+    return saved[0]
