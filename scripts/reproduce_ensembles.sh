@@ -22,9 +22,9 @@ run sse8-s0 $SSE --epochs 8 --sse-cycles 4 --seed 0
 run fge4-s0 $FGE --epochs 4 --seed 0
 run fge8-s0 $FGE --epochs 8 --seed 0
 for seed in 0 1 2; do  # snapshots of the budget's second half (cycles 4-6), from the saved members
-  $FF ensemble --sse "$OUT/sse12-s$seed" --sse-keep 3 --json --out "$OUT/sse12-s$seed/ensemble-last3.json" >/dev/null
+  $FF ensemble --sse "$OUT/sse12-s$seed" --sse-keep 3 --json --out "$OUT/analysis" > "$OUT/sse12-s$seed/ensemble-last3.json"
 done
 python3 "$(dirname "$0")/ensembles_table.py" "$OUT"
 $FF ensemble --budgets --sse-keep 3 --from "$OUT/sgd4-s0" --from "$OUT/sgd4-s1" --from "$OUT/sgd4-s2" \
   --sse "$OUT/sse4-s0" --sse "$OUT/sse8-s0" --sse "$OUT/sse12-s0" \
-  --fge "$OUT/fge4-s0" --fge "$OUT/fge8-s0" --fge "$OUT/fge12-s0" --out "$OUT/budgets.json"
+  --fge "$OUT/fge4-s0" --fge "$OUT/fge8-s0" --fge "$OUT/fge12-s0" --json --out "$OUT/analysis" > "$OUT/budgets.json"

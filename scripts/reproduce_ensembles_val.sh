@@ -16,7 +16,7 @@ for seed in 0 1 2; do
   run fge16-s$seed --method fge --fge-pretrain 0.5 --fge-cycle-epochs 1 --seed $seed
 done
 for seed in 0 1 2; do
-  $FF ensemble --sse "$OUT/sse16-s$seed" --sse-keep auto --json --out "$OUT/sse16-s$seed/ensemble-val.json" >/dev/null
-  $FF ensemble --fge "$OUT/fge16-s$seed" --json --out "$OUT/fge16-s$seed/ensemble-val.json" >/dev/null
+  $FF ensemble --sse "$OUT/sse16-s$seed" --sse-keep auto --json --out "$OUT/analysis" > "$OUT/sse16-s$seed/ensemble-val.json"
+  $FF ensemble --fge "$OUT/fge16-s$seed" --json --out "$OUT/analysis" > "$OUT/fge16-s$seed/ensemble-val.json"
 done
 python3 "$(dirname "$0")/ensembles_table.py" --validation "$OUT"

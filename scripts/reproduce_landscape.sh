@@ -21,15 +21,16 @@ train() {  # train NAME ARGS...: skipped when finished, resumed when interrupted
 train sgd-s0 --method sgd --epochs 4 --seed 0
 train sgd-s1 --method sgd --epochs 4 --seed 1
 if [ -d "$OUT/bezier" ]; then $FF curve --resume "$OUT/bezier" --points 61 "${EX[@]}"
-else $FF curve --start "$OUT/sgd-s0" --end "$OUT/sgd-s1" --curve bezier --epochs 4 --points 61 "${EX[@]}" --out "$OUT" --name bezier; fi
-$FF ensemble --curve "$OUT/bezier" --points 5 --json > /dev/null
+else $FF curve --from "$OUT/sgd-s0" --to "$OUT/sgd-s1" --curve bezier --epochs 4 --points 61 "${EX[@]}" --out "$OUT" --name bezier; fi
+$FF ensemble --curve "$OUT/bezier" --points 5 --json --out "$OUT/analysis" > "$OUT/bezier/ensemble-curve.json"
 train fge --method fge --epochs 4 --seed 2 --trajectory-every 20
-$FF landscape plane --points "$OUT/fge/members/fge-01.pt" --points "$OUT/fge/members/fge-02.pt" \
-  --points "$OUT/fge/members/fge-03.pt" --trajectory "$OUT/fge" --grid 15 --margin 0.3 --examples 2000 --out "$OUT/plane-fge"
+[ -f "$OUT/plane-fge/plane.json" ] || $FF landscape plane --at "$OUT/fge/members/fge-01.pt" --at "$OUT/fge/members/fge-02.pt" \
+  --at "$OUT/fge/members/fge-03.pt" --trajectory "$OUT/fge" --grid 15 --margin 0.3 --examples 2000 --out "$OUT" --name plane-fge
 train swa --method swa --epochs 4 --swa-start 0.5 --swa-lr 0.01 --seed 3
-$FF landscape line --from "$OUT/swa/members/swa.pt" --to "$OUT/swa" --range -1 2 --steps 25 --examples 2000 --out "$OUT/line-swa"
-$FF landscape rays --at "$OUT/swa/members/swa.pt" --at "$OUT/swa" --directions 4 --distance 40 --steps 9 \
-  --examples 2000 --out "$OUT/rays-swa"
+[ -f "$OUT/line-swa/line.json" ] || $FF landscape line --from "$OUT/swa" --to "$OUT/swa/members/swa.pt" --range -1 2 \
+  --points 25 --examples 2000 --out "$OUT" --name line-swa  # t = 0: the SGD iterate, t = 1: SWA
+[ -f "$OUT/rays-swa/rays.json" ] || $FF landscape rays --at "$OUT/swa/members/swa.pt" --at "$OUT/swa" --directions 4 \
+  --distance 40 --points 9 --examples 2000 --out "$OUT" --name rays-swa
 mkdir -p "$DEST"
 cp "$OUT"/bezier/curve.{json,png} "$OUT"/bezier/ensemble-curve.json "$DEST"/
 for d in plane-fge line-swa rays-swa; do cp "$OUT/$d"/*.json "$OUT/$d"/*.png "$DEST"/; done

@@ -16,9 +16,9 @@ for seed in 0 1 2; do
     $FF train --method swa --epochs 4 --swa-start 0.5 --swa-lr 0.01 --seed $seed --out "$OUT" --name "swa-s$seed"
   [ -f "$OUT/sharpness-s$seed/sharpness.json" ] || \
     $FF sharpness "$OUT/sgd-s$seed" "$OUT/sam-s$seed" "$OUT/swa-s$seed" "$OUT/swa-s$seed/members/swa.pt" \
-      --examples 2048 --top 1 --trace-probes 16 --tol 1e-2 --out "$OUT/sharpness-s$seed"
+      --examples 2048 --top 1 --trace-probes 16 --tol 1e-2 --out "$OUT" --name "sharpness-s$seed"
   [ -f "$OUT/msharp-s$seed/sharpness.json" ] || \
     $FF sharpness "$OUT/sgd-s$seed" "$OUT/sam-s$seed" "$OUT/swa-s$seed" "$OUT/swa-s$seed/members/swa.pt" \
-      --examples 2048 --top 1 --trace-probes 0 --tol 0.1 --m 128 --ball l2 --rho 0.05 --out "$OUT/msharp-s$seed"
+      --examples 2048 --top 1 --trace-probes 0 --tol 0.1 --m 128 --ball l2 --rho 0.05 --out "$OUT" --name "msharp-s$seed"
 done
 python3 "$(dirname "$0")/sharpness_table.py" "$OUT"

@@ -124,6 +124,10 @@ def test_swa_run_reports_final_and_averaged_weights(tmp_path):
     assert summary["swa_models_averaged"] == 8  # epochs 3 and 4, an average every quarter epoch (2 steps)
     assert summary["swa_acc"] > 50 and summary["test_acc"] > 50
     assert (tmp_path / "run" / "members" / "swa.pt").exists()
+    # test_acc is the model SWA delivers, its average; the last iterate keeps its own name
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert summary["delivered"] == "swa" and summary["test_acc"] == summary["swa_acc"]
+    assert summary["test_loss"] == summary["swa_loss"] and summary["iterate_acc"] == last["test_acc"]
 
 
 def test_swa_over_sam_is_one_flag(tmp_path):

@@ -336,6 +336,9 @@ def test_every_figure_labels_its_axes_and_colour_bars(tmp_path, monkeypatch):
     monkeypatch.setattr("fastflat.analysis.plots.save_figure", lambda fig, path: figures.append(fig))
     plot_toy(run_toy("easom", "sgd", 2, 0.3, 10, None, 0), tmp_path / "toy.png")
     assert len(figures) == 7
+    density = next(line for line in figures[4].axes[0].lines)
+    shown = [y for y in density.get_ydata() if y == y]
+    assert min(shown) >= max(shown) * 1e-10 and len(shown) < len(density.get_ydata())  # a gap, not a 1e-12 floor
     for fig in figures:
         colour_bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
         for ax in fig.axes:

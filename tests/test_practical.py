@@ -40,7 +40,6 @@ HELPS = [["train"], ["curve"], ["landscape", "plane"], ["landscape", "line"], ["
 @pytest.mark.parametrize("columns", ["80", "60"])
 def test_help_never_cuts_an_option_name(capsys, monkeypatch, columns):
     """In 80 columns Rich cut 8 of train's option names (--checkpoint-eve…): names that cannot be copied."""
-    import click
     import typer
 
     from fastflat.cli import app
@@ -52,7 +51,8 @@ def test_help_never_cuts_an_option_name(capsys, monkeypatch, columns):
         command = typer.main.get_command(app)
         for name in argv:
             command = command.commands[name]
-        names = [opt for p in command.params if isinstance(p, click.Option) for opt in (*p.opts, *p.secondary_opts)]
+        names = [opt for p in command.params if p.param_type_name == "option" for opt in (*p.opts, *p.secondary_opts)]
+        assert names and (argv != ["train"] or len(names) > 50)  # the options were found
         missing = [n for n in names if n.startswith("--") and n not in out]
         assert not missing, f"{argv}: {missing} not shown whole"
 
@@ -73,6 +73,19 @@ def test_max_steps_stops_early_says_so_and_scores_the_weights(capsys, tmp_path):
     summary = json.loads((tmp_path / "quick" / "summary.json").read_text())
     assert code == 0 and summary["steps"] == 3 and summary["planned_steps"] == 8 and summary["test_acc"] is not None
     assert "stopped at --max-steps 3 of the 8 steps planned" in out
+    assert not (tmp_path / "quick" / ".lock").exists()  # a finished run keeps no lock file
+    code, out, _ = run_cli(capsys, "runs", str(tmp_path), "--json")
+    assert json.loads(out)[0]["status"] == "cut short"  # not "finished 1/1"
+    code, out, _ = run_cli(capsys, "runs", str(tmp_path))
+    assert "1 run in" in out and "cut short by --max-steps" in out
+
+
+def test_test_subset_scores_a_seeded_share_of_the_test_set(capsys, tmp_path):
+    code, _, _ = run_cli(capsys, "train", *TINY, "--test-subset", "100", "--out", str(tmp_path), "--name", "t")
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert code == 0 and summary["test_examples"] == 100
+    code, _, err = run_cli(capsys, "train", *TINY, "--test-subset", "99999", "--out", str(tmp_path))
+    assert code == 2 and "--test-subset 99999 is more than the 512 test examples" in err
 
 
 def test_runs_lists_finished_interrupted_and_failed_runs(capsys, tmp_path, monkeypatch):
@@ -179,3 +192,12 @@ def test_a_short_run_still_logs_its_steps(tmp_path):
                                  "name": "r"}))
     steps = [json.loads(line) for line in (tmp_path / "r" / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == 16 and len({r["lr"] for r in steps}) > 10
+
+
+def test_run_names_say_each_part_once():
+    from fastflat.runs.listing import default_run_name
+
+    custom = load_config(overrides={"method": "sam", "model": "custom:Sequential", "dataset": "custom"})
+    assert default_run_name(custom).startswith("sam-custom-Sequential-s0-")  # not sam-custom-custom-Sequential
+    assert default_run_name(load_config(overrides={"model": "torchvision:resnet18"})).startswith(
+        "sgd-fashion-mnist-torchvision-resnet18-s0-")
