@@ -202,7 +202,7 @@ def test_bench_train_times_steps_on_two_processes(tmp_path, capfd):
 
 @pytest.mark.parametrize("mode", ["plain", "flat"])
 def test_the_sam_dropin_in_your_own_ddp_loop_keeps_ranks_equal_and_is_per_rank_m_sharpness(tmp_path, mode):
-    """The README recipe (tests/workers/sam_ddp_loop.py): ascent inside no_sync(), DDP's descent."""
+    """The docs/library.md recipe (tests/workers/sam_ddp_loop.py): ascent inside no_sync(), DDP's descent."""
     loop = str(Path(__file__).parent / "workers" / "sam_ddp_loop.py")
     torchrun(loop, str(tmp_path), mode)
     alone(loop, str(tmp_path), "reference")

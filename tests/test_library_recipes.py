@@ -1,5 +1,5 @@
-"""The README's library recipe, run as written: fastflat.SAM with an LR scheduler, bf16 autocast and
-torch.compile, on a CPU (autocast to bf16 on the CPU here, "cuda" in the README)."""
+"""docs/library.md's recipe, run as written: fastflat.SAM with an LR scheduler, bf16 autocast and
+torch.compile, on a CPU (autocast to bf16 on the CPU here, "cuda" in docs/library.md)."""
 
 import warnings
 

@@ -91,8 +91,11 @@ def test_method_weights_match_the_reference(fingerprints, name):
     if reference["machine"] == _machine():
         assert got["sha256"] == want["sha256"], f"{name}: weights differ (sum {got['sum']!r} vs {want['sum']!r})"
     else:  # another CPU kind: the last bits of a convolution may round differently
-        assert got["sum"] == pytest.approx(want["sum"], rel=1e-4, abs=1e-6), name
-        assert got["norm"] == pytest.approx(want["norm"], rel=1e-4), name
+        # The L-inf ascent steps along sign(g): a gradient entry that rounds to the other side of zero moves
+        # its weight by 2 rho, so rounding grows into ~0.5% (seen on an Intel Xeon against the AMD reference).
+        rel = 2e-2 if "linf" in name else 1e-4
+        assert got["sum"] == pytest.approx(want["sum"], rel=rel, abs=1e-6), name
+        assert got["norm"] == pytest.approx(want["norm"], rel=rel), name
 
 
 if __name__ == "__main__" and "--write" in sys.argv:

@@ -72,7 +72,10 @@ def test_sam_over_adamw_matches_the_public_sam_wrapping_adamw_for_20_steps(tmp_p
     assert isinstance(trainer.method.optimizer, torch.optim.AdamW)
     assert not torch.allclose(ours, torch.cat([p.reshape(-1) for p in build_trainer(
         cfg, RunDir.create(tmp_path, "u")).model.parameters()]).detach())  # it moved
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    # AdamW divides by sqrt(v) + eps: where v is tiny, a last-bit difference in g (one flat reduction against
+    # per-tensor ones, and the CPU's kernels) grows over 20 steps to ~5e-6 (seen on an Intel Xeon), while a
+    # wrong decay or moment would differ by ~1e-4 and more
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])

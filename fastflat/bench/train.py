@@ -9,7 +9,7 @@ optimizer. SAM takes two passes, so its ideal step time is 2.0x SGD's. SWA avera
 here (cycle of one step, its worst case; ideal 1.0x SGD); Spartan's steps are its inner SGD's, and one
 mutation round (K children scored on the batch, then the fused ES update) is timed on its own.
 Under torchrun (`--nproc N`), `ddp-sgd` and `ddp-sam` time stock DistributedDataParallel on the same
-model and rank shares (torch.optim.SGD; fastflat.SAM with the ascent inside no_sync(), the README
+model and rank shares (torch.optim.SGD; fastflat.SAM with the ascent inside no_sync(), the docs/library.md
 recipe): the baseline for our one all-reduce of the flat gradient per step.
 Full batch (`fullbatch`, `fullbatch-finite`, `fullbatch-exact`: the gradient-norm penalty off, by
 finite differences, by double backward) steps over FULL_BATCHES batches at once; `ratio_to_sgd` is per
