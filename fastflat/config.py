@@ -189,6 +189,11 @@ def _check_method_facts(cfg: Any, need: Any) -> None:
          f", and {wrappers} over them; use bf16 for --method {cfg.method}")
     refusal = method_class(cfg.method).swa_refusal
     need(not cfg.swa.enabled or refusal is None, "swa.enabled", f"--swa cannot average --method {cfg.method}: {refusal}")
+    if cfg.ema.decay > 0:
+        ema_refusal = next((c.ema_refusal for c in chosen if c.ema_refusal), None)
+        need(ema_refusal is None, "ema.decay", f"--ema cannot average --method {cfg.method}: {ema_refusal}")
+        averaged = cfg.swa.enabled or any(c.averages and c is not method_class("ema") for c in chosen)
+        need(not averaged, "ema.decay", "--ema and SWA both deliver an average as the run's model: use one of them")
     for cls in chosen:
         cls.check_config(cfg, need)
 

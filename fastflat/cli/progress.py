@@ -85,6 +85,7 @@ class RichHooks(Hooks):
         if "test_acc" not in record:  # not an evaluation epoch (--eval-every): the bar says enough
             return
         val = f"val acc {record['val_acc']:5.2f}%  " if "val_acc" in record else ""
+        val += f"EMA acc {_num(record['ema_test_acc'], '5.2f')}%  " if "ema_test_acc" in record else ""
         self.progress.console.print(
             f"{self.unit} {record['epoch']:>3}  train loss {record['train_loss']:.4f} acc {record['train_acc']:5.2f}%  "
             f"{val}[bold]test loss {_num(record['test_loss'], '.4f')} acc {_num(record['test_acc'], '5.2f')}%[/bold]  "

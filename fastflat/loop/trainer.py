@@ -234,6 +234,7 @@ class Trainer:
         test: dict[str, float] = {}
         if scored:
             test = {f"test_{k}": v for k, v in self.services.evaluate().items()}
+            test.update(self.method.epoch_scores(self.flat))  # e.g. an EMA's own test scores
         if scored and self.validation is not None:  # for choosing epochs, members, k without the test set
             val = evaluate(self.model, self.validation, self.data, max(cfg.batch_size, 512), cfg.amp)
             test.update(val_loss=val["loss"], val_acc=val["acc"])

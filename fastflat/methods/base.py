@@ -87,6 +87,8 @@ class Method:
     whole_set_steps: ClassVar[bool] = False  # one step is one pass over the whole training set (an epoch = 1 step)
     holdout_salt: ClassVar[str | None] = None  # seeds holdout()'s split (None: its purpose)
     swa_refusal: ClassVar[str | None] = None  # why --swa cannot average this method (None: it can)
+    ema_refusal: ClassVar[str | None] = None  # why --ema cannot average this method (None: it can)
+    averages: ClassVar[bool] = False  # delivers an average of its weights (SWA, EMA): no second average over it
 
     @classmethod
     def settings_key(cls) -> str:
@@ -206,6 +208,10 @@ class Method:
 
     def end_epoch(self, flat: FlatParams, epoch: int) -> None:
         """Called after each epoch's last step."""
+
+    def epoch_scores(self, flat: FlatParams) -> dict[str, float]:
+        """Extra scores for an evaluated epoch's record, beside the iterate's test scores (EMA: its average's)."""
+        return {}
 
     def finish(self, flat: FlatParams) -> dict[str, Any]:
         """After the last epoch: extra results for the summary (averaged model, ensemble). A method that

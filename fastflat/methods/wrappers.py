@@ -114,6 +114,9 @@ class Wrapper(Method):
     def end_epoch(self, flat: FlatParams, epoch: int) -> None:
         self.inner.end_epoch(flat, epoch)
 
+    def epoch_scores(self, flat: FlatParams) -> dict[str, float]:
+        return self.inner.epoch_scores(flat)
+
     def finish(self, flat: FlatParams) -> dict[str, Any]:
         return self.inner.finish(flat)
 
@@ -135,6 +138,7 @@ class SWA(Wrapper):
     name = "swa"
     summary = "Stochastic weight averaging over --inner (or --swa over any method): the running mean of the weights."
     config = SWAConfig
+    averages = True
 
     @classmethod
     def extension_problem(cls, cfg: TrainConfig) -> str | None:
