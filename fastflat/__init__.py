@@ -3,6 +3,7 @@
     flat = fastflat.flatten(model)                                   # one buffer, params as views
     opt = fastflat.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
     fastflat.clip_grad_norm_(model.parameters(), 1.0)
+    fastflat.update_bn(loader, model, call_fn=lambda m, batch: m(**batch))   # torch's, with any inputs
     summary = fastflat.train({"method": "sam", "epochs": 3}, model=my_module, data=(train_set, test_set))
 """
 
@@ -12,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from fastflat.flat import FlatParams, flatten
+from fastflat.loss.batchnorm import update_bn
 from fastflat.ops.noise import member_noise
 from fastflat.optim import SAM, AveragedModel, clip_grad_norm_
 from fastflat.version import __version__
 
-__all__ = ["__version__", "SAM", "AveragedModel", "FlatParams", "clip_grad_norm_", "flatten", "member_noise", "resume", "train"]
+__all__ = ["__version__", "SAM", "AveragedModel", "FlatParams", "clip_grad_norm_", "flatten", "member_noise", "resume", "train",
+           "update_bn"]
 
 
 def train(config: Any = None, model: Any = None, data: Any = None, hooks: Any = None,

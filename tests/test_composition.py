@@ -17,10 +17,13 @@ EXTRA = {  # what each method needs to run a few steps on the tiny set
     "es": ["--children", "4"],
     "sse": [], "fge": [], "swa": [], "sgd": [], "sam": [],
     "curve": ["--curve-start", "{ends}/a", "--curve-end", "{ends}/b"],
+    "ema": ["--ema", "0.9"],
 }
 COMPOSE = {"sgd", "sam", "fullbatch", "spartan", "swa"}  # --swa averages these; the others refuse
 REFUSE = {"es": "ES steps by --es-lr", "curve": "a curve trains a bend", "sse": "snapshot ensembles set their own",
-          "fge": "FGE sets its own"}
+          "fge": "FGE sets its own", "ema": "an EMA delivers its own average"}
+EMA_COMPOSES = {"sgd", "sam", "fullbatch", "spartan", "es", "sse", "fge", "ema"}  # --ema averages these
+EMA_REFUSES = {"swa": "--ema and SWA both deliver an average", "curve": "--ema cannot average --method curve"}
 
 
 def test_every_builtin_method_is_in_the_table():
@@ -46,6 +49,25 @@ def test_swa_over_each_method_averages_or_is_refused(method, ends, tmp_path, cap
         assert summary["swa_models_averaged"] >= 2 and summary["swa_acc"] is not None
     else:
         assert code == 2 and f"--swa cannot average --method {method}: {REFUSE[method]}" in err
+        assert not (tmp_path / "runs").exists()
+
+
+def test_every_builtin_method_is_in_the_ema_table():
+    assert {cls.name for cls in BUILTIN} == EMA_COMPOSES | set(EMA_REFUSES)
+
+
+@pytest.mark.parametrize("method", sorted(EXTRA))
+def test_ema_over_each_method_averages_or_is_refused(method, ends, tmp_path, capsys):
+    extra = [arg.format(ends=ends) for arg in EXTRA[method] if arg != "--ema" and arg != "0.9"]
+    code = main(["train", "--method", method, "--ema", "0.9", *TINY[:8], *extra, "--out", str(tmp_path / "runs"),
+                 "--name", "r"])
+    err = capsys.readouterr().err
+    if method in EMA_COMPOSES:
+        assert code == 0, err
+        summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+        assert summary["delivered"] == "ema" and summary["ema_updates"] >= 2 and summary["ema_acc"] is not None
+    else:
+        assert code == 2 and EMA_REFUSES[method] in err
         assert not (tmp_path / "runs").exists()
 
 

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from fastflat import data as datasets
 from fastflat.flat import FlatParams
+from fastflat.loss.batchnorm import update_bn
 from fastflat.loss.evaluation import evaluate
 from fastflat.data.models import build_model
 from fastflat.runs.rundir import load_point, load_weights
@@ -33,7 +34,7 @@ class Services:
 
     def update_bn(self) -> None:
         batches = datasets.iterate_batches(self.data.train, max(self.cfg.batch_size, 256), dataset=self.data, train=False)
-        torch.optim.swa_utils.update_bn(batches, self.model, self.device)
+        update_bn(batches, self.model, self.device, exact=True)  # exact over the examples: a short last batch weighs by its size
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.data.test, self.data, max(self.cfg.batch_size, 512), self.cfg.amp)

@@ -68,6 +68,7 @@ class EMA(Wrapper):
     owns_lr = False  # the inner method's schedule applies
     inner_ok = False
     averages = True
+    swa_refusal = "an EMA delivers its own average as the run's model: use --ema or --swa, not both"
 
     @classmethod
     def check_config(cls, cfg: TrainConfig, need: Any) -> None:
