@@ -189,11 +189,14 @@ def _check_method_facts(cfg: Any, need: Any) -> None:
          f", and {wrappers} over them; use bf16 for --method {cfg.method}")
     refusal = method_class(cfg.method).swa_refusal
     need(not cfg.swa.enabled or refusal is None, "swa.enabled", f"--swa cannot average --method {cfg.method}: {refusal}")
-    if cfg.ema.decay > 0:
-        ema_refusal = next((c.ema_refusal for c in chosen if c.ema_refusal), None)
-        need(ema_refusal is None, "ema.decay", f"--ema cannot average --method {cfg.method}: {ema_refusal}")
-        averaged = cfg.swa.enabled or any(c.averages and c is not method_class("ema") for c in chosen)
-        need(not averaged, "ema.decay", "--ema and SWA both deliver an average as the run's model: use one of them")
+    added = {name: on for name, on in (("swa", cfg.swa.enabled), ("ema", cfg.ema.decay > 0), ("lawa", cfg.lawa.k > 0))}
+    for name in ("ema", "lawa"):
+        average_refusal = next((c.average_refusal for c in chosen if c.average_refusal), None)
+        need(not added[name] or average_refusal is None, f"{name}",
+             f"--{name} cannot average --method {cfg.method}: {average_refusal}")
+    averages = sorted({name for name, on in added.items() if on} | {c.name for c in chosen if c.averages})
+    need(len(averages) <= 1, averages[-1] if averages else "swa",
+         f"{' and '.join(averages)} each deliver an average as the run's model: use one of them")
     for cls in chosen:
         cls.check_config(cfg, need)
 

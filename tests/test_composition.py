@@ -18,12 +18,14 @@ EXTRA = {  # what each method needs to run a few steps on the tiny set
     "sse": [], "fge": [], "swa": [], "sgd": [], "sam": [],
     "curve": ["--curve-start", "{ends}/a", "--curve-end", "{ends}/b"],
     "ema": ["--ema", "0.9"],
+    "lawa": ["--lawa", "2"],
 }
 COMPOSE = {"sgd", "sam", "fullbatch", "spartan", "swa"}  # --swa averages these; the others refuse
 REFUSE = {"es": "ES steps by --es-lr", "curve": "a curve trains a bend", "sse": "snapshot ensembles set their own",
-          "fge": "FGE sets its own", "ema": "an EMA delivers its own average"}
+          "fge": "FGE sets its own", "ema": "an EMA delivers its own average", "lawa": "LAWA delivers its own average"}
 EMA_COMPOSES = {"sgd", "sam", "fullbatch", "spartan", "es", "sse", "fge", "ema"}  # --ema averages these
-EMA_REFUSES = {"swa": "--ema and SWA both deliver an average", "curve": "--ema cannot average --method curve"}
+EMA_REFUSES = {"swa": "ema and swa each deliver an average", "curve": "--ema cannot average --method curve",
+               "lawa": "ema and lawa each deliver an average"}
 
 
 def test_every_builtin_method_is_in_the_table():

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from fastflat.errors import UserError
 from fastflat.methods.base import Closure, Method, RunServices
 from fastflat.methods.curve import Curve
-from fastflat.methods.ema import EMA
+from fastflat.methods.averaging import EMA, LAWA
 from fastflat.methods.fullbatch import FullBatch
 from fastflat.methods.sam import SAM
 from fastflat.methods.sgd import SGD
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # annotations only: the config is assembled above the methods
     from fastflat.config import TrainConfig
 
 BUILTIN: tuple[type[Method], ...] = (SGD, SAM, EvolutionStrategies, FullBatch, SWA, SnapshotEnsemble, FGE, Spartan, Curve,
-                                     EMA)
+                                     EMA, LAWA)
 ENTRY_POINT_GROUP = "fastflat.methods"
 
 
@@ -89,17 +89,21 @@ def sections_in_use(cfg: TrainConfig) -> list[str]:
         used.append(SWA.settings_key())
     if cfg.ema.decay > 0:
         used.append(EMA.settings_key())
+    if cfg.lawa.k > 0:
+        used.append(LAWA.settings_key())
     return [section for section in dict.fromkeys(used) if section in sections()]
 
 
 def build_method(cfg: TrainConfig) -> Method:
-    """`--method swa|sse|fge|spartan|ema` wraps `--inner`; `--swa` adds SWA on top of any method whose class
-    has no swa_refusal, `--ema` an EMA on top of any without ema_refusal (the config refuses the others
-    before anything is built)."""
+    """`--method swa|sse|fge|spartan|ema|lawa` wraps `--inner`; `--swa` adds SWA on top of any method whose
+    class has no swa_refusal, `--ema` / `--lawa` an average on top of any without average_refusal (the
+    config refuses the others, and two averages together, before anything is built)."""
     cls = method_class(cfg.method)
     method = cls(cfg, method_class(cfg.inner)(cfg)) if cls.wraps else cls(cfg)
     if cfg.swa.enabled and not isinstance(method, SWA):
         method = SWA(cfg, method)
+    if cfg.lawa.k > 0 and not isinstance(method, LAWA):
+        method = LAWA(cfg, method)
     return EMA(cfg, method) if cfg.ema.decay > 0 and not isinstance(method, EMA) else method
 
 

@@ -87,7 +87,7 @@ class Method:
     whole_set_steps: ClassVar[bool] = False  # one step is one pass over the whole training set (an epoch = 1 step)
     holdout_salt: ClassVar[str | None] = None  # seeds holdout()'s split (None: its purpose)
     swa_refusal: ClassVar[str | None] = None  # why --swa cannot average this method (None: it can)
-    ema_refusal: ClassVar[str | None] = None  # why --ema cannot average this method (None: it can)
+    average_refusal: ClassVar[str | None] = None  # why --ema / --lawa cannot average this method (None: they can)
     averages: ClassVar[bool] = False  # delivers an average of its weights (SWA, EMA): no second average over it
 
     @classmethod

@@ -66,7 +66,7 @@ class Curve(Method):
     panel = "Mode-connecting curve (--method curve; or fastflat curve)"
     fp16 = False
     swa_refusal = "a curve trains a bend between two fixed ends, not one model to average (fastflat curve scores every t)"
-    ema_refusal = swa_refusal
+    average_refusal = swa_refusal
 
     @classmethod
     def check_config(cls, cfg: Any, need: Any) -> None:

@@ -11,7 +11,7 @@ from fastflat.config import load_config
 from fastflat.errors import UserError
 from fastflat.loop import resume, train
 from fastflat.loop.assembly import build_trainer
-from fastflat.methods.ema import EMA, decay_at
+from fastflat.methods.averaging import EMA, decay_at
 from fastflat.runs.rundir import RunDir
 
 from helpers import StopAt
@@ -112,8 +112,9 @@ def test_ema_averages_over_other_methods(tmp_path, method, extra):
 
 
 @pytest.mark.parametrize("overrides, says", [
-    ({"swa": {"enabled": True}}, "--ema and SWA both deliver an average"),
-    ({"method": "swa"}, "--ema and SWA both deliver an average"),
+    ({"swa": {"enabled": True}}, "ema and swa each deliver an average as the run's model"),
+    ({"method": "swa"}, "ema and swa each deliver an average as the run's model"),
+    ({"lawa": {"k": 3}}, "ema and lawa each deliver an average"),
     ({"method": "curve"}, "--ema cannot average --method curve"),
     ({"method": "ema", "ema": {"decay": 0.0}}, "--method ema averages with --ema DECAY"),
     ({"ema": {"decay": 1.0}}, "must be in [0, 1)")])
@@ -121,3 +122,49 @@ def test_what_does_not_compose_is_refused_with_the_reason(tmp_path, overrides, s
     settings = {"ema": {"decay": 0.9}, **overrides}
     with pytest.raises(UserError, match=__import__("re").escape(says)):
         _config(tmp_path, **settings)
+
+
+# -- LAWA ---------------------------------------------------------------------------------------------------
+def test_lawa_is_the_mean_of_the_last_k_checkpoints_through_the_ring(tmp_path):
+    trainer = build_trainer(_config(tmp_path, lawa={"k": 3, "every": 2}), RunDir.create(tmp_path, "t"))
+    lawa, generator, taken = trainer.method, torch.Generator().manual_seed(4), []
+    for step in range(1, 16):
+        _moved(trainer, generator)
+        lawa.after_step(trainer.flat, step)
+        if step % 2 == 0:
+            taken.append(_flat(trainer.model.parameters()).clone())
+        if taken:  # the running sum never drifts from the mean it stands for, after the ring wraps too
+            torch.testing.assert_close(_flat(lawa.average), torch.stack(taken[-3:]).mean(0), rtol=1e-6, atol=1e-7)
+    assert lawa.stored == 7
+
+
+def test_a_lawa_run_delivers_the_mean_of_its_last_checkpoints(tmp_path):
+    summary = train(_config(tmp_path, lawa={"k": 3, "every": 2}, trajectory_every=2))
+    run = tmp_path / "run"
+    assert summary["delivered"] == "lawa" and summary["test_acc"] == summary["lawa_acc"]
+    assert summary["lawa_checkpoints"] == 3
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("lawa_test_acc" in r for r in records)
+    points = sorted((run / "trajectory").glob("step-*.pt"))[-3:]
+    mean = torch.stack([torch.load(p, weights_only=True)["weights"] for p in points]).mean(0)
+    member = torch.load(run / "members" / "lawa.pt", weights_only=True)
+    trainer = build_trainer(_config(tmp_path / "x"), RunDir.create(tmp_path / "x", "y"))
+    names = [n for n, _ in trainer.model.named_parameters()]
+    torch.testing.assert_close(_flat([member[n] for n in names]), mean, rtol=1e-6, atol=1e-7)
+
+
+def test_a_lawa_run_killed_mid_epoch_resumes_to_the_same_average(tmp_path):
+    train(_config(tmp_path / "whole", lawa={"k": 2, "every": 3}))
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path / "cut", lawa={"k": 2, "every": 3}), hooks=StopAt(step=7))
+    resume(tmp_path / "cut" / "run")
+    whole = torch.load(tmp_path / "whole" / "run" / "members" / "lawa.pt", weights_only=True)
+    cut = torch.load(tmp_path / "cut" / "run" / "members" / "lawa.pt", weights_only=True)
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+@pytest.mark.parametrize("method, extra", [("sam", {}), ("fullbatch", {"epochs": 4, "fullbatch": {"chunk_size": 64}}),
+                                           ("spartan", {"spartan": {"mutate_every": 2, "children": 2}})])
+def test_lawa_averages_over_other_methods(tmp_path, method, extra):
+    summary = train(_config(tmp_path, method=method, lawa={"k": 2}, **extra))
+    assert summary["delivered"] == "lawa" and summary["lawa_checkpoints"] == 2 and summary["lawa_acc"] is not None
