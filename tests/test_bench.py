@@ -162,6 +162,14 @@ def test_train_reports_rates_passes_and_sam_over_sgd(tmp_path):
     assert missing["status"] == "unavailable" and missing["step_ms"] is None and "not a fastflat method" in missing["reason"]
 
 
+def test_train_bench_times_the_averages_over_sgd(tmp_path):
+    code = main(["bench", "train", "--quick", "--methods", "sgd,ema,lawa", "--steps", "2", "--warmup", "1",
+                 "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path)])
+    rows, _ = read_results(tmp_path)
+    assert code == 0 and [r["method"] for r in rows] == ["sgd", "ema", "lawa"]
+    assert all(r["status"] == "ok" and r["passes_per_step"] == 1 and r["ratio_to_sgd"] > 0 for r in rows)
+
+
 def test_es_memory_writes_one_row_per_k(tmp_path, capsys):
     from fastflat.cli import main
 

@@ -29,6 +29,7 @@ from fastflat.ops import dist
 from fastflat.config import TrainConfig
 from fastflat.flat import flatten
 from fastflat.methods import build_method, registry
+from fastflat.methods.averaging import EMAConfig, LAWAConfig
 from fastflat.methods.fullbatch import FullBatchConfig
 from fastflat.methods.wrappers import SWAConfig
 from fastflat.data.models import build_model
@@ -120,7 +121,9 @@ def _bench_method(name: str, settings: TrainSettings, x: torch.Tensor, y: torch.
     flat = flatten(model)  # after .to(): moving re-creates parameters
     gradreg = FULL_BATCH_VARIANTS.get(name)
     cfg = TrainConfig(method="fullbatch" if gradreg else name, model=settings.model, batch_size=settings.batch_size,
-                      swa=SWAConfig(start=1, cycle=1),
+                      swa=SWAConfig(start=1, cycle=1),  # an average after every step (cycles of one step)
+                      ema=EMAConfig(decay=0.999 if name == "ema" else 0.0),  # over SGD, one update a step
+                      lawa=LAWAConfig(k=5 if name == "lawa" else 0),  # a checkpoint every step: the worst case
                       fullbatch=FullBatchConfig(chunk_size=settings.batch_size, gradreg=gradreg or "off"))
     method = build_method(cfg)
     method.init(flat, BenchServices(x, y))
