@@ -19,7 +19,7 @@ from typing import Any
 
 from fastflat.errors import UserError
 from fastflat.methods import inner_names, method_class, registry, sections
-from fastflat.methods.optimizers import optimizer_problem
+from fastflat.methods.optimizers import optimizer_class, optimizer_problem, schedule_free
 from fastflat.settings import build, did_you_mean, enum_of, merge, nest, raise_problems, read_yaml, setting
 
 METHOD, OPTIM, DATA, RUN = "Method", "Optimisation", "Data and model", "Run"  # help panels of the general settings
@@ -59,7 +59,8 @@ class GeneralConfig:
     accumulate: int = setting(1, "Gradient accumulation: a step averages K batches (SAM ascends with the whole accumulated "
                               "gradient).", panel=OPTIM)
     optimizer: str = setting("sgd", "Base optimizer every method steps with: sgd | adamw | adam | any torch.optim class "
-                             "by name (rmsprop, nadam, ...) | module:Class.", panel=OPTIM)
+                             "by name (rmsprop, nadam, ...) | module:Class | schedulefree-sgd | schedulefree-adamw "
+                             "(pip install schedulefree; with --schedule constant).", panel=OPTIM)
     lr: float = setting(0.05, "Peak learning rate.", panel=OPTIM)
     momentum: float = setting(0.9, "Momentum (SGD, RMSprop: optimizers that take one).", panel=OPTIM)
     nesterov: bool = setting(False, "Nesterov momentum (SGD).", panel=OPTIM)
@@ -197,8 +198,25 @@ def _check_method_facts(cfg: Any, need: Any) -> None:
     averages = sorted({name for name, on in added.items() if on} | {c.name for c in chosen if c.averages})
     need(len(averages) <= 1, averages[-1] if averages else "swa",
          f"{' and '.join(averages)} each deliver an average as the run's model: use one of them")
+    if optimizer_problem(cfg.optimizer) is None and schedule_free(optimizer_class(cfg.optimizer)):
+        _schedule_free_facts(cfg, chosen, averages, need)
     for cls in chosen:
         cls.check_config(cfg, need)
+
+
+def _schedule_free_facts(cfg: Any, chosen: list[type], averages: list[str], need: Any) -> None:
+    """A schedule-free optimizer trains at y and delivers its average x, with no LR schedule."""
+    refusal = next((c.schedule_free_refusal for c in chosen if c.schedule_free_refusal), None)
+    need(refusal is None, "optimizer", f"--optimizer {cfg.optimizer} cannot drive --method {cfg.method}: {refusal}")
+    need(not averages, "optimizer", f"--optimizer {cfg.optimizer} already delivers an average (its x): not with "
+                                    f"{' or '.join(averages)}")
+    owner = lr_owner(cfg)
+    need(owner is None or owner in averages, "optimizer", f"--method {owner} cycles the learning rate; schedule-free "
+                                                          "needs it constant")
+    need(cfg.schedule == "constant", "schedule", f"--optimizer {cfg.optimizer} replaces the learning-rate schedule: use "
+                                                 "--schedule constant (--warmup-epochs still warms up)")
+    need(cfg.decay_norm_bias, "decay_norm_bias", f"--optimizer {cfg.optimizer} applies its weight decay inside its "
+                                                 "step: --no-decay-norm-bias cannot mask it")
 
 
 def lr_owner(cfg: Any) -> str | None:

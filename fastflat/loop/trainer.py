@@ -12,6 +12,7 @@ resumed run writes the same metrics as one that never stopped. Progress reaches 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import replace
@@ -54,7 +55,12 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------
     def checkpoint(self) -> None:
         """Save the position; a model holding NaN or inf anywhere (a BatchNorm variance too) is never
-        saved: NonFiniteError instead, so the checkpoint on disk stays the last finite one."""
+        saved: NonFiniteError instead, so the checkpoint on disk stays the last finite one. The model
+        saved is the one evaluation sees (schedule-free: its x; the method's state keeps y to train on)."""
+        with self.method.evaluation_weights(self.flat):
+            self._save()
+
+    def _save(self) -> None:
         finite_state_or_raise(self.model.state_dict(), f"the model after step {self.position.step}")
         self._sync_tally()
         dist.broadcast_buffers_(self.model)  # torchrun: rank 0's BatchNorm statistics are the model's
@@ -231,6 +237,12 @@ class Trainer:
         self.method.end_epoch(self.flat, pos.epoch)
         self._sync_tally()
         scored = (pos.epoch + 1) % cfg.eval_every == 0 or pos.epoch + 1 == cfg.epochs or self._steps_spent()
+        with self.method.evaluation_weights(self.flat) if scored else contextlib.nullcontext():
+            # scores and the checkpoint see the weights the method delivers (schedule-free: x), switched once
+            self._record_epoch(scored)
+
+    def _record_epoch(self, scored: bool) -> None:
+        cfg, pos = self.cfg, self.position
         test: dict[str, float] = {}
         if scored:
             test = {f"test_{k}": v for k, v in self.services.evaluate().items()}

@@ -6,7 +6,8 @@ the weights. Weights and gradients arrive as a FlatParams, so a method's math is
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -18,7 +19,7 @@ from fastflat.ops import dist
 from fastflat.errors import NonFiniteError
 from fastflat.errors import finite_or_raise
 from fastflat.flat import FlatParams
-from fastflat.methods.optimizers import build_optimizer, decay_
+from fastflat.methods.optimizers import build_optimizer, decay_, schedule_free, schedule_free_evaluation
 
 if TYPE_CHECKING:  # annotations only: the config is assembled above the methods
     from fastflat.config import TrainConfig
@@ -88,6 +89,7 @@ class Method:
     holdout_salt: ClassVar[str | None] = None  # seeds holdout()'s split (None: its purpose)
     swa_refusal: ClassVar[str | None] = None  # why --swa cannot average this method (None: it can)
     average_refusal: ClassVar[str | None] = None  # why --ema / --lawa cannot average this method (None: they can)
+    schedule_free_refusal: ClassVar[str | None] = None  # why a schedule-free --optimizer cannot drive it
     averages: ClassVar[bool] = False  # delivers an average of its weights (SWA, EMA): no second average over it
 
     @classmethod
@@ -131,6 +133,25 @@ class Method:
         self.services = services
         self.scaler = getattr(services, "scaler", None)
         self.optimizer = self.make_optimizer(flat.params, flat)
+        self.flat = flat
+        self.train_weights: list[Tensor] | None = None  # schedule-free: y, while the model holds x
+        if schedule_free(self.optimizer):
+            self.optimizer.train()  # it steps only in train mode; evaluation_weights switches it
+
+    @contextlib.contextmanager
+    def evaluation_weights(self, flat: FlatParams) -> Iterator[None]:
+        """Inside: the weights that evaluation and checkpoints see. The current ones, except under a
+        schedule-free optimizer: its average x, BatchNorm recomputed for it (re-entrant: a checkpoint
+        inside an evaluation switches once)."""
+        if not schedule_free(getattr(self, "optimizer", None)) or self.train_weights is not None:
+            yield
+            return
+        with schedule_free_evaluation(self.optimizer, flat.params, flat.model, self.services.update_bn) as saved:
+            self.train_weights, self.train_statistics = saved
+            try:
+                yield
+            finally:
+                self.train_weights = None
 
     def make_optimizer(self, params: list[Tensor], flat: FlatParams) -> torch.optim.Optimizer:
         """The --optimizer over `params`: the model's flat vectors, or vectors of their layout that a method
@@ -223,8 +244,19 @@ class Method:
         state = {"optimizer": self.optimizer.state_dict()}
         if self.scaler is not None:
             state["overflows_in_a_row"] = self.overflows_in_a_row
+        if self.train_weights is not None:  # schedule-free, saved while the model held x: y to train on from
+            state.update(train_weights=self.train_weights, train_statistics=self.train_statistics)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.overflows_in_a_row = int(state.get("overflows_in_a_row", 0))
+        if state.get("train_weights") is not None:  # back to y, in train mode, bit for bit
+            with torch.no_grad():
+                for p, y in zip(self.flat.params, state["train_weights"]):
+                    p.copy_(y)
+                buffers = dict(self.flat.model.named_buffers())
+                for name, b in state["train_statistics"].items():
+                    buffers[name].copy_(b)
+            for group in self.optimizer.param_groups:
+                group["train_mode"] = True

@@ -67,6 +67,7 @@ class Curve(Method):
     fp16 = False
     swa_refusal = "a curve trains a bend between two fixed ends, not one model to average (fastflat curve scores every t)"
     average_refusal = swa_refusal
+    schedule_free_refusal = "a curve's bend is scored at every t by fastflat curve, not at a schedule-free average"
 
     @classmethod
     def check_config(cls, cfg: Any, need: Any) -> None:

@@ -1,6 +1,7 @@
 """The base optimizer every method steps with (`--optimizer`), over flat vectors: any torch.optim class.
 
     cls = optimizer_class("adamw")                 # sgd | adamw | adam | a torch.optim name | module:Class
+                                                    # | schedulefree-sgd | schedulefree-adamw
     opt = build_optimizer(cfg, flat.params)         # lr, momentum, nesterov, betas, weight decay as accepted
 
 Weight decay is the optimizer's own (coupled into the gradient for SGD and Adam, decoupled for AdamW),
@@ -11,8 +12,10 @@ flat buffer (no parameter groups needed, one launch per vector).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -21,12 +24,19 @@ from torch import Tensor
 from fastflat.errors import UserError
 
 ALIASES = {"sgd": "SGD", "adamw": "AdamW", "adam": "Adam"}
+SCHEDULE_FREE = {"schedulefree-sgd": "schedulefree:SGDScheduleFree", "schedulefree-adamw": "schedulefree:AdamWScheduleFree"}
 UNSUITABLE = {"LBFGS": "it evaluates the loss itself inside step(closure)", "SparseAdam": "it takes sparse gradients only",
               "Optimizer": "it is the base class"}
 
 
 def _resolve(name: str) -> tuple[type | None, str]:
     """(the class, "") or (None, what is wrong)."""
+    if name.lower() in SCHEDULE_FREE:
+        try:
+            importlib.import_module("schedulefree")
+        except ImportError:
+            return None, f"{name} needs the schedulefree package: pip install schedulefree (or fastflat's [schedulefree] extra)"
+        name = SCHEDULE_FREE[name.lower()]
     if ":" in name:
         module, _, attr = name.partition(":")
         try:
@@ -58,6 +68,35 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     if cls is None:
         raise UserError(f"optimizer {name!r}: {problem}")
     return cls
+
+
+def schedule_free(optimizer: Any) -> bool:
+    """An optimizer (or its class) that trains at one point (y) and delivers another (x), switched by its
+    train() and eval() (Defazio et al. 2024, the schedulefree package); torch.optim has none."""
+    return callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
+
+
+@contextlib.contextmanager
+def schedule_free_evaluation(optimizer: Any, params: list[Tensor], model: torch.nn.Module,
+                             update_bn: Callable[[], None]) -> Iterator[tuple[list[Tensor], dict[str, Tensor]]]:
+    """Inside: the model holds x, the point schedule-free delivers, with BatchNorm statistics recomputed
+    for it (its authors' advice: the statistics gathered while training belong to y); yields y, the
+    training weights, and the buffers as training left them. After: y and the statistics are copied back bit for bit (not recomputed by the
+    optimizer's train(), which rounds), so a run that evaluates steps exactly as one that does not."""
+    train_weights = [p.detach().clone() for p in params]  # y, (N,) per flat group
+    statistics = {name: b.clone() for name, b in model.named_buffers()}
+    optimizer.eval()  # params <- x
+    update_bn()
+    try:
+        yield train_weights, statistics
+    finally:
+        with torch.no_grad():
+            for p, y in zip(params, train_weights):
+                p.copy_(y)
+            for name, b in model.named_buffers():
+                b.copy_(statistics[name])
+        for group in optimizer.param_groups:
+            group["train_mode"] = True
 
 
 def decoupled(cls: type[torch.optim.Optimizer]) -> bool:

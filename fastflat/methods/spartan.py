@@ -135,6 +135,8 @@ class Spartan(Wrapper):
 
     name = "spartan"
     summary = "Spartan: --inner trains; mutation rounds (ES or random gradients) scored on a held-out split."
+    schedule_free_refusal = ("mutation rounds move the weights outside the optimizer: schedule-free's sequences "
+                             "(z, and x its average) cannot follow them")
     config = SpartanConfig
     panel = EVOLUTION
     owns_lr = False  # the inner method's schedule applies
@@ -229,6 +231,7 @@ class EvolutionStrategies(Method):
 
     name = "es"
     summary = "Pure evolution strategies (OpenAI-ES): every step one generation, no gradients."
+    schedule_free_refusal = "ES steps by --es-lr, not through the optimizer"
     config = SpartanConfig
     section = "spartan"
     panel = EVOLUTION

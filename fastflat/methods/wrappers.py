@@ -117,6 +117,9 @@ class Wrapper(Method):
     def epoch_scores(self, flat: FlatParams) -> dict[str, float]:
         return self.inner.epoch_scores(flat)
 
+    def evaluation_weights(self, flat: FlatParams):
+        return self.inner.evaluation_weights(flat)
+
     def finish(self, flat: FlatParams) -> dict[str, Any]:
         return self.inner.finish(flat)
 
