@@ -34,7 +34,7 @@ def test_version_and_short_help(capsys):
 
 
 HELPS = [["train"], ["curve"], ["landscape", "plane"], ["landscape", "line"], ["landscape", "rays"], ["sharpness"],
-         ["toy"], ["ensemble"], ["runs"], ["report"], ["bench", "train"], ["bench", "kernels"]]
+         ["toy"], ["ensemble"], ["soup"], ["runs"], ["report"], ["bench", "train"], ["bench", "kernels"]]
 
 
 @pytest.mark.parametrize("columns", ["80", "60"])

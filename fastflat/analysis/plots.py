@@ -227,3 +227,29 @@ def plot_rays(report: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def plot_soup(report: dict[str, Any], path: Path) -> None:
+    """Test accuracy of each ingredient, the soups and the ensemble, as bars; labels under the axis."""
+    names = [Path(i["run"]).name for i in report["ingredients"]]
+    values = [i["test"]["acc"] for i in report["ingredients"]]
+    colours = ["C0"] * len(names)
+    for kind, colour in (("uniform", "C1"), ("greedy", "C2")):
+        if kind in report:
+            names.append(f"{kind} soup")
+            values.append(report[kind]["test"]["acc"])
+            colours.append(colour)
+    names.append("ensemble")
+    values.append(report["ensemble"]["test"]["acc"])
+    colours.append("C3")
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names)), 4))
+    ax.bar(range(len(names)), values, color=colours)
+    low = min(values)
+    ax.set_ylim(low - max(0.5, 0.2 * (max(values) - low)), max(values) + 0.3)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_xlabel("model")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title("model soups against their ingredients and their ensemble")
+    fig.tight_layout()
+    save_figure(fig, path)

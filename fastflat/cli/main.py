@@ -14,7 +14,7 @@ import sys
 import typer
 
 from fastflat.cli import train  # noqa: F401  (registers train, runs, eval first: --help lists them first)
-from fastflat.cli import analysis, ensemble, landscape  # noqa: F401  (each registers its commands on `app`)
+from fastflat.cli import analysis, ensemble, landscape, soup  # noqa: F401  (each registers its commands on `app`)
 from fastflat.cli.app import app
 from fastflat.cli.bench import bench_app
 from fastflat.cli.consoles import err_console
