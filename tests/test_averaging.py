@@ -168,3 +168,10 @@ def test_a_lawa_run_killed_mid_epoch_resumes_to_the_same_average(tmp_path):
 def test_lawa_averages_over_other_methods(tmp_path, method, extra):
     summary = train(_config(tmp_path, method=method, lawa={"k": 2}, **extra))
     assert summary["delivered"] == "lawa" and summary["lawa_checkpoints"] == 2 and summary["lawa_acc"] is not None
+
+
+@pytest.mark.parametrize("extra", [{"accumulate": 2, "batch_size": 16}, {"amp": "bf16"}])
+@pytest.mark.parametrize("average", [{"ema": {"decay": 0.9}}, {"lawa": {"k": 2}}])
+def test_averages_compose_with_accumulation_and_bf16(tmp_path, extra, average):
+    summary = train(_config(tmp_path, **average, **extra))
+    assert summary["delivered"] in ("ema", "lawa") and summary["test_acc"] is not None

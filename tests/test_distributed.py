@@ -31,7 +31,7 @@ def weights(run):
     return torch.load(Path(run) / "checkpoint.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("method", ["sgd", "sam", "swa", "fge"])
+@pytest.mark.parametrize("method", ["sgd", "sam", "swa", "fge", "ema", "lawa"])
 def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, method):
     torchrun(WORKER, str(tmp_path), "two", method, "2")
     # SAM's ascent stays per rank (m = the per-rank batch, as the SAM paper's distributed setup), so its
@@ -43,6 +43,10 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, method
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["test_acc"] == pytest.approx(
         json.loads((tmp_path / "one" / "summary.json").read_text())["test_acc"], abs=1.0)
+    if method in ("ema", "lawa"):  # the average too (checkpoints also check it is bitwise one across ranks)
+        two, one = (torch.load(tmp_path / run / "members" / f"{method}.pt", weights_only=True) for run in ("two", "one"))
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["fullbatch", "fullbatch-finite", "fullbatch-exact"])
