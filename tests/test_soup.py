@@ -4,7 +4,6 @@ and their ensemble; a warning when the runs share no start; refusals before any 
 import json
 
 import pytest
-import torch
 
 from fastflat.cli import main
 
