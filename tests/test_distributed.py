@@ -31,7 +31,7 @@ def weights(run):
     return torch.load(Path(run) / "checkpoint.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("method", ["sgd", "sam", "swa", "fge", "ema", "lawa"])
+@pytest.mark.parametrize("method", ["sgd", "sam", "swa", "fge", "ema", "lawa", "sf"])
 def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, method):
     torchrun(WORKER, str(tmp_path), "two", method, "2")
     # SAM's ascent stays per rank (m = the per-rank batch, as the SAM paper's distributed setup), so its

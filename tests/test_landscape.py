@@ -355,3 +355,20 @@ def test_the_running_line_breaks_at_each_epoch():
     steps = [{"epoch": e, "train_loss": v} for e, v in ((0.5, 2.0), (1.0, 1.5), (1.5, 1.4), (2.0, 1.2))]
     xs, ys = _broken_at_epochs(steps, "train_loss")
     assert xs[:2] == [0.5, 1.0] and xs[2] != xs[2] and xs[3:] == [1.5, 2.0]  # a NaN gap between epoch 1 and 2
+
+
+def test_a_points_batchnorm_statistics_are_those_of_all_its_examples(scorer):
+    """300 examples in batches of 128, 128 and 44: the statistics one batch of all 300 would give, not
+    torch's per-batch average (where the short batch would weigh as much as a full one)."""
+    scorer._load(scorer.space.get())
+    bn = next(m for m in scorer.model.modules() if isinstance(m, nn.BatchNorm2d))
+    seen = []
+    handle = bn.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
+    with torch.no_grad():
+        scorer.model.train()
+        scorer.model(torch.cat([x for x, _ in scorer.train_batches]))
+    handle.remove()
+    x = seen[0].transpose(0, 1).reshape(seen[0].shape[1], -1).double()
+    scorer._load(scorer.space.get())  # the statistics again (the forward above moved them)
+    torch.testing.assert_close(bn.running_mean.double(), x.mean(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), x.var(1), rtol=1e-4, atol=1e-6)

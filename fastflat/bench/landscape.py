@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from fastflat import data as datasets
 from fastflat.data.models import build_model
 from fastflat.geometry.points import PointScorer, WeightSpace
+from fastflat.loss.batchnorm import update_bn
 
 
 def _plane(space: WeightSpace, grid: int, scale: float) -> list[torch.Tensor]:
@@ -41,7 +42,7 @@ def _baseline_loop(scorer: PointScorer, points: list[torch.Tensor]) -> list[floa
         for w in points:
             for name, (offset, shape) in named:
                 params[name].copy_(w[offset : offset + shape.numel()].view(shape))
-            torch.optim.swa_utils.update_bn([(x,) for x, _ in scorer.train_batches], model)
+            update_bn([(x,) for x, _ in scorer.train_batches], model, exact=True)  # the rule ours uses
             model.eval()
             total = 0.0
             for x, y in scorer.train_batches:

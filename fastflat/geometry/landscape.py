@@ -43,6 +43,7 @@ def load_points(paths: list[str | Path], device: str = "auto", data_dir: str | N
 
 
 # -- a grid of points, cached per point ----------------------------------------------------------------------
+BN_RULE = "exact"  # BatchNorm recomputed over the examples (in the cache key: points scored under torch's rule differ)
 NAMES_NOT_CONTENT = ("paths", "from", "to", "run", "origin")  # file names in a spec: the cache keys on content
 
 
@@ -224,7 +225,7 @@ def plane(paths: list[str], grid: int = 11, margin: float = 0.2, examples: int =
     xs, ys = grid_axis(extent_x, grid, margin, span), grid_axis(extent_y, grid, margin, span)
     u32, v32 = u.to(w1.dtype), v.to(w1.dtype)
     spec = {"kind": "plane", "paths": [str(p) for p in paths], "xs": xs, "ys": ys, "examples": examples,
-            "seed": seed, "bn": bn_update, **content_of(config, w1, w2, w3)}
+            "seed": seed, "bn": BN_RULE if bn_update else False, **content_of(config, w1, w2, w3)}
     rows = score_points(_scorer(space, data, examples, seed, bn_update), grid * grid,
                         lambda i: w1 + xs[i % grid] * u32 + ys[i // grid] * v32, spec, cache_dir, points_at_once, progress)
     report = {**spec, "coords": torch.stack([x, y], 1).tolist(), **_columns(rows, (grid, grid)),
@@ -256,7 +257,7 @@ def line(a: str, b: str, t_range: tuple[float, float] = (-0.5, 1.5), points: int
     if not lo < hi:
         raise UserError(f"--range {lo} {hi}: the start must be below the end")
     ts = [lo + (hi - lo) * i / (points - 1) for i in range(points)]
-    spec = {"kind": "line", "from": str(a), "to": str(b), "t": ts, "examples": examples, "seed": seed, "bn": bn_update,
+    spec = {"kind": "line", "from": str(a), "to": str(b), "t": ts, "examples": examples, "seed": seed, "bn": BN_RULE if bn_update else False,
             **content_of(config, wa, wb)}
     rows = score_points(_scorer(space, data, examples, seed, bn_update), points,
                         lambda i: (1 - ts[i]) * wa + ts[i] * wb, spec, cache_dir, points_at_once, progress)
@@ -274,7 +275,7 @@ def rays(at: list[str], directions: int = 5, max_distance: float = 30.0, points:
     ts = [max_distance * i / (points - 1) for i in range(points)]
     scorer = _scorer(space, data, examples, seed, bn_update)
     report = {"kind": "rays", "at": [str(p) for p in at], "t": ts, "directions": directions,
-              "filter_normalised": filter_norm, "examples": examples, "seed": seed, "bn": bn_update, "rays": [],
+              "filter_normalised": filter_norm, "examples": examples, "seed": seed, "bn": BN_RULE if bn_update else False, "rays": [],
               "model": config["model"], "dataset": config["dataset"]}
     total = len(at) * directions * points
     for which, w in enumerate(origins):
@@ -347,7 +348,7 @@ def curve_report(run: str | Path, points: int = 61, examples: int = 0, seed: int
         return out[0]
 
     report = {"kind": "curve", "curve_kind": kind, "run": str(run), "t": ts, "examples": examples, "seed": seed,
-              "bn": bn_update, "model": config["model"], "dataset": config["dataset"],
+              "bn": BN_RULE if bn_update else False, "model": config["model"], "dataset": config["dataset"],
               "distance": float((w2 - w1).double().norm())}
     for name, vector_at in (("curve", on_curve), ("line", lambda i: (1 - ts[i]) * w1 + ts[i] * w2)):
         spec = {k: report[k] for k in ("kind", "curve_kind", "run", "t", "examples", "seed", "bn")} | {

@@ -5,9 +5,10 @@
     row = scorer.score_one(vector)                    # (N,) -> a dict of train/test loss and error
     rows = scorer.score_batched(torch.stack(vectors)) # (K, N) -> K dicts, K points in one vmapped call
 
-A point's BatchNorm statistics are re-estimated on the training subset before it is scored (as
-torch.optim.swa_utils.update_bn does: reset, cumulative average over the batches), because weights
-off the training trajectory have no statistics of their own. Two ways to score K points, equal to
+A point's BatchNorm statistics are re-estimated on the training subset before it is scored, because
+weights off the training trajectory have no statistics of their own: the mean and unbiased variance of
+every BatchNorm input over all the subset's examples (fastflat.update_bn(exact=True); torch's update_bn
+averages per batch instead, so a short last batch would weigh as much as a full one). Two ways to score K points, equal to
 float tolerance (tested): a per-point loop, and `points_at_once` points in one vmapped
 functional_call (the stacked weights and BatchNorm buffers get a leading K axis; what wins depends
 on the model and device: `fastflat bench landscape` measures it).
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from fastflat import data as datasets
+from fastflat.loss.batchnorm import update_bn
 from fastflat.loss.evaluation import at_least_fp32
 from fastflat.flat import FlatParams
 
@@ -92,7 +94,7 @@ class PointScorer:
         """Put the point in the model, re-estimate BatchNorm on the train subset, switch to eval."""
         self.space.set_(vector)
         if self.bn_update:
-            torch.optim.swa_utils.update_bn([(x,) for x, _ in self.train_batches], self.model)
+            update_bn([(x,) for x, _ in self.train_batches], self.model, exact=True)
         self.model.eval()
 
     @torch.no_grad()
@@ -124,11 +126,7 @@ class PointScorer:
                 buffers[name], dims[name] = b.detach().unsqueeze(0).repeat(k, *([1] * b.dim())).contiguous(), 0
         run = vmap(lambda p, b, x: functional_call(self.model, (p, b), (x,)), in_dims=(0, dims, None))
         if self.bn_update:
-            self._reset_bn(buffers)
-            self.model.train()
-            for x, _ in self.train_batches:
-                run(params, buffers, x)
-            self._restore_momentum()
+            self._exact_statistics(params, buffers, dims)
         self.model.eval()
         train = [run(params, buffers, x) for x, _ in self.train_batches]  # each (K, B, C)
         test = [run(params, buffers, x) for x, _ in self.test_batches]
@@ -139,21 +137,45 @@ class PointScorer:
                          **_named(_metrics([t[i] for t in test], self.test_batches), "test"), **ensemble[i]})
         return rows
 
-    def _reset_bn(self, buffers: dict[str, Tensor]) -> None:
-        """update_bn's start: zero means, unit variances, momentum None (a cumulative average)."""
-        self._momenta = {}
-        for name, module in self.model.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                self._momenta[name] = module.momentum
-                module.momentum = None
-                prefix = f"{name}." if name else ""
-                buffers[prefix + "running_mean"].zero_()
-                buffers[prefix + "running_var"].fill_(1.0)
+    def _exact_statistics(self, params: dict[str, Tensor], buffers: dict[str, Tensor], dims: dict[str, Any]) -> None:
+        """Each point's BatchNorm statistics, as update_bn(exact=True) sets them one point at a time: per
+        channel the count, sum and sum of squares of every BatchNorm input over the train subset (fp64),
+        gathered by hooks inside the vmapped forward (train mode) and returned with a K axis."""
+        modules = {name: m for name, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        seen: list[tuple[Tensor, Tensor]] = []  # one forward's (sum, sum of squares) per BatchNorm, in order
+        counts: list[float] = []  # values per channel per BatchNorm in that forward (the same for every point)
 
-    def _restore_momentum(self) -> None:
-        for name, module in self.model.named_modules():
-            if name in self._momenta:
-                module.momentum = self._momenta[name]
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            x = inputs[0].double()
+            over = [d for d in range(x.dim()) if d != 1]  # every axis but the channel's
+            seen.append((x.sum(over), (x * x).sum(over)))
+            counts.append(x.numel() / x.shape[1])
+
+        def forward(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor) -> list[tuple[Tensor, Tensor]]:
+            seen.clear()
+            counts.clear()
+            functional_call(self.model, (p, b), (x,))
+            return list(seen)
+
+        handles = [m.register_forward_pre_hook(hook) for m in modules.values()]
+        self.model.train()
+        totals: list[list[Any]] = [[0.0, 0.0, 0.0] for _ in modules]  # per BatchNorm: count, (K, C) sums, squares
+        try:
+            for x, _ in self.train_batches:
+                found = vmap(forward, in_dims=(0, dims, None))(params, buffers, x)
+                for total, (sums, squares), count in zip(totals, found, counts):
+                    total[0] += count
+                    total[1] = total[1] + sums
+                    total[2] = total[2] + squares
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name, (count, sums, squares) in zip(modules, totals):
+            mean = sums / count
+            variance = (squares / count - mean**2).clamp_min(0) * (count / max(count - 1, 1))  # unbiased
+            prefix = f"{name}." if name else ""
+            buffers[prefix + "running_mean"].copy_(mean.to(buffers[prefix + "running_mean"].dtype))
+            buffers[prefix + "running_var"].copy_(variance.to(buffers[prefix + "running_var"].dtype))
 
     def _ensemble(self, test_logits: Tensor) -> list[dict[str, float]]:
         """(K, n_test, C) logits -> per point {ensemble_err} with the reference, or {} without one."""

@@ -78,6 +78,8 @@ if __name__ == "__main__":
         if method == "swa":
             settings.update({"swa": {"start": 1, "lr": 0.05, "cycle": 2}})
             settings.pop("schedule")
+        if method == "sf":  # a schedule-free optimizer (constant schedule, as above)
+            settings.update({"method": "sgd", "optimizer": "schedulefree-sgd"})
         if method in ("ema", "lawa"):  # an average over SGD
             settings.update({"method": "sgd", method: {"decay": 0.9} if method == "ema" else {"k": 3, "every": 2}})
         if method == "fge":
