@@ -91,3 +91,10 @@ def test_sam_over_a_schedule_free_optimizer_trains(tmp_path):
 def test_what_does_not_compose_is_refused_with_the_reason(tmp_path, overrides, says):
     with pytest.raises(UserError, match=__import__("re").escape(says)):
         _config(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("overrides", [{"method": "fullbatch", "fullbatch": {"chunk_size": 64}, "epochs": 3},
+                                       {"accumulate": 2, "batch_size": 16}, {"amp": "bf16"}])
+def test_schedule_free_composes_with_full_batch_accumulation_and_bf16(tmp_path, overrides):
+    summary = train(_config(tmp_path, **overrides))
+    assert summary["test_acc"] is not None and summary["steps"] >= 2
