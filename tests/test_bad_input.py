@@ -199,7 +199,7 @@ def test_a_full_disk_under_resume_is_one_line_and_the_checkpoint_survives(capsys
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)
-    for args in (["train", "--resume", run], ["ensemble", "--from", run]):
+    for args in (["train", "--resume", run], ["ensemble", "--from", run, "--out", tmp_path / "e"]):
         if args[0] == "train":  # a finished run has nothing to train: make it one epoch short
             rewrite = torch.load(run / "checkpoint.pt", weights_only=True)
             rewrite["position"].update(epoch=1, batch=0, step=8)
@@ -224,7 +224,7 @@ def test_a_read_only_run_directory_under_resume_and_ensemble_is_one_line(capsys,
 
     monkeypatch.setattr(os, "open", read_only)
     before = (trained / "checkpoint.pt").read_bytes()
-    for args in (["train", "--resume", trained], ["ensemble", "--from", trained]):
+    for args in (["train", "--resume", trained], ["ensemble", "--from", trained, "--out", trained.parent / "e"]):
         code, _, err = run_cli(capsys, *args)
         assert code == 2, args
         one_line(err, "Read-only file system")

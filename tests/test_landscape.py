@@ -272,10 +272,13 @@ def test_bad_landscape_input_is_one_line_and_exit_2_with_nothing_overwritten(two
     argv = [a.format(a=two_runs / "s0", b=two_runs / "s1") for a in args]
     if argv[0] == "landscape":
         argv += ["--out", str(out), "--examples", "64", "--device", "cpu"]
+    if argv[0] == "ensemble":
+        argv += ["--out", str(out)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert (out / "line.json").read_text() == "kept"
+    assert [p.name for p in out.iterdir() if p.name != ".points-cache"] == ["line.json"]  # no empty results directory
 
 
 def test_points_of_different_architectures_are_refused(two_runs, tmp_path):

@@ -40,7 +40,7 @@ def ensemble_command(
     if curve is not None:
         if any(groups.values()) or swa is not None or budgets or sse_keep is not None:
             raise UserError("--curve takes a curve run alone (with --points K), not with other runs or --budgets")
-        return _curve_ensemble(curve, points, device, data_dir, results_dir(out, name, "ensemble-curve"), as_json)
+        return _curve_ensemble(curve, points, device, data_dir, out, name, as_json)
     keep = _parse_keep(sse_keep)
     if keep is not None and not sse:
         raise UserError("--sse-keep picks snapshots of --sse runs; no --sse run was given")
@@ -73,7 +73,8 @@ def ensemble_command(
         _print_ensemble(report, target)
 
 
-def _curve_ensemble(run: Path, points: int, device: str, data_dir: str | None, folder: Path, as_json: bool) -> None:
+def _curve_ensemble(run: Path, points: int, device: str, data_dir: str | None, out: Path, name: str | None,
+                    as_json: bool) -> None:
     from fastflat.runs.rundir import json_safe
     from fastflat.geometry.landscape import curve_ensemble
     from fastflat.runs.rundir import atomic_write_text
@@ -82,7 +83,7 @@ def _curve_ensemble(run: Path, points: int, device: str, data_dir: str | None, f
 
     with progress_bar(err_console, "curve points") as progress:
         report = curve_ensemble(run, points, device=device, data_dir=data_dir, progress=progress)
-    target = folder / "ensemble.json"
+    target = results_dir(out, name, "ensemble-curve") / "ensemble.json"  # made once the report exists
     atomic_write_text(target, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     if as_json:
         print(json.dumps(json_safe(report)))

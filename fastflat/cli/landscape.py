@@ -119,11 +119,10 @@ def plane_command(
                     _fits_in_memory(grid * grid, f"--grid {grid}", lambda most: f"--grid {math.isqrt(most)} or less"),
                     *_common_checks(examples, points_at_once)])
 
-    folder = results_dir(out, name, "plane")
     with _interrupted_says(_cached_in(out)), progress_bar(err_console, f"plane, {grid * grid} points") as progress:
         report = plane(at, grid, margin, examples, seed, bn_update, trajectory, points_at_once, device, data_dir,
                        points_cache(out), progress, warn=_warn)
-    target = _write(_with_provenance(report, device), folder, "plane", plot_plane)
+    target = _write(_with_provenance(report, device), results_dir(out, name, "plane"), "plane", plot_plane)
     if "trajectory" in report:
         off = report["trajectory"]["distance_off_plane"]
         console.print(f"trajectory: {len(off)} points, distance off the plane up to {max(off):.3g} (weight units)")
@@ -149,11 +148,10 @@ def line_command(
                     _fits_in_memory(points, f"--points {points}", lambda most: f"--points {most} or less"),
                     *_common_checks(examples, points_at_once)])
 
-    folder = results_dir(out, name, "line")
     with _interrupted_says(_cached_in(out)), progress_bar(err_console, f"line, {points} points") as progress:
         report = line(a, b, t_range, points, examples, seed, bn_update, points_at_once, device, data_dir,
                       points_cache(out), progress)
-    target = _write(_with_provenance(report, device), folder, "line", plot_line)
+    target = _write(_with_provenance(report, device), results_dir(out, name, "line"), "line", plot_line)
     console.print(f"line of {points} points over t in [{t_range[0]}, {t_range[1]}], |A - B| = {report['distance']:.4g}; "
                   f"report: {target} and {target.with_suffix('.png')}")
 
@@ -179,11 +177,10 @@ def rays_command(
                                     lambda most: f"at most {most:,} points in all"),
                     *_common_checks(examples, points_at_once)])
 
-    folder = results_dir(out, name, "rays")
     with _interrupted_says(_cached_in(out)), progress_bar(err_console, f"rays, {len(at) * directions * points} points") as progress:
         report = rays(at, directions, distance, points, filter_norm, examples, seed, bn_update, points_at_once,
                       device, data_dir, points_cache(out), progress)
-    target = _write(_with_provenance(report, device), folder, "rays", plot_rays)
+    target = _write(_with_provenance(report, device), results_dir(out, name, "rays"), "rays", plot_rays)
     for ray in report["rays"]:
         far = [row[-1] for row in ray["train_err"]]
         console.print(f"{ray['at']}: train error at distance {distance:g}: {min(far):.2f} .. {max(far):.2f} %")
