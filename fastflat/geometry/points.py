@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from fastflat import data as datasets
-from fastflat.loss.batchnorm import update_bn
+from fastflat.loss.batchnorm import statistics_from_sums, update_bn
 from fastflat.loss.evaluation import at_least_fp32
 from fastflat.flat import FlatParams
 
@@ -171,8 +171,7 @@ class PointScorer:
             for handle in handles:
                 handle.remove()
         for name, (count, sums, squares) in zip(modules, totals):
-            mean = sums / count
-            variance = (squares / count - mean**2).clamp_min(0) * (count / max(count - 1, 1))  # unbiased
+            mean, variance = statistics_from_sums(count, sums, squares)  # (K, C) each
             prefix = f"{name}." if name else ""
             buffers[prefix + "running_mean"].copy_(mean.to(buffers[prefix + "running_mean"].dtype))
             buffers[prefix + "running_var"].copy_(variance.to(buffers[prefix + "running_var"].dtype))

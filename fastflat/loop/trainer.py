@@ -65,8 +65,9 @@ class Trainer:
         self._sync_tally()
         dist.broadcast_buffers_(self.model)  # torchrun: rank 0's BatchNorm statistics are the model's
         dist.assert_identical(self.flat.params, "weights")  # every step keeps them bitwise equal; checked here
-        if self.method.weights(self.flat) is not self.flat.params:  # an average (SWA, EMA, LAWA): one on every rank
-            dist.assert_identical(self.method.weights(self.flat), "averaged weights")
+        delivered = self.method.weights(self.flat)
+        if delivered is not self.flat.params:  # an average (SWA, EMA, LAWA): one on every rank
+            dist.assert_identical(delivered, "averaged weights")
         self.run.save_checkpoint({
             "config": to_dict(self.cfg),
             "model": self.model.state_dict(),

@@ -57,10 +57,16 @@ def update_bn(loader: Iterable[Any], model: nn.Module, device: torch.device | st
             m.momentum = momentum
         model.train(was_training)
     for m, (count, total, squares) in sums.items():
-        mean = total / count
-        variance = (squares / count - mean**2).clamp_min(0) * (count / max(count - 1, 1))  # unbiased, as BatchNorm keeps
+        mean, variance = statistics_from_sums(float(count), total, squares)
         m.running_mean.copy_(mean.to(m.running_mean.dtype))
         m.running_var.copy_(variance.to(m.running_var.dtype))
+
+
+def statistics_from_sums(count: float, total: torch.Tensor, squares: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, unbiased variance, as BatchNorm keeps it) per channel from the count of values per channel,
+    their sum and their sum of squares (fp64, any leading axes)."""
+    mean = total / count
+    return mean, (squares / count - mean**2).clamp_min(0) * (count / max(count - 1, 1))
 
 
 def _accumulating(sums: dict[nn.Module, list[torch.Tensor]]):

@@ -86,6 +86,7 @@ class Averaging(Wrapper):
     the end (its BatchNorm statistics averaged or recomputed), saved as a member, delivered."""
 
     tag = "average"  # summary keys <tag>_acc, <tag>_loss; members/<tag>.pt; <tag>_test_* per epoch
+    panel = "Averaging: EMA and LAWA"
     owns_lr = False  # the inner method's schedule applies
     inner_ok = False
     averages = True
@@ -142,7 +143,6 @@ class EMA(Averaging):
     name = "ema"
     summary = "An exponential moving average of the weights over --inner (or --ema DECAY over any method)."
     config = EMAConfig
-    panel = "Averaging: EMA and LAWA"
     tag = "ema"
     swa_refusal = "an EMA delivers its own average as the run's model: use --ema or --swa, not both"
 
@@ -198,7 +198,6 @@ class LAWA(Averaging):
     name = "lawa"
     summary = "Latest weight averaging over --inner (or --lawa K over any method): the mean of the last K checkpoints."
     config = LAWAConfig
-    panel = "Averaging: EMA and LAWA"
     tag = "lawa"
     swa_refusal = "LAWA delivers its own average as the run's model: use --lawa or --swa, not both"
 
