@@ -44,6 +44,7 @@ class _Tallied:
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self._tallied: set[tuple[int, int]] = set()
+        self.example_losses: Tensor | None = None  # (B,) of the last pass called with keep_losses
 
     def _tally_once(self, span: tuple[int, int], loss: Tensor, logits: Tensor, y: Tensor) -> None:
         if span in self._tallied:
@@ -51,6 +52,32 @@ class _Tallied:
         self._tallied.add(span)
         self.loss_sum += loss * (span[1] - span[0])
         self.correct += (logits.argmax(1) == y).sum()
+
+    # -- per-example losses and a pass over chosen examples (ESAM's data selection) ---------------------
+    def losses(self) -> Tensor:
+        """Each example's loss at the current weights, (B,) fp32, no gradient; BatchNorm normalises with
+        each chunk's statistics and keeps its running ones (like SAM's perturbed pass)."""
+        parts = []
+        for x, y in self.chunks:
+            with torch.no_grad(), frozen_bn_stats(self.model), autocast(x.device, self.amp):
+                parts.append(F.cross_entropy(at_least_fp32(self.model(x)), y, reduction="none"))
+        return torch.cat(parts)
+
+    def selected(self, chosen: Tensor, update_bn: bool = False) -> Tensor:
+        """Zero the flat gradient, then fill it with the gradient of the mean loss over the examples where
+        `chosen` ((B,) bool) is set, chunk by chunk; returns that mean loss (detached). Not tallied."""
+        self.flat.zero_grad_()
+        total = torch.zeros((), device=chosen.device)
+        count = int(chosen.sum())  # one host sync: the chunks' shares of the mean
+        start = 0
+        for x, y in self.chunks:
+            here = chosen[start : start + len(y)]
+            start += len(y)
+            picked = int(here.sum())
+            if picked:
+                loss, _, _ = _forward(self.model, x[here], y[here], self.amp, True, update_bn, picked / count, self.scaler)
+                total += loss * (picked / count)
+        return total
 
 
 class BatchClosure(_Tallied):
@@ -68,12 +95,15 @@ class BatchClosure(_Tallied):
         """(x, y) of examples part.start:part.stop of the batch."""
         return self.x[part], self.y[part]
 
-    def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True) -> Tensor:
+    def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True,
+                 keep_losses: bool = False) -> Tensor:
+        """keep_losses: also keep each example's loss of this pass in `example_losses` ((B,) of the part)."""
         span = (0, self.batch_size) if part is None else (part.start, part.stop)
         x, y = self.x[span[0] : span[1]], self.y[span[0] : span[1]]
         if backward:
             self.flat.zero_grad_()
-        loss, logits = _forward(self.model, x, y, self.amp, backward, update_bn, 1.0, self.scaler)
+        loss, logits, self.example_losses = _forward(self.model, x, y, self.amp, backward, update_bn, 1.0, self.scaler,
+                                                     keep_losses)
         self._tally_once(span, loss, logits, y)
         return loss
 
@@ -90,26 +120,32 @@ class SplitClosure(_Tallied):
         self.model, self.flat, self.chunks, self.amp, self.scaler = model, flat, chunks, amp, scaler
         self.batch_size = sum(len(y) for _, y in chunks)
 
-    def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True) -> Tensor:
+    def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True,
+                 keep_losses: bool = False) -> Tensor:
         """The whole split's mean loss, or with `part` (global example indices, inside one chunk) that
-        block's mean loss and gradient alone: the gradient-norm penalty per block of b examples."""
+        block's mean loss and gradient alone: the gradient-norm penalty per block of b examples.
+        keep_losses: also keep each example's loss of this pass in `example_losses`."""
         if part is not None:
             x, y = self.block(part)
             if backward:
                 self.flat.zero_grad_()
-            loss, logits = _forward(self.model, x, y, self.amp, backward, update_bn, 1.0, self.scaler)
+            loss, logits, self.example_losses = _forward(self.model, x, y, self.amp, backward, update_bn, 1.0,
+                                                         self.scaler, keep_losses)
             self._tally_once((part.start, part.stop), loss, logits, y)
             return loss
         if backward:
             self.flat.zero_grad_()
         total = torch.zeros((), device=self.chunks[0][0].device)
-        start = 0
+        start, kept = 0, []
         for x, y in self.chunks:
             weight = len(y) / self.batch_size  # mean over the split = sum of chunk means x size share
-            loss, logits = _forward(self.model, x, y, self.amp, backward, update_bn, weight, self.scaler)
+            loss, logits, losses = _forward(self.model, x, y, self.amp, backward, update_bn, weight, self.scaler,
+                                            keep_losses)
             self._tally_once((start, start + len(y)), loss, logits, y)
             total += loss * weight
             start += len(y)
+            kept.append(losses)
+        self.example_losses = torch.cat(kept) if keep_losses else None
         return total
 
     def block(self, part: slice) -> tuple[Tensor, Tensor]:
@@ -125,14 +161,21 @@ class SplitClosure(_Tallied):
 
 
 def _forward(model: nn.Module, x: Tensor, y: Tensor, amp: str, backward: bool, update_bn: bool,
-             weight: float, scaler: torch.amp.GradScaler | None = None) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy of one chunk (detached) and its logits; backward adds weight * its gradient
-    (times the loss scale with a scaler: a device-side multiply, no host sync)."""
+             weight: float, scaler: torch.amp.GradScaler | None = None,
+             per_example: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Mean cross-entropy of one chunk (detached), its logits and, with per_example, each example's loss
+    ((B,), detached; else None); backward adds weight * its gradient (times the loss scale with a
+    scaler: a device-side multiply, no host sync)."""
     bn = contextlib.nullcontext() if update_bn else frozen_bn_stats(model)
+    losses = None
     with torch.set_grad_enabled(backward), bn, autocast(x.device, amp):
         logits = model(x)  # (B, classes)
-        loss = F.cross_entropy(at_least_fp32(logits), y)
+        if per_example:
+            losses = F.cross_entropy(at_least_fp32(logits), y, reduction="none")
+            loss = losses.mean()
+        else:
+            loss = F.cross_entropy(at_least_fp32(logits), y)
     if backward:
         scaled = loss * weight if weight != 1.0 else loss
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
-    return loss.detach(), logits.detach()
+    return loss.detach(), logits.detach(), None if losses is None else losses.detach()

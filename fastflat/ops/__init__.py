@@ -92,11 +92,11 @@ SAM_NORMS = ("l2", "linf")
 
 def sam_perturb_torch_(
     w: Tensor, g: Tensor, backup: Tensor, sqnorm: Tensor | None, rho: float, norm: str,
-    adaptive: bool, eps: float = 1e-12,
+    adaptive: bool, eps: float = 1e-12, weight_mask: Tensor | None = None,
 ) -> None:
     """Twin of kernels.sam_perturb_: backup <- w; w <- w + e (see kernels/sam.py for e)."""
     backup.copy_(w)
-    if w.dtype in (torch.float32, torch.float64) and norm == "l2" and not adaptive:
+    if w.dtype in (torch.float32, torch.float64) and norm == "l2" and not adaptive and weight_mask is None:
         # the common case: one in-place pass, no temporary, in the weights' own precision
         w.addcmul_(g, (rho / (sqnorm.sqrt() + eps)).to(w.dtype))
         return
@@ -109,27 +109,36 @@ def sam_perturb_torch_(
         e = rho * torch.sign(g32)
         if adaptive:
             e = e * w32.abs()
+    if weight_mask is not None:
+        e = e * weight_mask.to(e.dtype)
     w.copy_(w32 + e)
 
 
 def sam_perturb_(
     ws: list[Tensor], gs: list[Tensor], backups: list[Tensor], rho: float, norm: str = "l2",
-    adaptive: bool = False,
+    adaptive: bool = False, weight_masks: list[Tensor] | None = None,
 ) -> Tensor:
     """SAM's ascent step over flat vectors: save each w into its backup, then move to w + e.
 
     For L2 the norm is global over all vectors (one reduction each, summed on the device). Returns
     the squared norm of the (scaled) gradient that set e, (1,) on the device, so callers can check it
-    is finite; for L-inf, where e needs no norm, it is computed for that check alone.
+    is finite; for L-inf, where e needs no norm, it is computed for that check alone. `weight_masks`
+    (0/1 per weight: SAM-ON's normalization layers, ESAM's random subset) moves only those weights,
+    and the norm is then the masked gradient's, so the step still has length rho.
     """
     if norm not in SAM_NORMS:
         raise ValueError(f"unknown SAM norm {norm!r}: use one of {', '.join(SAM_NORMS)}")
-    total = total_sqnorm(gs, ws if adaptive else None)
-    for w, g, b in zip(ws, gs, backups):
+    scales = ws if adaptive else None
+    if weight_masks is not None:
+        scales = [m * w.abs() for m, w in zip(weight_masks, ws)] if adaptive else weight_masks
+    total = total_sqnorm(gs, scales)
+    masks = weight_masks or [None] * len(ws)
+    for w, g, b, m in zip(ws, gs, backups, masks):
         if use_triton(w):
-            triton_kernels().sam_perturb_(w, g, b, total.to(w.device, torch.float32), rho, norm, adaptive)
+            triton_kernels().sam_perturb_(w, g, b, total.to(w.device, torch.float32), rho, norm, adaptive,
+                                          weight_mask=m)
         else:
-            sam_perturb_torch_(w, g, b, total.to(w.device), rho, norm, adaptive)
+            sam_perturb_torch_(w, g, b, total.to(w.device), rho, norm, adaptive, weight_mask=m)
     return total
 
 

@@ -11,8 +11,9 @@ from fastflat.ops.kernels.combine import combine3_
 from fastflat.ops.kernels.noise import perturb_into_, philox_words, weighted_noise_sum_
 from fastflat.ops.kernels.norm import sqnorm
 from fastflat.ops.kernels.sam import sam_perturb_
+from fastflat.ops.kernels.sam_family import axpby_, dot, fsam_direction_
 
 __all__ = [
-    "average_", "clip_scale_", "combine3_", "perturb_into_", "philox_words", "sam_perturb_", "sqnorm",
-    "weighted_noise_sum_",
+    "average_", "axpby_", "clip_scale_", "combine3_", "dot", "fsam_direction_", "perturb_into_", "philox_words",
+    "sam_perturb_", "sqnorm", "weighted_noise_sum_",
 ]
