@@ -16,9 +16,11 @@ from fastflat.flat import FlatParams, flatten
 from fastflat.loss.batchnorm import update_bn
 from fastflat.ops.noise import member_noise
 from fastflat.optim import SAM, AveragedModel, clip_grad_norm_
+from fastflat.optim.msam import MSAM
+from fastflat.optim.sam_family import GSAM, WSAM, FriendlySAM, LookSAM
 from fastflat.version import __version__
 
-__all__ = ["__version__", "SAM", "AveragedModel", "FlatParams", "clip_grad_norm_", "flatten", "member_noise", "resume", "train",
+__all__ = ["__version__", "SAM", "GSAM", "MSAM", "WSAM", "FriendlySAM", "LookSAM", "AveragedModel", "FlatParams", "clip_grad_norm_", "flatten", "member_noise", "resume", "train",
            "update_bn"]
 
 

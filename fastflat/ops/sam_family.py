@@ -1,4 +1,4 @@
-"""Flat-vector ops of the SAM variants (methods/sam.py, fastflat.optim_sam): torch twins routed to
+"""Flat-vector ops of the SAM variants (methods/sam_steps.py, optim/sam_family.py): torch twins routed to
 the Triton kernels in kernels/sam_family.py, as every op in fastflat.ops.
 
     total_dot(xs, ys)                  sum over vectors of x . y, (1,) fp32 (fp64 for fp64) on the device

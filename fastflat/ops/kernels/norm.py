@@ -31,7 +31,7 @@ def _partial_sqnorm_kernel(
 
 
 @triton.jit
-def _sum_partials_kernel(
+def sum_partials_kernel(
     PARTIAL_PTR,  # (n_partials,) fp32
     OUT_PTR,  # (1,) fp32 out
     n_partials,
@@ -54,5 +54,5 @@ def sqnorm(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     _partial_sqnorm_kernel[(n_programs,)](
         x, scale if scale is not None else x, partials, n, HAS_SCALE=scale is not None, BLOCK=BLOCK
     )
-    _sum_partials_kernel[(1,)](partials, out, n_programs, FINAL_BLOCK=FINAL_BLOCK)
+    sum_partials_kernel[(1,)](partials, out, n_programs, FINAL_BLOCK=FINAL_BLOCK)
     return out

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from fastflat.ops.kernels.norm import BLOCK as DOT_BLOCK
-from fastflat.ops.kernels.norm import FINAL_BLOCK, _sum_partials_kernel
+from fastflat.ops.kernels.norm import FINAL_BLOCK, sum_partials_kernel
 
 BLOCK = 2048
 
@@ -90,5 +90,5 @@ def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     partials = torch.empty(n_programs, dtype=torch.float32, device=x.device)
     out = torch.empty(1, dtype=torch.float32, device=x.device)
     _partial_dot_kernel[(n_programs,)](x, y, partials, n, BLOCK=DOT_BLOCK)
-    _sum_partials_kernel[(1,)](partials, out, n_programs, FINAL_BLOCK=FINAL_BLOCK)
+    sum_partials_kernel[(1,)](partials, out, n_programs, FINAL_BLOCK=FINAL_BLOCK)
     return out

@@ -1,4 +1,5 @@
-"""Drop-ins with the signatures users already know, on the one-launch path when params are flat.
+"""Drop-ins with the signatures users already know, on the one-launch path when params are flat
+(the SAM variants: optim/sam_family.py).
 
     opt = fastflat.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
     loss_fn().backward(); opt.first_step(zero_grad=True); loss_fn().backward(); opt.second_step()
