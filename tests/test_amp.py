@@ -84,9 +84,12 @@ class OverflowOnce:
         self.inner, self.flat, self.calls = inner, flat, 0
         self.batch_size, self.x, self.y = inner.batch_size, inner.x, inner.y
 
-    def __call__(self, backward=True, part=None, update_bn=True):
+    def __getattr__(self, name):  # losses(), selected(), example_losses: ESAM's, from the real closure
+        return getattr(self.inner, name)
+
+    def __call__(self, backward=True, part=None, update_bn=True, **kwargs):
         self.calls += 1
-        loss = self.inner(backward=backward, part=part, update_bn=update_bn)
+        loss = self.inner(backward=backward, part=part, update_bn=update_bn, **kwargs)
         if self.calls == 1:
             self.flat.grads[0][0] = float("inf")
         return loss

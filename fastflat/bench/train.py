@@ -11,6 +11,9 @@ mutation round (K children scored on the batch, then the fused ES update) is tim
 Under torchrun (`--nproc N`), `ddp-sgd` and `ddp-sam` time stock DistributedDataParallel on the same
 model and rank shares (torch.optim.SGD; fastflat.SAM with the ascent inside no_sync(), the docs/library.md
 recipe): the baseline for our one all-reduce of the flat gradient per step.
+The SAM family's rows (`gsam` ... `sam-from0.8`: SAM_FAMILY_ROWS) take a different number of passes on
+different steps (LookSAM's SAM step every 5th, a schedule's plain steps), so their step_ms is the mean
+over the timed steps, whole cycles of them, not the median: what an epoch costs per step.
 Full batch (`fullbatch`, `fullbatch-finite`, `fullbatch-exact`: the gradient-norm penalty off, by
 finite differences, by double backward) steps over FULL_BATCHES batches at once; `ratio_to_sgd` is per
 batch of data, i.e. against an SGD epoch over the same batches (ideal: 1.0, 2.0 with the penalty).
@@ -31,6 +34,7 @@ from fastflat.flat import flatten
 from fastflat.methods import build_method, registry
 from fastflat.methods.averaging import EMAConfig, LAWAConfig
 from fastflat.methods.fullbatch import FullBatchConfig
+from fastflat.methods.sam import SAMConfig
 from fastflat.methods.wrappers import SWAConfig
 from fastflat.data.models import build_model
 from fastflat.loss.closures import BatchClosure, SplitClosure
@@ -39,6 +43,11 @@ from fastflat.loop.steps import train_step
 IMAGE_SHAPE, NUM_CLASSES = (3, 32, 32), 10
 FULL_BATCHES = 8  # batches in one full-batch step (its "training set")
 FULL_BATCH_VARIANTS = {"fullbatch": "off", "fullbatch-finite": "finite", "fullbatch-exact": "exact"}
+SAM_FAMILY_ROWS = {  # row name -> --method sam settings (docs/results.md "Which SAM?")
+    "gsam": {"variant": "gsam"}, "fsam": {"variant": "fsam"}, "wsam": {"variant": "wsam"}, "msam": {"variant": "msam"},
+    "esam": {"variant": "esam"}, "looksam": {"variant": "looksam", "looksam_k": 5}, "sam-on": {"only": "norm"},
+    "sam-every5": {"every": 5}, "sam-prob0.2": {"prob": 0.2}, "sam-from0.8": {"start": 0.8},
+}
 TRAIN_FIELDS = ("method", "model", "batch_size", "batches_per_step", "steps", "params", "status", "reason", "step_ms", "iqr_ms",
                 "steps_per_s", "samples_per_s", "fwd_bwd_ms", "passes_per_step", "outside_fwd_bwd_ms",
                 "ratio_to_sgd", "round_ms")
@@ -65,6 +74,10 @@ class CountingClosure:
         part = kwargs.get("part")
         self.calls += 1 if part is not None else self.passes_per_call
         return self.closure(*args, **kwargs)
+
+    def selected(self, chosen: torch.Tensor, update_bn: bool = False) -> torch.Tensor:  # ESAM's partial pass
+        self.calls += 1
+        return self.closure.selected(chosen, update_bn)
 
     def __getattr__(self, name: str) -> Any:  # chunks, x, y, amp: what methods read of a closure
         return getattr(self.closure, name)
@@ -119,15 +132,19 @@ def _bench_method(name: str, settings: TrainSettings, x: torch.Tensor, y: torch.
     model = build_model(settings.model, IMAGE_SHAPE[0], NUM_CLASSES, IMAGE_SHAPE[1]).to(settings.device)
     model.train()
     flat = flatten(model)  # after .to(): moving re-creates parameters
-    gradreg = FULL_BATCH_VARIANTS.get(name)
-    cfg = TrainConfig(method="fullbatch" if gradreg else name, model=settings.model, batch_size=settings.batch_size,
+    gradreg, family = FULL_BATCH_VARIANTS.get(name), SAM_FAMILY_ROWS.get(name)
+    cfg = TrainConfig(method="fullbatch" if gradreg else "sam" if family is not None else name, model=settings.model,
+                      batch_size=settings.batch_size, sam=SAMConfig(**(family or {})),
                       swa=SWAConfig(start=1, cycle=1),  # an average after every step (cycles of one step)
                       ema=EMAConfig(decay=0.999 if name == "ema" else 0.0),  # over SGD, one update a step
                       lawa=LAWAConfig(k=5 if name == "lawa" else 0),  # a checkpoint every step: the worst case
                       fullbatch=FullBatchConfig(chunk_size=settings.batch_size, gradreg=gradreg or "off"))
     method = build_method(cfg)
-    method.init(flat, BenchServices(x, y))
-    passes, done = [0], [0]
+    services = BenchServices(x, y)
+    if family is not None:  # the run is the timed steps: --sam-from 0.8 ascends on their last fifth
+        services.steps_per_epoch = services.total_steps = settings.warmup + settings.steps
+    method.init(flat, services)
+    passes, done = [], [0]
 
     def new_closure() -> CountingClosure:
         if gradreg:  # the same batch FULL_BATCHES times: one full-batch step over that much data
@@ -138,7 +155,7 @@ def _bench_method(name: str, settings: TrainSettings, x: torch.Tensor, y: torch.
         closure = new_closure()
         train_step(method, flat, closure, cfg.lr, done[0])  # the trainer's own step
         done[0] += 1
-        passes[0] = closure.calls
+        passes.append(closure.calls)
 
     def fwd_bwd() -> None:
         BatchClosure(model, flat, x, y, cfg.amp)(backward=True)
@@ -146,7 +163,11 @@ def _bench_method(name: str, settings: TrainSettings, x: torch.Tensor, y: torch.
     times_ms(step, settings.warmup, settings.device)
     times_ms(fwd_bwd, settings.warmup, settings.device)
     fwd_bwd_ms, _ = median_iqr(times_ms(fwd_bwd, settings.steps, settings.device))
-    step_ms, iqr_ms = median_iqr(times_ms(step, settings.steps, settings.device))
+    step_times = times_ms(step, settings.steps, settings.device)
+    step_ms, iqr_ms = median_iqr(step_times)
+    passes_per_step = passes[-1]
+    if family is not None:  # steps of unequal cost: what an epoch pays per step is their mean
+        step_ms, passes_per_step = sum(step_times) / len(step_times), sum(passes[-settings.steps:]) / settings.steps
     round_ms = None
     if hasattr(method, "mutate"):  # Spartan: one mutation round, timed apart from the steps
         round_ms, _ = median_iqr(times_ms(lambda: method.mutate(flat, 0), max(2, settings.steps // 5), settings.device))
@@ -154,8 +175,8 @@ def _bench_method(name: str, settings: TrainSettings, x: torch.Tensor, y: torch.
     return {"params": flat.numel, "status": "ok", "round_ms": round_ms, "step_ms": step_ms, "iqr_ms": iqr_ms,
             "batches_per_step": batches,
             "steps_per_s": 1e3 / step_ms, "samples_per_s": batches * settings.batch_size * 1e3 / step_ms,
-            "fwd_bwd_ms": fwd_bwd_ms, "passes_per_step": passes[0],
-            "outside_fwd_bwd_ms": step_ms - passes[0] * fwd_bwd_ms}
+            "fwd_bwd_ms": fwd_bwd_ms, "passes_per_step": passes_per_step,
+            "outside_fwd_bwd_ms": step_ms - passes_per_step * fwd_bwd_ms}
 
 
 DDP_VARIANTS = ("ddp-sgd", "ddp-sam")  # stock DistributedDataParallel, for comparison under torchrun
@@ -207,7 +228,7 @@ def run_train(settings: TrainSettings, on_method: Callable[[str], None] | None =
     for name in settings.methods:
         row = {**dict.fromkeys(TRAIN_FIELDS), "processes": dist.world_size(), "method": name, "model": settings.model,
                "batch_size": settings.batch_size, "steps": settings.steps}
-        known = [*registry(), *FULL_BATCH_VARIANTS, *DDP_VARIANTS]
+        known = [*registry(), *FULL_BATCH_VARIANTS, *SAM_FAMILY_ROWS, *DDP_VARIANTS]
         if name not in known:
             row.update(status="unavailable", reason=f"not a fastflat method ({', '.join(known)})")
         elif name in DDP_VARIANTS and not dist.active():

@@ -28,6 +28,13 @@ def model():
     return nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 4))
 
 
+SAM_FAMILY = {  # --method sam settings of each variant and schedule (tests/test_sam_composition.py)
+    "gsam": {"variant": "gsam"}, "fsam": {"variant": "fsam"}, "wsam": {"variant": "wsam"},
+    "msam": {"variant": "msam"}, "esam": {"variant": "esam"}, "looksam": {"variant": "looksam", "looksam_k": 2},
+    "sam-on": {"only": "norm"}, "every": {"every": 2}, "prob": {"prob": 0.5}, "from": {"start": 0.5},
+}
+
+
 class SignalAt(Hooks):
     """After optimizer step `step`: sigint, Ctrl-C in a terminal (SIGINT from rank 0 to the whole group:
     torchrun and every rank); sigkill, rank 1 dies (OOM killer, a lost node: no handler runs)."""
@@ -54,6 +61,13 @@ if __name__ == "__main__":
         resume(f"{out}/{name}", model=model(), data=data())
     elif extra.isdigit():  # extend a finished run (saved on any number of ranks) to more epochs
         resume(f"{out}/{name}", model=model(), data=data(), epochs=int(extra))
+    elif method == "sam-family":  # every SAM variant and ascent schedule in one launch, a run each (NAME-VARIANT)
+        for variant, sam in SAM_FAMILY.items():
+            settings = {"method": "sam", "sam": sam, "epochs": epochs, "batch_size": 64, "schedule": "constant",
+                        "lr": 0.1, "device": "cpu", "out": out, "name": f"{name}-{variant}", "log_every": 0}
+            torch.manual_seed(1)
+            with_norm = nn.Sequential(nn.Linear(12, 32), nn.LayerNorm(32), nn.Tanh(), nn.Linear(32, 4))  # SAM-ON's
+            fastflat.train(settings, model=with_norm, data=data())
     else:
         settings = {"method": method, "epochs": epochs, "batch_size": 64, "schedule": "constant", "lr": 0.1,
                     "device": "cpu", "out": out, "name": name, "log_every": 0}
