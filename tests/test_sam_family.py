@@ -233,7 +233,19 @@ def test_a_plain_step_of_a_schedule_takes_one_pass():
     ({"sam.variant": "msam", "momentum": 0}, "give --momentum > 0"),
     ({"sam.variant": "msam", "optimizer": "rmsprop"}, "does not keep"),
     ({"sam.variant": "fsam", "sam.sync_ascent": True}, "already ascends the same way"),
+    ({"sam.variant": "wsam", "optimizer": "schedulefree-sgd", "schedule": "constant"}, "add --no-wsam-decouple"),
 ])
 def test_settings_that_do_not_fit_are_refused(bad, message):
     with pytest.raises(UserError, match=re.escape(message)):
         load_config(overrides={"method": "sam", **bad})
+
+
+def test_bench_rows_count_the_passes_of_each_variant_and_schedule():
+    from fastflat.bench.train import TrainSettings, run_train
+
+    rows = run_train(TrainSettings(model="cnn", methods=["sgd", "looksam", "sam-every5", "sam-from0.8", "esam", "msam"],
+                                   steps=5, warmup=0, batch_size=4))
+    passes = {r["method"]: r["passes_per_step"] for r in rows}
+    assert all(r["status"] == "ok" and r["ratio_to_sgd"] > 0 for r in rows)
+    # LookSAM (k = 5) and --sam-every 5: two passes on 1 step of 5; --sam-from 0.8: on the last of 5
+    assert passes == {"sgd": 1, "looksam": 1.2, "sam-every5": 1.2, "sam-from0.8": 1.2, "esam": 2, "msam": 1}

@@ -39,9 +39,16 @@ class Closure(Protocol):
     amp: str  # the autocast mode its passes run under ("none" | "bf16" | "fp16")
     chunks: list[tuple[Tensor, Tensor]]  # its data as (x (B, C, H, W), y (B,)) chunks: one for a batch
 
+    example_losses: Tensor | None  # (B,) each example's loss of the last pass called with keep_losses=True
+
     def block(self, part: slice) -> tuple[Tensor, Tensor]: ...  # (x, y) of examples part (inside one chunk)
 
-    def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True) -> Tensor: ...
+    def losses(self) -> Tensor: ...  # (B,) each example's loss at the current weights, no gradient (ESAM)
+
+    def selected(self, chosen: Tensor, update_bn: bool = False) -> Tensor: ...  # gradient of the chosen ones' mean
+
+    def __call__(self, backward: bool = True, part: slice | None = None, update_bn: bool = True,
+                 keep_losses: bool = False) -> Tensor: ...
 
 
 class RunServices(Protocol):

@@ -40,7 +40,7 @@ from fastflat import ops
 from fastflat.errors import UserError
 from fastflat.flat import FlatParams
 from fastflat.methods.base import Closure, Method
-from fastflat.methods.sam_steps import SAMSteps
+from fastflat.methods.sam_steps import MOMENTUM_STATE, SAMSteps
 from fastflat.ops import dist
 from fastflat.settings import enum_of, setting
 
@@ -101,9 +101,6 @@ class SAMConfig:
              f"--sam-variant {self.variant} already ascends the same way on every rank: drop --sam-sync-ascent")
 
 
-MOMENTUM_STATE = {"SGD": "momentum_buffer", "Adam": "exp_avg", "AdamW": "exp_avg"}  # msam ascends along it
-
-
 class SAM(Method):
     name = "sam"
     summary = "Sharpness-aware minimisation: descend with the gradient at the worst point within rho (Foret et al. 2021)."
@@ -115,8 +112,12 @@ class SAM(Method):
     def check_config(cls, cfg: Any, need: Any) -> None:
         need(cfg.accumulate == 1 or cfg.sam.m == 0 or cfg.batch_size % cfg.sam.m == 0, "accumulate",
              f"with --sam-m, m must divide --batch-size (each accumulated batch of {cfg.batch_size} holds whole chunks)")
+        from fastflat.methods.optimizers import optimizer_class, optimizer_problem, schedule_free
+
+        if cfg.sam.variant == "wsam" and cfg.sam.wsam_decouple and optimizer_problem(cfg.optimizer) is None:
+            need(not schedule_free(optimizer_class(cfg.optimizer)), "optimizer", f"decoupled WSAM moves the weights "
+                 f"after the optimizer's step, behind --optimizer {cfg.optimizer}'s averages: add --no-wsam-decouple")
         if cfg.sam.variant == "msam":
-            from fastflat.methods.optimizers import optimizer_class, optimizer_problem
 
             known = optimizer_problem(cfg.optimizer) is None
             name = optimizer_class(cfg.optimizer).__name__ if known else ""

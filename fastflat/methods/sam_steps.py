@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from fastflat.methods.sam import SAM
 
 EPS = 1e-12  # keeps ratios of norms finite when a gradient is zero
+MOMENTUM_STATE = {"SGD": "momentum_buffer", "Adam": "exp_avg", "AdamW": "exp_avg"}  # msam ascends along it
 
 
 def inverse_loss_scale(scaler: torch.amp.GradScaler | None) -> Tensor | float:
@@ -119,7 +120,7 @@ class SAMSteps:
         """One pass: the gradient at w - rho * v / ||v||, v the base optimizer's momentum (its update
         direction is -v, so this is a step back along it: an ascent), then the step from w with it."""
         flat, method = self.flat, self.method
-        key = {"SGD": "momentum_buffer", "Adam": "exp_avg", "AdamW": "exp_avg"}[type(method.optimizer).__name__]
+        key = MOMENTUM_STATE[type(method.optimizer).__name__]
         velocity = [method.optimizer.state.get(p, {}).get(key) for p in flat.params]
         if any(v is None for v in velocity):  # before the first step there is no momentum: a plain step
             loss = closure(backward=True)
