@@ -122,7 +122,7 @@ def print_notes(console: Console, rows: list[dict[str, Any]]) -> None:
 
 def train_table(rows: list[dict[str, Any]]) -> Table:
     processes = rows[0].get("processes", 1) if rows else 1
-    table = Table(title=f"fastflat bench train (step: median ms, IQR; {processes} process{'es' if processes > 1 else ''})")
+    table = Table(title=f"fastflat bench train (step: median ms, IQR, the SAM family rows the mean; {processes} process{'es' if processes > 1 else ''})")
     for name in ("method", "model", "status", "step ms", "IQR", "steps/s", "samples/s", "fwd+bwd ms",
                  "passes", "outside fwd+bwd ms", "x SGD time", "round ms", "note"):
         table.add_column(name, justify="left" if name in ("method", "model", "status", "note") else "right")
@@ -130,7 +130,7 @@ def train_table(rows: list[dict[str, Any]]) -> Table:
         style = STATUS_STYLE.get(r["status"], "dim")
         table.add_row(r["method"], r["model"], f"[{style}]{r['status']}[/{style}]", _num(r["step_ms"], ".4g"),
                       _num(r["iqr_ms"], ".2g"), _num(r["steps_per_s"], ".2f"), _num(r["samples_per_s"], ".0f"),
-                      _num(r["fwd_bwd_ms"], ".4g"), _num(r["passes_per_step"], "d"),
+                      _num(r["fwd_bwd_ms"], ".4g"), _num(r["passes_per_step"], "g"),
                       _num(r["outside_fwd_bwd_ms"], ".3g"), _num(r["ratio_to_sgd"], ".2f"),
                       _num(r.get("round_ms"), ".4g"), r["reason"] or "")
     return table
