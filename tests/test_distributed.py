@@ -215,3 +215,13 @@ def test_the_sam_dropin_in_your_own_ddp_loop_keeps_ranks_equal_and_is_per_rank_m
     for a, b, e in zip(*ranks, expected):
         assert torch.equal(a, b)  # DDP averaged the same gradient into both ranks
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_the_sam_variant_dropins_in_your_own_ddp_loop_keep_the_ranks_equal(tmp_path):
+    """FriendlySAM, LookSAM and WSAM in the same recipe (tests/workers/sam_ddp_loop.py, mode family)."""
+    loop = str(Path(__file__).parent / "workers" / "sam_ddp_loop.py")
+    torchrun(loop, str(tmp_path), "family")
+    for name in ("FriendlySAM", "LookSAM", "WSAM"):
+        ranks = [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in (0, 1)]
+        for a, b in zip(*ranks):
+            assert torch.equal(a, b), name

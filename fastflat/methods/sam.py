@@ -89,7 +89,9 @@ class SAMConfig:
         need(0 <= self.prob <= 1, "prob", "must be in [0, 1]")
         need(self.start >= 0, "start", "must be >= 0: a fraction of the steps (< 1) or a number of epochs")
         need(0 <= self.gsam_alpha <= 1, "gsam_alpha", "must be in [0, 1]")
-        need(0 <= self.gsam_rho_min <= self.rho, "gsam_rho_min", "must be in [0, --rho]")
+        need(self.gsam_rho_min >= 0, "gsam_rho_min", "must be >= 0")
+        need(self.variant != "gsam" or self.rho < 0 or self.gsam_rho_min <= self.rho, "gsam_rho_min",
+             "must be at most --rho (GSAM's radius falls from --rho to it)")
         need(self.fsam_sigma >= 0, "fsam_sigma", "must be >= 0")
         need(0 <= self.fsam_lambda < 1, "fsam_lambda", "must be in [0, 1)")
         need(0 <= self.wsam_gamma < 1, "wsam_gamma", "must be in [0, 1)")

@@ -19,6 +19,10 @@ First / second step with torch's GradScaler (FriendlySAM, LookSAM, WSAM), as for
 
 A first gradient that overflowed is left in .grad and nothing moves; the second backward adds to its inf,
 so the scaler skips the step. State kept across steps (F-SAM's m, LookSAM's g_v) takes finite gradients only.
+
+Under DDP, as fastflat.SAM: the first backward inside model.no_sync() (each rank ascends with its own
+gradient), the second one DDP's. WSAM averages its first gradient over the ranks (its base step takes it),
+and LookSAM its g_v (reused on the steps between, whose one backward is DDP's): the ranks stay equal.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch import Tensor, nn
 from fastflat import ops
 from fastflat.flat import check_flattened_views, paired_covers
 from fastflat.loss.closures import frozen_bn_stats
+from fastflat.ops import dist
 from fastflat.ops.sam_family import axpby_, fsam_direction_, total_dot
 
 EPS = 1e-12
@@ -208,6 +213,7 @@ class LookSAM(_SAMFamily):
             along = total_dot(first, gs) / (ops.total_sqnorm(first) + EPS)
             orthogonal = [torch.empty_like(g) for g in gs]
             axpby_(orthogonal, gs, first, 1.0, -along)
+            dist.all_reduce_mean_(orthogonal)  # under DDP: one g_v on every rank, or their next steps differ
             if not self._overflowed(orthogonal, scaler):
                 self.vectors_state["orthogonal"] = orthogonal
             self._first = None
@@ -255,6 +261,7 @@ class WSAM(_SAMFamily):
         ws, gs = self._vectors()
         if self._overflowed(gs, scaler):
             return
+        dist.all_reduce_mean_(gs)  # under DDP the base step takes g itself: the same g on every rank (as the original)
         self._first = [g * _unscale_factor(scaler) for g in gs]
         self._perturb(ws, gs, self.param_groups[0]["rho"], self.param_groups[0]["adaptive"])
         if zero_grad:

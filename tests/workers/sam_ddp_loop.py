@@ -1,6 +1,6 @@
 """The README's recipe, run by tests/test_distributed.py: fastflat.SAM inside a user's own DDP loop.
 
-    torchrun --standalone --nproc-per-node 2 tests/workers/sam_ddp_loop.py OUT [flat]
+    torchrun --standalone --nproc-per-node 2 tests/workers/sam_ddp_loop.py OUT [flat | family]
     python tests/workers/sam_ddp_loop.py OUT reference      # the same steps in one process, plain torch
 
 Each rank ascends with its own gradient (the first backward inside no_sync(): m-sharpness with m = the
@@ -51,6 +51,32 @@ def ddp_loop(out: str, flat: bool) -> None:
     dist.destroy_process_group()
 
 
+def family_loop(out: str) -> None:
+    """FriendlySAM, LookSAM (k = 2) and WSAM in the same loop, each from the same start: the ranks must end equal."""
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for name in ("FriendlySAM", "LookSAM", "WSAM"):
+        model = mlp()
+        fastflat.flatten(model)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        cls = getattr(fastflat, name)
+        args = (model, ddp.parameters()) if name == "WSAM" else (ddp.parameters(),)
+        opt = cls(*args, torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, **({"k": 2} if name == "LookSAM" else {}))
+        for x, y in batches():
+            x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+            if name == "LookSAM" and not opt.full_step():  # one pass: DDP's averaged gradient
+                cross_entropy(ddp(x), y).backward()
+                opt.second_step(zero_grad=True)
+                continue
+            with ddp.no_sync():
+                cross_entropy(ddp(x), y).backward()
+            opt.first_step(zero_grad=True)
+            cross_entropy(ddp(x), y).backward()
+            opt.second_step(zero_grad=True)
+        torch.save([p.detach().clone() for p in model.parameters()], f"{out}/{name}-rank{rank}.pt")
+    dist.destroy_process_group()
+
+
 def reference(out: str, world: int = 2) -> None:
     model = mlp()
     params = list(model.parameters())
@@ -78,4 +104,9 @@ def reference(out: str, world: int = 2) -> None:
 
 if __name__ == "__main__":
     mode = sys.argv[2] if len(sys.argv) > 2 else "plain"
-    reference(sys.argv[1]) if mode == "reference" else ddp_loop(sys.argv[1], flat=mode == "flat")
+    if mode == "reference":
+        reference(sys.argv[1])
+    elif mode == "family":
+        family_loop(sys.argv[1])
+    else:
+        ddp_loop(sys.argv[1], flat=mode == "flat")
