@@ -76,7 +76,20 @@ def clip_grad_norm_(
     return total_norm
 
 
-class SAM(torch.optim.Optimizer):
+class FlatZeroGrad:
+    """zero_grad for optimizers over flat buffers: gradients that are views of one are zeroed in place (set
+    to None, they would leave the buffer); any others as torch.optim.Optimizer does. A mixin before it."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if params and paired_covers(params, [p.grad for p in params]) is not None:
+            for p in params:  # views of a flat buffer: keep them, zero in place
+                p.grad.zero_()
+        else:
+            super().zero_grad(set_to_none=set_to_none)
+
+
+class SAM(FlatZeroGrad, torch.optim.Optimizer):
     """Sharpness-Aware Minimization around any base optimizer (Foret et al. 2021; ASAM: Kwon et al.).
 
     `norm="linf"` takes the ascent step inside an L-inf ball (e = rho * sign(g)) instead of L2.
@@ -183,14 +196,6 @@ class SAM(torch.optim.Optimizer):
         loss = closure()
         self.second_step()
         return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if params and paired_covers(params, [p.grad for p in params]) is not None:
-            for p in params:  # views of a flat buffer: keep them, zero in place
-                p.grad.zero_()
-        else:
-            super().zero_grad(set_to_none=set_to_none)
 
     # -- the per-tensor path (foreach) -----------------------------------------------------------
     def _foreach_perturb(self) -> None:

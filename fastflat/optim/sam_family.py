@@ -37,6 +37,7 @@ from fastflat import ops
 from fastflat.flat import check_flattened_views, paired_covers
 from fastflat.loss.closures import frozen_bn_stats
 from fastflat.ops import dist
+from fastflat.optim import FlatZeroGrad
 from fastflat.ops.sam_family import axpby_, fsam_direction_, total_dot
 
 EPS = 1e-12
@@ -46,7 +47,7 @@ def _unscale_factor(scaler: torch.amp.GradScaler | None) -> Tensor | float:
     return 1.0 if scaler is None or not scaler.is_enabled() else scaler._scale.double().reciprocal().float()
 
 
-class _SAMFamily(torch.optim.Optimizer):
+class _SAMFamily(FlatZeroGrad, torch.optim.Optimizer):
     """What the variants share: the base optimizer, the weights and gradients as vectors, an exact
     perturb-and-restore, state that travels in state_dict, and the second step through a GradScaler."""
 
@@ -92,14 +93,6 @@ class _SAMFamily(torch.optim.Optimizer):
             finally:
                 self._in_scaled_step = False
         self._opt_called = True  # what an LR scheduler checks
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if params and paired_covers(params, [p.grad for p in params]) is not None:
-            for p in params:  # views of a flat buffer: keep them, zero in place
-                p.grad.zero_()
-        else:
-            super().zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "base_optimizer": self.base_optimizer.state_dict(),
