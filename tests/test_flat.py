@@ -119,3 +119,63 @@ def test_paired_covers_pair_params_with_their_grads():
     covers = paired_covers(params, [p.grad for p in params])
     assert len(covers) == 1
     assert covers[0][1].data_ptr() == flat.grads[0].data_ptr()
+
+
+# -- channels_last layout (--memory-format channels-last; fastcnn's default) ------------------------------
+def _two_small_cnns():
+    from fastflat.data.models import SmallCNN
+
+    torch.manual_seed(0)
+    plain, laid = SmallCNN(1, 10, (8, 16, 16)), SmallCNN(1, 10, (8, 16, 16))
+    laid.load_state_dict(plain.state_dict())
+    return plain, fastflat.flatten(plain), laid, fastflat.flatten(laid, channels_last=True)
+
+
+def test_channels_last_lays_conv_weights_out_nhwc_with_the_same_values():
+    plain, _, laid, flat = _two_small_cnns()
+    conv = laid.features[4].weight  # (16, 8, 3, 3)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert conv.grad.stride() == conv.stride()
+    # the buffer holds it as (O, kh, kw, I): that order, read back, is the same tensor
+    start = flat.vectors[0].offsets[flat.vectors[0].names.index("features.4.weight")]
+    assert torch.equal(flat.params[0][start : start + conv.numel()].view(16, 3, 3, 8).permute(0, 3, 1, 2), conv)
+    for (name, p), q in zip(plain.named_parameters(), laid.parameters()):
+        assert torch.equal(p, q), name
+    assert flat.views_intact()
+
+
+def test_channels_last_gradients_match_the_contiguous_layout():
+    plain, _, laid, flat = _two_small_cnns()
+    x, y = torch.randn(6, 1, 16, 16), torch.randint(0, 10, (6,))
+    for model in (plain, laid):
+        nn.functional.cross_entropy(model(x), y).backward()
+    for (name, p), q in zip(plain.named_parameters(), laid.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert flat.grads[0].abs().sum() > 0  # filled in place: the buffer saw them
+
+
+def test_shaped_and_param_view_follow_each_parameters_strides():
+    from fastflat.flat import param_view
+
+    _, _, laid, flat = _two_small_cnns()
+    direction = torch.randn(flat.numel)
+    pieces = flat.shaped([direction])
+    names = flat.vectors[0].names
+    for name, piece, offset in zip(names, pieces, flat.vectors[0].offsets):
+        p = laid.get_parameter(name)
+        assert piece.shape == p.shape and piece.stride() == p.stride(), name
+        # the same elements p would see were the direction copied into the buffer
+        assert piece.data_ptr() == direction[offset:].data_ptr(), name
+    flat.params[0].data.copy_(direction)
+    for name, piece in zip(names, pieces):
+        assert torch.equal(piece, laid.get_parameter(name)), name
+    batch = torch.stack([direction, 2 * direction])  # (2, N): leading dims batch several vectors
+    conv_offset = flat.vectors[0].offsets[names.index("features.4.weight")]
+    both = param_view(batch, conv_offset, laid.features[4].weight)
+    assert both.shape == (2, 16, 8, 3, 3) and torch.equal(both[1], 2 * laid.features[4].weight)
+
+
+def test_contiguous_cover_accepts_channels_last_views():
+    _, _, laid, flat = _two_small_cnns()
+    cover = contiguous_cover(list(laid.parameters()))
+    assert cover is not None and cover.data_ptr() == flat.params[0].data_ptr() and cover.numel() == flat.numel

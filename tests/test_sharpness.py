@@ -71,6 +71,25 @@ def test_hessian_vector_products_are_exact_against_the_dense_hessian():
     assert op.calls == 1
 
 
+def test_hessian_vector_products_read_a_channels_last_buffer_by_its_strides():
+    from fastflat.data.models import SmallCNN
+    from fastflat.loss.hessian import KeptGraphs, hvp
+
+    torch.manual_seed(0)
+    plain, laid = SmallCNN(1, 10, (4, 8, 8)).double(), SmallCNN(1, 10, (4, 8, 8)).double()
+    laid.load_state_dict(plain.state_dict())
+    flat_plain, flat_laid = fastflat.flatten(plain), fastflat.flatten(laid, channels_last=True)
+    chunks = [(torch.randn(5, 1, 12, 12, dtype=torch.float64), torch.randint(0, 10, (5,)))]
+    v_plain = torch.randn(flat_plain.numel, dtype=torch.float64)
+    v_laid = torch.zeros_like(v_plain)
+    for piece, same in zip(flat_laid.shaped([v_laid]), flat_plain.shaped([v_plain])):
+        piece.copy_(same)  # the same direction, parameter by parameter, in the other layout
+    want = flat_plain.shaped(hvp(flat_plain, chunks, [v_plain]))
+    for got in (hvp(flat_laid, chunks, [v_laid]), KeptGraphs(flat_laid, chunks)([v_laid])):
+        for a, b in zip(flat_laid.shaped(got), want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_lanczos_and_power_agree_with_the_dense_hessian_of_a_tiny_network():
     model, flat, x, y = tiny_net()
     top = torch.linalg.eigvalsh(dense_hessian(model, flat, x, y)).flip(0)

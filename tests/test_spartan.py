@@ -86,8 +86,10 @@ def test_grad_mutation_rounds_never_raise_the_parents_loss(tmp_path):
     assert all(r["heldout_loss"] <= r["parent_loss"] + 1e-6 for r in rounds)
 
 
-def test_batched_scoring_equals_one_child_at_a_time(tmp_path):
-    trainer = _trainer(tmp_path)
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])  # vmap reads conv weights by their strides
+def test_batched_scoring_equals_one_child_at_a_time(tmp_path, layout):
+    trainer = _trainer(tmp_path, model="cnn", memory_format=layout)
+    assert trainer.flat.channels_last == (layout == "channels-last")
     flat, batches = trainer.flat, trainer.services.holdout_batches("evolution", trainer.cfg.spartan.fitness_examples)[:1]
     parent = flat.params[0].clone()
 

@@ -24,8 +24,7 @@ def hvp(flat: FlatParams, chunks: list[tuple[Tensor, Tensor]], v: list[Tensor], 
     model = flat.model
     total = sum(len(y) for _, y in chunks)
     params = [model.get_parameter(name) for vec in flat.vectors for name in vec.names]
-    pieces = [v_i[off : off + p.numel()].view_as(p)
-              for vec, v_i in zip(flat.vectors, v) for off, p in zip(vec.offsets, (model.get_parameter(n) for n in vec.names))]
+    pieces = flat.shaped(v)
     flat.zero_grad_()
     with torch.enable_grad(), frozen_bn_stats(model):
         for x, y in chunks:
@@ -58,8 +57,7 @@ class KeptGraphs:
 
     def __call__(self, v: list[Tensor]) -> list[Tensor]:
         flat = self.flat
-        pieces = [v_i[off : off + p.numel()].view_as(p) for vec, v_i in zip(flat.vectors, v)
-                  for off, p in zip(vec.offsets, (flat.model.get_parameter(n) for n in vec.names))]
+        pieces = flat.shaped(v)
         flat.zero_grad_()
         with torch.enable_grad():
             for grads in self.grads:

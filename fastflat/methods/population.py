@@ -20,7 +20,7 @@ from torch.func import functional_call, vmap
 
 from fastflat.ops import dist
 from fastflat.loss.evaluation import at_least_fp32
-from fastflat.flat import FlatParams
+from fastflat.flat import FlatParams, param_view
 
 WriteChild = Callable[[int, Tensor], None]
 
@@ -67,7 +67,6 @@ def _local_scores(flat: FlatParams, write_child: WriteChild, count: int,
 @torch.no_grad()
 def _scores_vmap(flat, write_child, count, batches, chunk):
     model, vec = flat.model, flat.vectors[0]
-    shapes = [model.get_parameter(name).shape for name in vec.names]
     buffers = dict(model.named_buffers())
     device = vec.param.device
     loss_sum = torch.zeros(count, device=device)
@@ -77,8 +76,8 @@ def _scores_vmap(flat, write_child, count, batches, chunk):
         size = min(chunk, count - start)
         for j in range(size):
             write_child(start + j, block[j])
-        params = {name: block[:size, off : off + shape.numel()].view(size, *shape)
-                  for name, off, shape in zip(vec.names, vec.offsets, shapes)}
+        params = {name: param_view(block[:size], off, model.get_parameter(name))  # (size, *shape), p's strides
+                  for name, off in zip(vec.names, vec.offsets)}
 
         def forward(p, x):
             return functional_call(model, (p, buffers), (x,))
