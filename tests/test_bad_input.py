@@ -49,6 +49,7 @@ def rewrite_checkpoint(path, change):
     (["--rho", "inf"], "sam.rho = inf is invalid"),
     (["--sigma", "nan"], "spartan.sigma = nan is invalid"),
     (["--warmup-epochs", "inf"], "warmup_epochs = inf"),
+    (["--label-smoothing", "nan"], "label_smoothing = nan"),
     (["--fge-cycle-epochs", "inf"], "fge.cycle_epochs = inf"),
     (["--seed", str(2**64)], "seed = 18446744073709551616 is invalid: must be in [0, 4294967295]"),
     (["--seed", "-1"], "seed = -1 is invalid"),

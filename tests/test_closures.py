@@ -57,3 +57,23 @@ def test_a_closure_tallies_the_first_pass_over_each_part_only():
     first = closure(backward=True)
     closure(backward=True, update_bn=False)  # SAM's second pass: not counted again
     assert closure.loss_sum.item() == pytest.approx(first.item() * 8)
+
+
+def test_label_smoothing_is_the_loss_every_pass_descends():
+    """--label-smoothing s: the closures' loss, per-example losses and gradient are torch's smoothed CE."""
+    model, flat = mlp()
+    x, y = data()
+    smoothing = 0.2
+    want = nn.functional.cross_entropy(model(x), y, label_smoothing=smoothing)
+    model.zero_grad(set_to_none=False)
+    want.backward()
+    g_want = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+    for closure in (BatchClosure(model, flat, x, y, label_smoothing=smoothing),
+                    SplitClosure(model, flat, chunks(x, y, 10), label_smoothing=smoothing)):
+        loss = closure(backward=True, keep_losses=True)
+        torch.testing.assert_close(loss, want.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(flat.grads[0], g_want, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(closure.example_losses.mean(), want.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(closure.losses().mean(), want.detach(), rtol=1e-6, atol=1e-7)
+    plain = BatchClosure(model, flat, x, y)(backward=False)
+    assert abs(plain - want) > 1e-4  # without smoothing the loss differs: the option did reach the loss

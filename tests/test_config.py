@@ -54,6 +54,9 @@ def test_malformed_config_files_name_the_problem(tmp_path, text, fragment):
     ({"label_noise": 1.0}, "label_noise = 1.0"),
     ({"nesterov": True, "momentum": 0.0}, "nesterov"),
     ({"clip_grad": 0.0}, "clip_grad = 0.0"),
+    ({"label_smoothing": 1.0}, "label_smoothing = 1.0"),
+    ({"label_smoothing": -0.1}, "label_smoothing = -0.1"),
+    ({"memory_format": "nhwc"}, "memory_format = 'nhwc'"),
 ])
 def test_bad_values_are_rejected(overrides, fragment):
     with pytest.raises(UserError) as info:

@@ -118,6 +118,14 @@ def build_model_for(cfg: TrainConfig, data: datasets.Dataset, device: torch.devi
     return built
 
 
+def channels_last(cfg: TrainConfig, model: torch.nn.Module) -> bool:
+    """Whether the run lays its conv weights out channels_last: --memory-format, or with auto the model's
+    `preferred_memory_format` attribute (fastcnn sets it; others keep NCHW, so their results stay as published)."""
+    if cfg.memory_format != "auto":
+        return cfg.memory_format == "channels-last"
+    return getattr(model, "preferred_memory_format", None) == torch.channels_last
+
+
 def steps_per_epoch(cfg: TrainConfig, method: Method, train_size: int) -> int:
     if method.whole_set_steps:
         return 1
@@ -138,7 +146,7 @@ def build_trainer(cfg: TrainConfig, run: RunDir, hooks: Hooks | None = None, res
     parts = build_data(cfg, method, device, data)
     method.check_data(len(parts.data.train))
     net = build_model_for(cfg, parts.data, device, model, resuming)
-    flat: FlatParams = flatten(net)  # after .to(): moving re-creates parameters
+    flat: FlatParams = flatten(net, channels_last(cfg, net))  # after .to(): moving re-creates parameters
     per_epoch = steps_per_epoch(cfg, method, len(parts.data.train))
     services = Services(cfg, run, parts.data, net, flat, device, parts.validation, parts.holdouts,
                         user_model=model, steps_per_epoch=per_epoch, total_steps=cfg.epochs * per_epoch,

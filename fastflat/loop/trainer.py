@@ -179,15 +179,16 @@ class Trainer:
         if self.full_batch:
             chunks = datasets.iterate_batches(self.data.train, cfg.fullbatch.chunk_size, dataset=self.data, train=True,
                                               generator=generator, shuffle=cfg.fullbatch.shuffle, **self._share())
-            yield SplitClosure(self.model, self.flat, list(chunks), cfg.amp, self.scaler)
+            yield SplitClosure(self.model, self.flat, list(chunks), cfg.amp, self.scaler, cfg.label_smoothing)
             return
         for x, y in datasets.iterate_batches(self.data.train, cfg.batch_size * cfg.accumulate, dataset=self.data,
                                              train=True, generator=generator, drop_last=True, **self._share()):
             if cfg.accumulate == 1:
-                yield BatchClosure(self.model, self.flat, x, y, cfg.amp, self.scaler)
+                yield BatchClosure(self.model, self.flat, x, y, cfg.amp, self.scaler, cfg.label_smoothing)
             else:  # K micro-batches, gradients summed into the flat buffer: one closure over all of them
                 micro = len(y) // cfg.accumulate
-                yield SplitClosure(self.model, self.flat, list(zip(x.split(micro), y.split(micro))), cfg.amp, self.scaler)
+                yield SplitClosure(self.model, self.flat, list(zip(x.split(micro), y.split(micro))), cfg.amp, self.scaler,
+                                   cfg.label_smoothing)
 
     def _step(self, index: int, closure: Closure) -> None:
         pos = self.position

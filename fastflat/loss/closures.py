@@ -7,7 +7,8 @@ Calling one with backward=True zeroes the flat gradient once and fills it; both 
 loss and accuracy of the first pass over each part, which every method takes at unperturbed weights.
 With `scaler` (--amp fp16: a torch.amp.GradScaler) the backward pass runs on the loss times the
 current loss scale, so the flat gradient holds scale x grad until the method's update unscales it;
-the returned loss is never scaled.
+the returned loss is never scaled. `label_smoothing` (--label-smoothing) makes every pass's loss the
+cross-entropy against smoothed targets, as F.cross_entropy defines it: the objective the method descends.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class _Tallied:
     """Training loss (summed over examples, fp32) and correct predictions of the first pass over
     each part, on the device: no host sync. SAM's second pass over a part does not count again."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, label_smoothing: float):
+        self.label_smoothing = label_smoothing
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self._tallied: set[tuple[int, int]] = set()
@@ -60,7 +62,8 @@ class _Tallied:
         parts = []
         for x, y in self.chunks:
             with torch.no_grad(), frozen_bn_stats(self.model), autocast(x.device, self.amp):
-                parts.append(F.cross_entropy(at_least_fp32(self.model(x)), y, reduction="none"))
+                parts.append(F.cross_entropy(at_least_fp32(self.model(x)), y, reduction="none",
+                                             label_smoothing=self.label_smoothing))
         return torch.cat(parts)
 
     def selected(self, chosen: Tensor, update_bn: bool = False) -> Tensor:
@@ -75,7 +78,8 @@ class _Tallied:
             start += len(y)
             picked = int(here.sum())
             if picked:
-                loss, _, _ = _forward(self.model, x[here], y[here], self.amp, True, update_bn, picked / count, self.scaler)
+                loss, _, _ = _forward(self.model, x[here], y[here], self.amp, True, update_bn, picked / count, self.scaler,
+                                      smoothing=self.label_smoothing)
                 total += loss * (picked / count)
         return total
 
@@ -85,8 +89,8 @@ class BatchClosure(_Tallied):
     (m-sharpness); update_bn=False keeps BatchNorm running statistics unchanged (SAM's second pass)."""
 
     def __init__(self, model: nn.Module, flat: FlatParams, x: Tensor, y: Tensor, amp: str = "none",
-                 scaler: torch.amp.GradScaler | None = None):
-        super().__init__(x.device)
+                 scaler: torch.amp.GradScaler | None = None, label_smoothing: float = 0.0):
+        super().__init__(x.device, label_smoothing)
         self.model, self.flat, self.x, self.y, self.amp, self.scaler = model, flat, x, y, amp, scaler
         self.batch_size = x.shape[0]
         self.chunks = [(x, y)]  # the batch as the one chunk of a split: what SplitClosure offers too
@@ -103,7 +107,7 @@ class BatchClosure(_Tallied):
         if backward:
             self.flat.zero_grad_()
         loss, logits, self.example_losses = _forward(self.model, x, y, self.amp, backward, update_bn, 1.0, self.scaler,
-                                                     keep_losses)
+                                                     keep_losses, self.label_smoothing)
         self._tally_once(span, loss, logits, y)
         return loss
 
@@ -115,8 +119,8 @@ class SplitClosure(_Tallied):
     with it, each chunk normalises by its own statistics: ghost batches)."""
 
     def __init__(self, model: nn.Module, flat: FlatParams, chunks: list[tuple[Tensor, Tensor]], amp: str = "none",
-                 scaler: torch.amp.GradScaler | None = None):
-        super().__init__(chunks[0][0].device)
+                 scaler: torch.amp.GradScaler | None = None, label_smoothing: float = 0.0):
+        super().__init__(chunks[0][0].device, label_smoothing)
         self.model, self.flat, self.chunks, self.amp, self.scaler = model, flat, chunks, amp, scaler
         self.batch_size = sum(len(y) for _, y in chunks)
 
@@ -130,7 +134,7 @@ class SplitClosure(_Tallied):
             if backward:
                 self.flat.zero_grad_()
             loss, logits, self.example_losses = _forward(self.model, x, y, self.amp, backward, update_bn, 1.0,
-                                                         self.scaler, keep_losses)
+                                                         self.scaler, keep_losses, self.label_smoothing)
             self._tally_once((part.start, part.stop), loss, logits, y)
             return loss
         if backward:
@@ -140,7 +144,7 @@ class SplitClosure(_Tallied):
         for x, y in self.chunks:
             weight = len(y) / self.batch_size  # mean over the split = sum of chunk means x size share
             loss, logits, losses = _forward(self.model, x, y, self.amp, backward, update_bn, weight, self.scaler,
-                                            keep_losses)
+                                            keep_losses, self.label_smoothing)
             self._tally_once((start, start + len(y)), loss, logits, y)
             total += loss * weight
             start += len(y)
@@ -162,7 +166,7 @@ class SplitClosure(_Tallied):
 
 def _forward(model: nn.Module, x: Tensor, y: Tensor, amp: str, backward: bool, update_bn: bool,
              weight: float, scaler: torch.amp.GradScaler | None = None,
-             per_example: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+             per_example: bool = False, smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor | None]:
     """Mean cross-entropy of one chunk (detached), its logits and, with per_example, each example's loss
     ((B,), detached; else None); backward adds weight * its gradient (times the loss scale with a
     scaler: a device-side multiply, no host sync)."""
@@ -171,10 +175,10 @@ def _forward(model: nn.Module, x: Tensor, y: Tensor, amp: str, backward: bool, u
     with torch.set_grad_enabled(backward), bn, autocast(x.device, amp):
         logits = model(x)  # (B, classes)
         if per_example:
-            losses = F.cross_entropy(at_least_fp32(logits), y, reduction="none")
+            losses = F.cross_entropy(at_least_fp32(logits), y, reduction="none", label_smoothing=smoothing)
             loss = losses.mean()
         else:
-            loss = F.cross_entropy(at_least_fp32(logits), y)
+            loss = F.cross_entropy(at_least_fp32(logits), y, label_smoothing=smoothing)
     if backward:
         scaled = loss * weight if weight != 1.0 else loss
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
