@@ -41,7 +41,7 @@ class GeneralConfig:
     method: str = setting("sgd", "Training method; swa, sse, fge and spartan wrap --inner.", choices=MethodName, panel=METHOD)
     inner: str = setting("sgd", "Method that swa/sse/fge/spartan wrap.", choices=InnerMethod, panel=METHOD)
     init: str | None = setting(None, "Start from this run directory's checkpoint (e.g. FGE from a trained model).", panel=METHOD)
-    model: str = setting("cnn", "cnn | resnet18 | preact-resnet18 | wrn-D-K | vgg16-bn | torchvision:NAME | timm:NAME "
+    model: str = setting("fastcnn", "fastcnn | cnn | resnet18 | preact-resnet18 | wrn-D-K | vgg16-bn | torchvision:NAME | timm:NAME "
                          "(pip install timm).", panel=DATA)
     dataset: str = setting("fashion-mnist", "fashion-mnist | mnist | cifar10 | cifar100 | synthetic (a small fixed 10-class "
                            "set for tests) | folder:PATH (train/ and val/ or test/ class folders).", panel=DATA)
@@ -57,7 +57,7 @@ class GeneralConfig:
     label_noise: float = setting(0.0, "Fraction of training labels to corrupt, fixed by --seed.", panel=DATA)
     val_split: float = setting(0.0, "Share of training data held out for validation (choose k or a member without the "
                                "test set); training never sees it.", panel=DATA)
-    epochs: int = setting(2, "Epochs to train.", panel=OPTIM)
+    epochs: int = setting(3, "Epochs to train.", panel=OPTIM)
     max_steps: int = setting(0, "Stop after N steps in all: a quick try (the LR schedule still spans --epochs; 0 = no cap).", panel=OPTIM)
     batch_size: int = setting(128, "Examples per step (per accumulated batch with --accumulate; global under torchrun).", panel=OPTIM)
     sync_bn: bool = setting(False, "torchrun: BatchNorm over the global batch, so N ranks train as one process would.", panel=OPTIM)
@@ -66,9 +66,9 @@ class GeneralConfig:
     optimizer: str = setting("sgd", "Base optimizer every method steps with: sgd | adamw | adam | any torch.optim class "
                              "by name (rmsprop, nadam, ...) | module:Class | schedulefree-sgd | schedulefree-adamw "
                              "(pip install schedulefree; with --schedule constant).", panel=OPTIM)
-    lr: float = setting(0.05, "Peak learning rate.", panel=OPTIM)
+    lr: float = setting(0.2, "Peak learning rate.", panel=OPTIM)
     momentum: float = setting(0.9, "Momentum (SGD, RMSprop: optimizers that take one).", panel=OPTIM)
-    nesterov: bool = setting(False, "Nesterov momentum (SGD).", panel=OPTIM)
+    nesterov: bool = setting(True, "Nesterov momentum (SGD; --no-nesterov for plain momentum).", panel=OPTIM)
     betas: tuple[float, float] = setting((0.9, 0.999), "Adam-family betas, as beta1,beta2.", panel=OPTIM)
     weight_decay: float = setting(5e-4, "Weight decay: added to the gradient (sgd, adam, ...), decoupled for adamw.",
                                   panel=OPTIM)
@@ -241,7 +241,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     chosen = registry().get(str(values.get("method", GeneralConfig.method)))
     defaults = dict(chosen.defaults) if chosen is not None else {}
     if values.get("momentum", GeneralConfig.momentum) in (0, "0", 0.0):
-        defaults.pop("nesterov", None)  # a default must not turn the user's --momentum 0 into an error
+        defaults["nesterov"] = False  # a default must not turn the user's --momentum 0 into an error
     values = merge(defaults, values)  # given values win
     problems: list[str] = []
     cfg = build(TrainConfig, values, problems)

@@ -1,11 +1,14 @@
 """Every method's arithmetic, pinned: a few steps of each on the synthetic set, weights compared with a
 reference written before the package was reorganised (tests/data/method_reference.json).
 
-On the CPU that wrote the reference the comparison is bitwise (a SHA-256 of the final weights). On
-another CPU kind the rounding of a convolution may differ in the last bit, so there the sum and the L2
-norm of the weights must agree to 1e-4 relative instead; the test says which comparison it made.
+On a CPU kind that wrote a case's reference the comparison is bitwise (a SHA-256 of the final weights);
+each case holds the machine that wrote it and, under "also", the fingerprints other CPU kinds recorded
+from the same code. On another CPU kind the rounding of a convolution may differ in the last bit, so
+there the sum and the L2 norm of the weights must agree to 1e-4 relative instead (looser for the methods
+that amplify rounding, each with its reason).
 
-    python tests/test_method_reference.py --write    # rewrite the reference (only for a deliberate change)
+    python tests/test_method_reference.py --write        # rewrite the reference (only for a deliberate change)
+    python tests/test_method_reference.py --add-machine  # record this CPU kind's fingerprints (unchanged code)
 """
 
 import hashlib
@@ -20,7 +23,9 @@ import torch
 import fastflat
 
 REFERENCE = Path(__file__).parent / "data" / "method_reference.json"
-BASE = {"dataset": "synthetic", "epochs": 2, "batch_size": 32, "subset": 256, "max_steps": 6, "seed": 3}
+# model, lr and nesterov: the defaults the reference was written with (fastcnn, 0.2 and Nesterov came later)
+BASE = {"dataset": "synthetic", "epochs": 2, "batch_size": 32, "subset": 256, "max_steps": 6, "seed": 3,
+        "model": "cnn", "lr": 0.05, "nesterov": False}
 
 CASES: dict[str, dict] = {
     "sgd": {"method": "sgd"},
@@ -39,9 +44,9 @@ CASES: dict[str, dict] = {
                    "max_steps": 0, "subset": 64},
     "spartan-grad": {"method": "spartan", "spartan.mutation": "grad", "spartan.children": 4,
                      "spartan.fitness_examples": 64, "max_steps": 0, "subset": 64},
-    "fullbatch": {"method": "fullbatch", "subset": 128, "fullbatch.chunk_size": 64, "max_steps": 3},
+    "fullbatch": {"method": "fullbatch", "subset": 128, "fullbatch.chunk_size": 64, "max_steps": 3, "nesterov": True},
     "fullbatch-gradreg": {"method": "fullbatch", "subset": 128, "fullbatch.chunk_size": 64, "max_steps": 3,
-                          "fullbatch.gradreg": "finite"},
+                          "fullbatch.gradreg": "finite", "nesterov": True},
     "curve": {"method": "curve", "curve.start": "@sgd", "curve.end": "@sam"},
     # the SAM family (their entries carry the machine that wrote them: added after the cases above)
     "gsam": {"method": "sam", "sam.variant": "gsam"},
@@ -102,24 +107,38 @@ def fingerprints(tmp_path_factory):
 def test_method_weights_match_the_reference(fingerprints, name):
     reference = json.loads(REFERENCE.read_text())
     want, got = reference["cases"][name], fingerprints[name]
-    if want.get("machine", reference["machine"]) == _machine():
+    exact = {want.get("machine", reference["machine"]): want, **want.get("also", {})}
+    if _machine() in exact:
+        want = exact[_machine()]
         assert got["sha256"] == want["sha256"], f"{name}: weights differ (sum {got['sum']!r} vs {want['sum']!r})"
     else:  # another CPU kind: the last bits of a convolution may round differently
         # The L-inf ascent steps along sign(g): a gradient entry that rounds to the other side of zero moves
         # its weight by 2 rho, so rounding grows into ~0.5% (seen on an Intel Xeon against the AMD reference).
         # ESAM chooses the examples whose loss rose most: a near-tie that rounds the other way picks another.
-        rel = 2e-2 if "linf" in name or "esam" in name else 1e-4
+        # GSAM and WSAM step on a difference of two gradients (WSAM's scaled by gamma / (1 - gamma) = 9), and
+        # SAM-ON normalises the ascent by the small norm of the BatchNorm gradients alone: an AVX2 EPYC
+        # and the AVX-512 EPYC that wrote their references part by 0.02-0.3% after the 6 steps.
+        loose = ("linf", "esam", "gsam", "wsam", "sam-on")
+        rel = 2e-2 if any(word in name for word in loose) else 1e-4
         assert got["sum"] == pytest.approx(want["sum"], rel=rel, abs=1e-6), name
         assert got["norm"] == pytest.approx(want["norm"], rel=rel), name
 
 
-if __name__ == "__main__" and ("--write" in sys.argv or "--add-new" in sys.argv):
-    # --write: every case anew; --add-new: only the cases the file lacks, each tagged with this machine
+if __name__ == "__main__" and ("--write" in sys.argv or "--add-new" in sys.argv or "--add-machine" in sys.argv):
+    # --write: every case anew; --add-new: only the cases the file lacks, each tagged with this machine;
+    # --add-machine: this machine's fingerprint of every case, under "also" (run it on unchanged code)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         cases = _all_fingerprints(Path(tmp))
-    if "--add-new" in sys.argv:
+    if "--add-machine" in sys.argv:
+        old = json.loads(REFERENCE.read_text())
+        for name, case in old["cases"].items():
+            if case.get("machine", old["machine"]) != _machine():
+                case.setdefault("also", {})[_machine()] = cases[name]
+        REFERENCE.write_text(json.dumps(old, indent=1) + "\n")
+        print(f"recorded {_machine()} for every case in {REFERENCE}")
+    elif "--add-new" in sys.argv:
         old = json.loads(REFERENCE.read_text())
         new = {name: {**cases[name], "machine": _machine()} for name in cases if name not in old["cases"]}
         old["cases"].update(new)
