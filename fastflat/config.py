@@ -27,6 +27,7 @@ Schedule = enum_of("Schedule", "constant", "step", "cosine")
 Amp = enum_of("Amp", "none", "bf16", "fp16")
 OnNonFinite = enum_of("OnNonFinite", "raise", "skip", "rollback")
 BadImages = enum_of("BadImages", "fail", "skip")
+Augment = enum_of("Augment", "auto", "none", "flip", "crop-flip")
 MemoryFormat = enum_of("MemoryFormat", "auto", "channels-last", "contiguous")
 Dataset = enum_of("Dataset", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic")
 MethodName = enum_of("Method", *registry())
@@ -45,6 +46,9 @@ class GeneralConfig:
                          "(pip install timm).", panel=DATA)
     dataset: str = setting("fashion-mnist", "fashion-mnist | mnist | cifar10 | cifar100 | synthetic (a small fixed 10-class "
                            "set for tests) | folder:PATH (train/ and val/ or test/ class folders).", panel=DATA)
+    augment: str = setting("auto", "Training augmentation, drawn afresh each batch: a random horizontal flip, a random "
+                           "crop of the image padded by 4 (reflect) and the flip, none, or auto: the dataset's own "
+                           "(crop-flip for CIFAR, none for the others).", choices=Augment, panel=DATA)
     memory_format: str = setting("auto", "Conv weights' layout: channels-last (NHWC: convolutions and max-pools ~1.8x "
                                  "faster on a CPU), contiguous (NCHW), or auto: the model's own choice (channels-last "
                                  "for fastcnn, contiguous for the others, as their published figures were made).",

@@ -156,6 +156,6 @@ def test_a_hessian_request_that_cannot_fit_is_refused_with_steps_that_fit(runs, 
     real = os.sysconf
     monkeypatch.setattr(os, "sysconf", lambda name: 16 * 2**20 // 4096 if name == "SC_PHYS_PAGES" else real(name))
     assert main(["sharpness", str(runs / "a"), "--lanczos-steps", "50", "--out", str(tmp_path / "s")]) == 2  # 16 MiB
-    one_line(capsys.readouterr().err, "--lanczos-steps 50 over 98,474 values", "about 38 MiB", "of this machine's 16 MiB",
-             "use --lanczos-steps 9 or fewer")
+    one_line(capsys.readouterr().err, "--lanczos-steps 50 over 26,202 values", "about 10 MiB", "of this machine's 16 MiB",
+             "use --lanczos-steps 39 or fewer")
     assert not (tmp_path / "s").exists()

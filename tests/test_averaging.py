@@ -36,6 +36,11 @@ def _flat(tensors):
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
+def _by_parameter(trainer, vectors):
+    """Flat vectors laid out like the trainer's buffer (channels_last for fastcnn), as parameters in NCHW order."""
+    return _flat(trainer.flat.shaped(vectors))
+
+
 @pytest.mark.parametrize("decay", [0.9, 0.999])
 def test_the_average_equals_torchs_averaged_model_with_the_ema_avg_fn(tmp_path, decay):
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -49,7 +54,7 @@ def test_the_average_equals_torchs_averaged_model_with_the_ema_avg_fn(tmp_path, 
         _moved(trainer, generator)
         ema.after_step(trainer.flat, step)
         reference.update_parameters(trainer.model)
-        torch.testing.assert_close(_flat(ema.average), _flat(reference.module.parameters()), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(_by_parameter(trainer, ema.average), _flat(reference.module.parameters()), rtol=1e-6, atol=1e-7)
     statistics = {n: b for n, b in reference.module.named_buffers() if b.is_floating_point()}
     for name, b in ema.bn_average.items():
         torch.testing.assert_close(b, statistics[name], rtol=1e-6, atol=1e-7)
@@ -69,7 +74,7 @@ def test_the_average_equals_timms_model_ema_v3_step_for_step(tmp_path, warmup):
         ema.after_step(trainer.flat, step)
         reference.update(trainer.model, step=step)  # as timm's train.py: the updates so far, from 1
         assert decay_at(step, decay, warmup) == pytest.approx(reference.get_decay(step), abs=1e-15) or step == 1
-        torch.testing.assert_close(_flat(ema.average), _flat(reference.module.parameters()), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(_by_parameter(trainer, ema.average), _flat(reference.module.parameters()), rtol=1e-6, atol=1e-7)
     statistics = {n: b for n, b in reference.module.named_buffers() if b.is_floating_point()}
     for name, b in ema.bn_average.items():
         torch.testing.assert_close(b, statistics[name], rtol=1e-6, atol=1e-7)
@@ -134,7 +139,7 @@ def test_lawa_is_the_mean_of_the_last_k_checkpoints_through_the_ring(tmp_path):
         if step % 2 == 0:
             taken.append(_flat(trainer.model.parameters()).clone())
         if taken:  # the running sum never drifts from the mean it stands for, after the ring wraps too
-            torch.testing.assert_close(_flat(lawa.average), torch.stack(taken[-3:]).mean(0), rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(_by_parameter(trainer, lawa.average), torch.stack(taken[-3:]).mean(0), rtol=1e-6, atol=1e-7)
     assert lawa.stored == 7
 
 

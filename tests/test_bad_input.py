@@ -142,9 +142,9 @@ def foreign_weights(capsys, tmp_path):
 def test_weights_of_another_architecture_are_one_line_everywhere(capsys, tmp_path, trained):
     wrong = foreign_weights(capsys, tmp_path)
     rewrite_checkpoint(trained / "checkpoint.pt", lambda s: s.update(model=wrong))
-    cases = [(["train", "--resume", trained], "does not fit model cnn"),
-             (["train", *TINY, "--init", trained, "--out", tmp_path, "--name", "i"], "does not fit model cnn"),
-             (["eval", trained], "does not fit model cnn"),
+    cases = [(["train", "--resume", trained], "does not fit model fastcnn"),
+             (["train", *TINY, "--init", trained, "--out", tmp_path, "--name", "i"], "does not fit model fastcnn"),
+             (["eval", trained], "does not fit model fastcnn"),
              (["ensemble", "--from", trained], "does not fit"),
              (["ensemble", "--from", tmp_path / "resnet", "--from", trained], "must share one model")]
     for args, fragment in cases:

@@ -276,3 +276,31 @@ def test_kernel_bench_defaults_on_a_cpu_skip_compile_and_bf16(monkeypatch, tmp_p
     settings = seen["s"]
     assert settings.dtypes == ["fp32"] and "compile" not in settings.providers
     assert [w.label for w in settings.workloads] == (["2^16", "2^20"] if quick else ["2^16", "2^20", "2^22", "cnn"])
+
+
+def test_recipe_bench_times_every_contender_and_the_plain_loop_trains_the_same_recipe(tmp_path, capsys):
+    from fastflat.bench.recipe import CONTENDERS, summarize
+    from fastflat.cli import main
+
+    args = ["bench", "recipe", "--dataset", "synthetic", "--seeds", "0,1", "--max-steps", "6", "--out", str(tmp_path)]
+    assert main(args) == 0
+    document = json.loads(next(tmp_path.glob("recipe-*.json")).read_text())
+    rows = document["rows"]
+    assert {(r["contender"], r["seed"]) for r in rows if r["final"]} == {(c, s) for c in CONTENDERS for s in (0, 1)}
+    assert all(r["seconds"] > 0 and 0 <= r["test_acc"] <= 100 and r["git_sha"] is not None for r in rows)
+    summary = {r["contender"]: r for r in summarize(rows)}
+    assert summary["old-sam"]["x_baseline"] == pytest.approx(1.0)
+    # the plain PyTorch loop trains what `sgd` trains (same batches, schedule, smoothing): only rounding differs
+    for seed in (0, 1):
+        final = {r["contender"]: r["test_acc"] for r in rows if r["final"] and r["seed"] == seed}
+        assert abs(final["plain-sgd"] - final["sgd"]) <= 1.0, final
+    assert next(tmp_path.glob("recipe-*.png")).stat().st_size > 0
+    assert "fastflat train --method sam --model cnn" in capsys.readouterr().out
+
+
+def test_recipe_bench_refuses_an_unknown_contender_in_one_line(tmp_path, capsys):
+    from fastflat.cli import main
+
+    code = main(["bench", "recipe", "--contenders", "sgd,adamw", "--dataset", "synthetic", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--contenders: unknown 'adamw'" in err and err.count("\n") == 1

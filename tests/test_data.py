@@ -254,6 +254,30 @@ def test_crop_flip_keeps_shape_and_pairs_but_changes_pixels(synthetic):
     assert distance.max() < 1e-5
 
 
+def test_flip_alone_mirrors_some_images_and_moves_no_pixel_otherwise(synthetic):
+    dataset = indexed_dataset(synthetic, count=64, augment="flip")
+    x, y = next(iterate_batches(dataset.train, 64, dataset=dataset, train=True, generator=torch.Generator().manual_seed(0)))
+    originals = normalised(dataset.train.images[y], dataset)
+    kept = (x - originals).abs().flatten(1).amax(1) < 1e-5
+    mirrored = (x - originals.flip(-1)).abs().flatten(1).amax(1) < 1e-5
+    assert bool((kept | mirrored).all()) and 0 < int(mirrored.sum()) < 64  # each image whole, about half mirrored
+
+
+def test_augment_option_overrides_the_datasets_own_and_refuses_inputs_that_are_not_images(tmp_path):
+    from fastflat.config import load_config
+    from fastflat.loop.assembly import build_trainer
+    from fastflat.runs.rundir import RunDir
+
+    base = {"dataset": "synthetic", "subset": 64, "batch_size": 16, "out": str(tmp_path)}
+    for option, augment in (("auto", "none"), ("flip", "flip"), ("crop-flip", "crop_flip")):
+        trainer = build_trainer(load_config(overrides={**base, "augment": option}), RunDir.create(tmp_path, option))
+        assert trainer.data.augment == augment
+    features = (torch.randn(32, 6), torch.randint(0, 3, (32,)))
+    cfg = load_config(overrides={**base, "augment": "flip", "dataset": "custom"})
+    with pytest.raises(UserError, match="--augment flip flips and crops images"):
+        build_trainer(cfg, RunDir.create(tmp_path, "features"), data=(features, features))
+
+
 def all_crop_flips(images):
     """(B, C, H, W) -> (B, 2 * (2P+1)^2, C, H, W): every crop of the P-pixel reflect-padded image and its mirror."""
     height, width, pad = images.shape[-2], images.shape[-1], CROP_PADDING

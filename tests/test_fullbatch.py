@@ -182,7 +182,8 @@ def test_full_batch_takes_the_papers_optimizer_settings_unless_told_otherwise():
     cfg = load_config(overrides={"method": "fullbatch"})
     assert (cfg.momentum, cfg.nesterov, cfg.weight_decay) == (0.9, True, 5e-4)
     assert load_config(overrides={"method": "fullbatch", "nesterov": False}).nesterov is False
-    assert load_config(overrides={"method": "sgd"}).nesterov is False
+    assert load_config(overrides={"method": "sgd", "nesterov": False}).nesterov is False
+    assert load_config(overrides={"method": "sgd", "momentum": 0.0}).nesterov is False  # the default yields too
     assert load_config(overrides={"method": "fullbatch", "momentum": 0.0}).nesterov is False  # no clash
 
 

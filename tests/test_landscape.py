@@ -58,7 +58,7 @@ class FakeServices:
         self.ends = ends
 
     def point_weights(self, path):
-        return {"model": "cnn", "dataset": "synthetic"}, [self.ends[path].clone()]
+        return {"model": "fastcnn", "dataset": "synthetic"}, [self.ends[path].clone()]
 
 
 @pytest.mark.parametrize("kind", ["bezier", "polychain"])

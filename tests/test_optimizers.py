@@ -86,7 +86,7 @@ def test_no_decay_norm_bias_equals_torch_param_groups_without_decay_on_1d_params
     matrices = [p for p in reference.parameters() if p.ndim >= 2]
     vectors = [p for p in reference.parameters() if p.ndim < 2]
     assert matrices and vectors  # the small CNN has both: convolutions, BatchNorm and biases
-    kwargs = {"momentum": 0.9} if optimizer == "sgd" else {}
+    kwargs = {"momentum": 0.9, "nesterov": True} if optimizer == "sgd" else {}  # the default SGD: Nesterov
     opt = optimizer_class(optimizer)([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],
                                      lr=0.01, **kwargs)
     x, y = _batch(trainer)

@@ -60,7 +60,7 @@ def test_help_never_cuts_an_option_name(capsys, monkeypatch, columns):
 def test_print_config_prints_the_resolved_yaml_and_writes_nothing(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "train", "--method", "sam", "--rho", "0.1", "--out", str(tmp_path), "--print-config")
     config = yaml.safe_load(out)
-    assert code == 0 and config["method"] == "sam" and config["sam"]["rho"] == 0.1 and config["epochs"] == 2
+    assert code == 0 and config["method"] == "sam" and config["sam"]["rho"] == 0.1 and config["epochs"] == 3
     assert list(tmp_path.iterdir()) == []
     assert "spartan" not in config and "swa" not in config  # only the sections this run reads
     code, out, _ = run_cli(capsys, "train", "--method", "spartan", "--inner", "sam", "--swa", "--print-config")

@@ -51,7 +51,7 @@ def setup(momentum=0.0, **sam):
     torch.manual_seed(0)
     model = nn.Linear(5, 3).double()
     flat = flatten(model)
-    cfg = load_config(overrides={"method": "sam", "lr": LR, "momentum": momentum, "weight_decay": 0.0, "sam.rho": RHO,
+    cfg = load_config(overrides={"method": "sam", "lr": LR, "momentum": momentum, "nesterov": False, "weight_decay": 0.0, "sam.rho": RHO,
                                  **{f"sam.{k}": v for k, v in sam.items()}})
     method = build_method(cfg)
     method.init(flat, Services())

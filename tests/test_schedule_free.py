@@ -22,7 +22,7 @@ schedulefree = pytest.importorskip("schedulefree", reason="the schedulefree pack
 
 
 def _config(tmp_path, **overrides):
-    return load_config(overrides={"dataset": "synthetic", "subset": 128, "batch_size": 32, "epochs": 2, "lr": 0.1,
+    return load_config(overrides={"dataset": "synthetic", "subset": 128, "batch_size": 32, "epochs": 2, "lr": 0.1, "model": "cnn",
                                   "schedule": "constant", "optimizer": "schedulefree-sgd", "out": str(tmp_path),
                                   "name": "run", **overrides})
 

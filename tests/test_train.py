@@ -39,7 +39,7 @@ def test_val_split_is_held_out_of_training_and_scored_every_epoch(tmp_path):
 
     data = datasets.load_dataset("synthetic", seed=0)
     _, validation = datasets.hold_out_validation(data, 0.25, seed=0)
-    model = build_model("cnn", data.in_channels, data.num_classes, data.image_size)
+    model = build_model("fastcnn", data.in_channels, data.num_classes, data.image_size)
     model.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"])
     again = evaluate(model, validation, data, 512)
     assert again["acc"] == pytest.approx(summary["val_acc"]) and again["loss"] == pytest.approx(records[-1]["val_loss"], rel=1e-5)
@@ -94,7 +94,7 @@ def test_sam_method_matches_the_sam_dropin(tmp_path):
     trainer = build_trainer(cfg, RunDir.create(tmp_path, "t"))
     reference = build_trainer(cfg, RunDir.create(tmp_path, "r"))
     opt = fastflat.SAM(reference.model.parameters(), torch.optim.SGD, rho=cfg.sam.rho, lr=0.1,
-                       momentum=0.9, weight_decay=5e-4)
+                       momentum=0.9, nesterov=True, weight_decay=5e-4)
     x, y = trainer.data.train.images[:64], trainer.data.train.labels[:64]
     x = (x.float() / 255 - 0.5) / 0.25
     for _ in range(3):

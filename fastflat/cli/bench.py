@@ -130,6 +130,60 @@ def train(
     dist.finish()
 
 
+@bench_app.command("recipe")
+def recipe(
+    seeds: Annotated[str, typer.Option(help="Seeds, comma-separated: every contender trains once per seed.")] = "0",
+    contenders: Annotated[str, typer.Option(help="old-sam (the main job before: cnn, batch 128, lr 0.05, 2 epochs), "
+                                            "sam and sgd (today's defaults), plain-sgd (the sgd recipe in a plain "
+                                            "PyTorch loop: the overhead check).")] = "old-sam,sam,sgd,plain-sgd",
+    dataset: Annotated[str, typer.Option(help="Dataset (the goals are set on fashion-mnist).")] = "fashion-mnist",
+    data_dir: Annotated[str | None, typer.Option(help="Folder holding the dataset files.")] = None,
+    max_steps: Annotated[int, typer.Option(min=0, help="Cap every run at N steps: a smoke run (0 = whole budgets).")] = 0,
+    out: Annotated[str, typer.Option(help="Folder for the JSON, CSV and PNG results (never overwritten); the runs go "
+                                     "under OUT/bench-recipe.")] = OUT,
+) -> None:
+    """Time to accuracy: test accuracy at each epoch's end against training seconds, for the old main job, the
+    default sam and sgd runs and a plain PyTorch loop, in one run. About 6 minutes a seed on 2 CPU cores."""
+    from rich.table import Table
+
+    from fastflat.bench import report
+    from fastflat.bench.recipe import TARGET_ACC, RecipeSettings, plot_time_to_accuracy, run_recipe, summarize
+
+    try:
+        seed_list = [int(s) for s in _names(seeds, None, "--seeds")]
+    except ValueError:
+        raise UserError(f"--seeds takes integers, e.g. 0,1,2; got {seeds!r}") from None
+    if not seed_list:
+        raise UserError("--seeds is empty: give at least one seed")
+    extra = {"max_steps": max_steps} if max_steps else {}
+    settings = RecipeSettings(seeds=seed_list, contenders=_names(contenders, None, "--contenders"), dataset=dataset,
+                              data_dir=data_dir, extra=extra, out=out)
+    rows = run_recipe(settings, on_run=lambda text: console.print(f"[dim]training {text}[/dim]"))
+    dev = torch.device("cpu")
+    rows = report.with_provenance(rows, dev)
+    summary = summarize(rows)
+    table = Table(title=f"time to accuracy on {dataset}, {len(seed_list)} seed(s), {rows[0]['device']}")
+    for column in ("contender", "test acc %", "training s", "x old-sam", f"s to {TARGET_ACC:g}%", "command"):
+        table.add_column(column, justify="left" if column in ("contender", "command") else "right")
+    for r in summary:
+        spread = f" ± {r['test_acc_std']:.2f}" if r["seeds"] > 1 else ""
+        reach = r[f"seconds_to_{TARGET_ACC:g}"]
+        table.add_row(r["contender"], f"{r['test_acc']:.2f}{spread}", f"{r['seconds']:.1f}",
+                      "-" if r["x_baseline"] is None else f"{r['x_baseline']:.2f}",
+                      "not reached" if reach is None else f"{reach:.1f}", r["command"])
+    console.print(table)
+    report.print_provenance(console, rows)
+    json_path, csv_path = report.write_results(out, "recipe", dev, rows, {"seeds": seed_list, "dataset": dataset,
+                                                                           "contenders": settings.contenders,
+                                                                           "max_steps": max_steps, "summary": summary})
+    try:
+        plot = json_path.with_suffix(".png")
+        plot_time_to_accuracy(rows, plot, f"time to accuracy, {dataset}, {rows[0]['device']}")
+        console.print(f"wrote {json_path}, {csv_path} and {plot}")
+    except ImportError:
+        console.print(f"wrote {json_path} and {csv_path} (no plot: matplotlib is not installed)")
+
+
 @bench_app.command("es-memory")
 def es_memory(
     children: Annotated[str, typer.Option(help="Numbers of children K to compare.")] = "8,512",

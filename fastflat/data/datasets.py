@@ -61,7 +61,7 @@ class Dataset:
     image_size: int  # H (== W)
     mean: tuple[float, ...]  # per channel, in [0, 1] pixel units
     std: tuple[float, ...]
-    augment: str  # "crop_flip" or "none"
+    augment: str  # "crop_flip", "flip" or "none" (--augment overrides the dataset's own)
     label_noise: float  # fraction of training labels asked to be corrupted
     noisy_labels: int  # how many training labels were actually changed
     source: str  # directory the data was read from, or "synthetic"
@@ -171,8 +171,8 @@ def iterate_batches(
         rows = slice(batch * batch_size, (batch + 1) * batch_size)
         index = order[rows] if order is not None else rows
         images, labels = split.images[index], split.labels[index]
-        if train and dataset.augment == "crop_flip":
-            images = _random_crop_flip(images, generator)  # drawn for the global batch: same on every rank
+        if train and dataset.augment in ("crop_flip", "flip"):  # drawn for the global batch: same on every rank
+            images = _random_crop_flip(images, generator, crop=dataset.augment == "crop_flip")
         mine = slice(rank * share, (rank + 1) * share) if world_size > 1 else slice(None)
         yield images[mine].float() * scale + shift, labels[mine]
 
@@ -186,15 +186,17 @@ def _normalisation(dataset: Dataset, device: torch.device, ndim: int = 4) -> tup
     return 1.0 / (255.0 * std), -mean / std
 
 
-def _random_crop_flip(images: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Random crop of each image padded by CROP_PADDING (reflect), then a random horizontal flip.
+def _random_crop_flip(images: Tensor, generator: torch.Generator | None, crop: bool = True) -> Tensor:
+    """Random crop of each image padded by CROP_PADDING (reflect), then a random horizontal flip (crop=False:
+    the flip alone).
 
     Done as one gather: output pixel (i, j) reads source pixel (reflect(i + dy), reflect(j' + dx)),
     where j' = W - 1 - j for flipped images, so no padded copy is ever made.
     """
     batch, channels, height, width = images.shape
     device = images.device
-    offsets = torch.randint(-CROP_PADDING, CROP_PADDING + 1, (2, batch, 1), generator=generator).to(device)
+    padding = CROP_PADDING if crop else 0
+    offsets = torch.randint(-padding, padding + 1, (2, batch, 1), generator=generator).to(device)
     flipped = torch.randint(0, 2, (batch, 1), generator=generator).bool().to(device)
     row_steps = torch.arange(height, device=device)
     col_steps = torch.arange(width, device=device)

@@ -49,6 +49,11 @@ def build_data(cfg: TrainConfig, method: Method, device: torch.device, data: Any
     else:
         loaded = datasets.load_dataset(cfg.dataset, cfg.data_dir, device, cfg.label_noise, cfg.seed,
                                        image_size=cfg.image_size, bad_images=cfg.bad_images)
+    if cfg.augment != "auto":
+        if cfg.augment != "none" and loaded.train.images.dim() != 4:
+            raise UserError(f"--augment {cfg.augment} flips and crops images (C, H, W); this data holds inputs of "
+                            f"shape {tuple(loaded.train.images.shape[1:])}: use --augment none")
+        loaded = replace(loaded, augment=cfg.augment.replace("-", "_"))
     loaded, validation = datasets.hold_out_validation(loaded, cfg.val_split, cfg.seed)
     holdouts: dict[str, datasets.Split] = {}
     if (request := method.holdout()) is not None:  # e.g. Spartan's evolution split

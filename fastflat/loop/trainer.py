@@ -234,7 +234,9 @@ class Trainer:
         self.run.log_scalars(record, "step")
 
     def _save_trajectory_point(self, step: int) -> None:
-        self.run.save_trajectory_point(step, torch.cat([w.reshape(-1) for w in self.flat.params]))
+        """The weights in parameter order, each parameter's elements in NCHW order (whatever the buffer's
+        layout): the vector `fastflat landscape plane --trajectory` reads into its own contiguous space."""
+        self.run.save_trajectory_point(step, torch.cat([p.reshape(-1) for p in self.flat.shaped(self.flat.params)]))
 
     def _end_epoch(self) -> None:
         cfg, pos = self.cfg, self.position
