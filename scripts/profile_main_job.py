@@ -1,5 +1,5 @@
 """Where the main job's time goes (issue 23's first step): torch.profiler over `fastflat train --method sam`
-(defaults: small CNN, Fashion-MNIST, batch 128) for the first STEPS steps and one evaluation of the test set.
+(the defaults: fastcnn, Fashion-MNIST, batch 128) for the first STEPS steps and one evaluation of the test set.
 
     python3 scripts/profile_main_job.py [STEPS] [OUT_DIR]      # default 150 steps, benchmarks/results/
 

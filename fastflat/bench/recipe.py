@@ -105,7 +105,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _plain_curve(overrides: dict[str, Any]) -> list[tuple[float, float]]:
     """The sgd recipe as anyone would write it in PyTorch: model, torch.optim.SGD, LambdaLR, a loop."""
-    from fastflat.data.models import FastCNN, build_model
+    from fastflat.data.models import build_model
+    from fastflat.loop.assembly import channels_last
     from fastflat.loop.steps import epoch_generator
     from fastflat.loss.evaluation import evaluate
     from fastflat.methods.schedules import make_schedule
@@ -115,7 +116,7 @@ def _plain_curve(overrides: dict[str, Any]) -> list[tuple[float, float]]:
     data = _with_subsets(data, cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size)
-    if cfg.memory_format == "channels-last" or (cfg.memory_format == "auto" and isinstance(model, FastCNN)):
+    if channels_last(cfg, model):  # the layout the trainer would pick, made torch's way
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
