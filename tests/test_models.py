@@ -85,3 +85,20 @@ def test_invalid_wide_resnet_raises_user_error(name):
 def test_images_too_small_for_the_models_raise_user_error():
     with pytest.raises(UserError, match="too small"):
         build_model("cnn", in_channels=1, num_classes=10, image_size=4)
+
+
+@pytest.mark.parametrize("model, layout, laid_out", [
+    ("fastcnn", "auto", True), ("cnn", "auto", False), ("cnn", "channels-last", True), ("fastcnn", "contiguous", False),
+])
+def test_memory_format_auto_takes_the_models_own_layout(tmp_path, model, layout, laid_out):
+    from fastflat.config import load_config
+    from fastflat.loop.assembly import build_trainer
+    from fastflat.runs.rundir import RunDir
+
+    cfg = load_config(overrides={"dataset": "synthetic", "subset": 64, "batch_size": 32, "model": model,
+                                 "memory_format": layout, "out": str(tmp_path)})
+    trainer = build_trainer(cfg, RunDir.create(tmp_path, "t"))
+    conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert trainer.flat.channels_last is laid_out
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) is laid_out
+    assert conv.weight.is_contiguous() is not laid_out

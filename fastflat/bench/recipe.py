@@ -154,7 +154,8 @@ def _with_subsets(data: datasets.Dataset, cfg: Any) -> datasets.Dataset:
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per contender: mean final accuracy and training seconds over the seeds, seconds as x the baseline's
-    (when it ran), and the first epoch-end time at or above TARGET_ACC (None if never), mean over seeds."""
+    (when it ran), and the first epoch-end time at or above TARGET_ACC: the mean over the seeds that reach it
+    (None if none does), with how many do."""
     finals = [r for r in rows if r["final"]]
     names = list(dict.fromkeys(r["contender"] for r in finals))
     base = [r["seconds"] for r in finals if r["contender"] == BASELINE]
@@ -171,10 +172,11 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mean_acc = sum(accs) / len(accs)
         std_acc = (sum((a - mean_acc) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0.0
         mean_s = sum(secs) / len(secs)
+        hit = [t for t in reached if t is not None]
         summary.append({"contender": name, "seeds": len(mine), "test_acc": mean_acc, "test_acc_std": std_acc,
                         "seconds": mean_s, "x_baseline": mean_s / base_seconds if base_seconds else None,
-                        f"seconds_to_{TARGET_ACC:g}": (sum(reached) / len(reached)) if None not in reached else None,
-                        "command": command(name)})
+                        f"seconds_to_{TARGET_ACC:g}": sum(hit) / len(hit) if hit else None,
+                        f"seeds_reaching_{TARGET_ACC:g}": len(hit), "command": command(name)})
     return summary
 
 

@@ -167,10 +167,11 @@ def recipe(
         table.add_column(column, justify="left" if column in ("contender", "command") else "right")
     for r in summary:
         spread = f" ± {r['test_acc_std']:.2f}" if r["seeds"] > 1 else ""
-        reach = r[f"seconds_to_{TARGET_ACC:g}"]
+        reach, hits = r[f"seconds_to_{TARGET_ACC:g}"], r[f"seeds_reaching_{TARGET_ACC:g}"]
+        some = f" ({hits} of {r['seeds']} seeds)" if 0 < hits < r["seeds"] else ""
         table.add_row(r["contender"], f"{r['test_acc']:.2f}{spread}", f"{r['seconds']:.1f}",
                       "-" if r["x_baseline"] is None else f"{r['x_baseline']:.2f}",
-                      "not reached" if reach is None else f"{reach:.1f}", r["command"])
+                      "not reached" if reach is None else f"{reach:.1f}{some}", r["command"])
     console.print(table)
     report.print_provenance(console, rows)
     json_path, csv_path = report.write_results(out, "recipe", dev, rows, {"seeds": seed_list, "dataset": dataset,
