@@ -295,7 +295,9 @@ def test_recipe_bench_times_every_contender_and_the_plain_loop_trains_the_same_r
         final = {r["contender"]: r["test_acc"] for r in rows if r["final"] and r["seed"] == seed}
         assert abs(final["plain-sgd"] - final["sgd"]) <= 1.0, final
     assert next(tmp_path.glob("recipe-*.png")).stat().st_size > 0
-    assert "fastflat train --method sam --model cnn" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fastflat train --method sam --model cnn" in out
+    assert all(f"{c}, seed 1: epoch 1," in out for c in CONTENDERS)  # a line per epoch of every run: never silent
 
 
 def test_recipe_bench_refuses_an_unknown_contender_in_one_line(tmp_path, capsys):

@@ -40,6 +40,7 @@ CONTENDERS: dict[str, dict[str, Any]] = {
 }
 BASELINE = "old-sam"
 TARGET_ACC = 91.0  # issue 23's goal for the main job and SGD on Fashion-MNIST
+EpochDone = Callable[[int, float, float], None]  # (epoch, training seconds so far, test accuracy)
 RECIPE_FIELDS = ("contender", "seed", "epoch", "seconds", "test_acc", "final", "command")
 
 
@@ -74,36 +75,43 @@ def run_recipe(settings: RecipeSettings, on_run: Callable[[str], None] = lambda 
     rows: list[dict[str, Any]] = []
     for seed in settings.seeds:
         for name in settings.contenders:
-            on_run(f"{name}, seed {seed}")
+            on_run(f"training {name}, seed {seed}")
             overrides = {**CONTENDERS[name], "dataset": settings.dataset, "data_dir": settings.data_dir, "device": "cpu",
                          "seed": seed, **settings.extra}
-            curve = _plain_curve(overrides) if name == "plain-sgd" else _fastflat_curve(overrides, settings.out)
+            def epoch_done(epoch: int, seconds: float, acc: float) -> None:  # a line a minute or so: never silent
+                on_run(f"  {name}, seed {seed}: epoch {epoch}, {seconds:.1f} s of training, test accuracy {acc:.2f}%")
+
+            curve = (_plain_curve(overrides, epoch_done) if name == "plain-sgd"
+                     else _fastflat_curve(overrides, settings.out, epoch_done))
             for i, (seconds, acc) in enumerate(curve):
                 rows.append({"contender": name, "seed": seed, "epoch": i + 1, "seconds": seconds, "test_acc": acc,
                              "final": i == len(curve) - 1, "command": command(name)})
     return rows
 
 
-def _fastflat_curve(overrides: dict[str, Any], out: str) -> list[tuple[float, float]]:
+def _fastflat_curve(overrides: dict[str, Any], out: str, epoch_done: EpochDone) -> list[tuple[float, float]]:
     """(seconds of training so far, test accuracy) at each epoch end of one fastflat run."""
     from fastflat.loop.api import train
+    from fastflat.loop.steps import Hooks
+    from fastflat.runs.rundir import RunDir
 
-    summary = train(load_config(overrides={**overrides, "out": str(Path(out) / "bench-recipe"), "eval_every": 1}))
-    history = _read_jsonl(Path(summary["run_dir"]) / "metrics.jsonl")
+    class Report(Hooks):
+        seconds = 0.0
+
+        def on_epoch(self, record: dict[str, Any]) -> None:
+            self.seconds += record["epoch_seconds"]
+            epoch_done(record["epoch"], self.seconds, record["test_acc"])
+
+    summary = train(load_config(overrides={**overrides, "out": str(Path(out) / "bench-recipe"), "eval_every": 1}),
+                    hooks=Report())
     seconds, curve = 0.0, []
-    for record in history:
+    for record in RunDir.open(summary["run_dir"]).read_metrics():
         seconds += record["epoch_seconds"]
         curve.append((seconds, record["test_acc"]))
     return curve
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    import json
-
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _plain_curve(overrides: dict[str, Any]) -> list[tuple[float, float]]:
+def _plain_curve(overrides: dict[str, Any], epoch_done: EpochDone) -> list[tuple[float, float]]:
     """The sgd recipe as anyone would write it in PyTorch: model, torch.optim.SGD, LambdaLR, a loop."""
     from fastflat.data.models import build_model
     from fastflat.loop.assembly import channels_last
@@ -142,6 +150,7 @@ def _plain_curve(overrides: dict[str, Any]) -> list[tuple[float, float]]:
                 break
         seconds += time.perf_counter() - start
         curve.append((seconds, evaluate(model, data.test, data, max(cfg.batch_size, 512))["acc"]))
+        epoch_done(epoch + 1, *curve[-1])
     return curve
 
 
