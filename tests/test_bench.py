@@ -219,15 +219,36 @@ def test_train_full_batch_rows_compare_with_an_sgd_epoch_over_the_same_data(tmp_
 
 
 def test_hessian_bench_compares_lanczos_with_pyhessian_at_equal_data(tmp_path):
-    code = main(["bench", "hessian", "--dataset", "synthetic", "--examples", "256", "--repeats", "2",
+    code = main(["bench", "hessian", "--dataset", "synthetic", "--examples", "256", "--repeats", "2", "--seeds", "0,1",
                  "--device", "cpu", "--out", str(tmp_path)])
     rows, _ = read_results(tmp_path)
     r = rows[0]
     assert code == 0 and r["hvp_over_grad"] == pytest.approx(r["hvp_ms"] / r["grad_ms"]) and r["hvp_kept_ms"] > 0
-    assert {row["solver"] for row in rows} == {"lanczos (fastflat)", "power iteration, PyHessian's rule", "PyHessian 0.1"}
-    assert len(rows) == 9 and all(row["status"] == "ok" and row["git_sha"] and row["examples"] == 256 for row in rows)
-    for row in rows:  # all three find the same top eigenvalue, PyHessian's own code included
-        assert row["rel_error"] < 0.05 and row["hvps"] >= 2 and row["seconds"] > 0
+    assert {row["solver"] for row in rows} == {"lanczos, random start (fastflat)", "power iteration, PyHessian's rule",
+                                               "lanczos, subsample start (fastflat sharpness)", "PyHessian 0.1"}
+    assert len(rows) == 8 and all(row["status"] == "ok" and row["git_sha"] and row["examples"] == 256 for row in rows)
+    for row in rows:  # all four find the same top eigenvalue, PyHessian's own code included
+        assert row["rel_error"] < 0.05 and row["full_hvps"] >= 2 and row["seconds"] > 0
+        if row["solver"].startswith("lanczos, subsample"):  # every 8th example: 32 of 256, each product 1/8 of one
+            assert row["start_examples"] == 32 and row["start_hvps"] >= 1
+            assert row["hvps"] == pytest.approx(row["full_hvps"] + row["start_hvps"] / 8)
+        else:
+            assert row["start_hvps"] == 0 and row["hvps"] == row["full_hvps"]
+
+
+def test_hessian_bench_summary_compares_each_solver_with_pyhessian():
+    from fastflat.bench.hessian import summarise
+
+    row = lambda solver, hvps, error, status="ok": {"solver": solver, "hvps": hvps, "rel_error": error,  # noqa: E731
+                                                   "seconds": 1.0, "status": status}
+    rows = [row("PyHessian 0.1", 6, 1e-3), row("PyHessian 0.1", 10, 3e-3), row("lanczos", 3.5, 1e-4),
+            row("lanczos", 4.5, 2e-4), row("power iteration, PyHessian's rule", None, None, "unavailable")]
+    means = {m["solver"]: m for m in summarise(rows)}
+    assert set(means) == {"PyHessian 0.1", "lanczos"}  # a solver that did not run has no mean
+    assert means["lanczos"]["mean_hvps"] == 4.0 and means["lanczos"]["hvps_over_baseline"] == 0.5
+    assert means["PyHessian 0.1"]["median_rel_error"] == pytest.approx(2e-3) and means["lanczos"]["max_rel_error"] == 2e-4
+    without = {m["solver"]: m for m in summarise([row("lanczos", 4, 1e-4), row("power iteration, PyHessian's rule", 8, 1e-3)])}
+    assert without["lanczos"]["hvps_over_baseline"] == 0.5  # no PyHessian: its rule on our operator is the baseline
 
 
 def test_landscape_bench_scores_the_same_grid_every_way_and_agrees_with_the_loop(tmp_path):

@@ -218,3 +218,60 @@ def test_lanczos_stops_by_the_eigenvalue_error_not_the_vector_residual():
     assert abs(result["eigenvalues"][0] - 40.0) <= 1e-3 * 40.0 and result["hvps"] <= 10
     ritz, vectors = torch.tensor([1.0, 5.0, 10.0], dtype=torch.float64), torch.eye(3, dtype=torch.float64)
     assert float(error_bounds(ritz, vectors, 0.5, 1)[0]) == pytest.approx(min(0.5, 0.25 / 5.0))
+
+
+def _three_outliers() -> tuple[torch.Tensor, torch.Tensor]:
+    """A 303 x 303 symmetric matrix: eigenvalues 40, 30, 22 over a bulk in [0, 2]; and its eigenvectors (columns)."""
+    torch.manual_seed(1)
+    spectrum = torch.cat([torch.tensor([40.0, 30.0, 22.0]), torch.rand(300) * 2]).double()
+    q, _ = torch.linalg.qr(torch.randn(303, 303, dtype=torch.float64))
+    return q @ torch.diag(spectrum) @ q.T, q
+
+
+def test_lanczos_from_a_good_start_does_not_stop_on_a_gap_to_the_bulk():
+    """From a start near the top eigenvector, 2 steps leave one other Ritz value, deep in the bulk; r^2 / gap
+    with that gap claimed 1e-3 and stopped with an error of 1.9e-3. The residual decides until there are 3."""
+    a, q = _three_outliers()
+    start = q[:, 0] + 0.1 * q[:, 1] + 0.02 * torch.randn(303, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    result = lanczos(lambda v: a @ v, 303, k=1, tol=1e-3, dtype=torch.float64, start=start)
+    assert abs(result["eigenvalues"][0] - 40.0) <= 1e-3 * 40.0 and result["hvps"] == 3
+
+
+def test_a_start_from_a_nearby_operator_saves_products_at_the_same_tolerance():
+    """subsample_start on A + E (E: noise of norm 4, as a subsample's Hessian differs from the whole one's)
+    gives a vector close to A's top eigenvector, from which Lanczos on A stops sooner than from any of 5
+    random vectors, within the same tolerance."""
+    from fastflat.analysis.sharpness import subsample_start
+
+    a, q = _three_outliers()
+    e = torch.randn(303, 303, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    e = (e + e.T) / 2
+    noisy = a + e * 4 / torch.linalg.matrix_norm(e, 2)
+    start, products = subsample_start(lambda v: noisy @ v, 303, dtype=torch.float64)
+    assert 1 <= products <= 10 and float(start.norm()) == pytest.approx(1.0) and float(start @ q[:, 0]) ** 2 > 0.9
+    warm = lanczos(lambda v: a @ v, 303, k=1, tol=1e-3, dtype=torch.float64, start=start)
+    cold = [lanczos(lambda v: a @ v, 303, k=1, tol=1e-3, dtype=torch.float64, seed=s)["hvps"] for s in range(5)]
+    assert abs(warm["eigenvalues"][0] - 40.0) <= 1e-3 * 40.0 and warm["hvps"] < min(cold)
+    two, _ = subsample_start(lambda v: noisy @ v, 303, k=2, dtype=torch.float64)  # for the top 2: their sum
+    assert float(two @ q[:, 0]) ** 2 > 0.3 and float(two @ q[:, 1]) ** 2 > 0.3
+
+
+def test_subsample_takes_every_eighth_example_of_each_chunk_or_none_below_32():
+    from fastflat.analysis.sharpness import subsample
+
+    chunks = [(torch.arange(256.0)[:, None], torch.arange(256)), (torch.arange(100.0)[:, None], torch.arange(100))]
+    picked = subsample(chunks)
+    assert [y.tolist() for _, y in picked] == [list(range(0, 256, 8)), list(range(0, 100, 8))]
+    assert subsample([(torch.zeros(248, 1), torch.zeros(248))]) is None  # 31 examples
+
+
+def test_sharpness_starts_lanczos_from_every_eighth_example_when_there_are_256(tmp_path):
+    from fastflat.analysis.sharpness import measure_checkpoint
+    from fastflat.cli import main
+
+    assert main(["train", "--dataset", "synthetic", "--epochs", "1", "--out", str(tmp_path), "--name", "r"]) == 0
+    few = measure_checkpoint(str(tmp_path / "r"), examples=248, probes=0)
+    enough = measure_checkpoint(str(tmp_path / "r"), examples=256, probes=0)
+    assert (few["start_hvps"], few["start_examples"]) == (0, 0)
+    assert enough["start_examples"] == 32 and enough["start_hvps"] >= 1 and enough["hvps"] >= 1
+    assert enough["top_eigenvalues"][0] > 0

@@ -8,7 +8,10 @@ sharpness`).
 Every solver row gives its products (HVPs), seconds and relative error against a reference eigenvalue
 from Lanczos run to a residual of 1e-10. PyHessian itself runs when it is installed (`pip install
 pyhessian`; its `hessian(model, criterion, data=(x, y)).eigenvalues()`, products counted), and its
-stopping rule always runs on our operator ("PyHessian's rule").
+stopping rule always runs on our operator ("PyHessian's rule"). Lanczos runs from a random vector and
+from `fastflat sharpness`'s start vector (subsample_start); the second's HVPs count each product on the
+subsample as its share of the examples (`full_hvps` and `start_hvps` give both counts).
+`summarise(rows)` gives each solver's mean HVPs and median error over the seeds.
 """
 
 from __future__ import annotations
@@ -20,16 +23,19 @@ import torch
 import torch.nn.functional as F
 
 from fastflat import data as datasets
-from fastflat.analysis.sharpness import lanczos, model_operator, power_iteration
+from fastflat.analysis.sharpness import lanczos, model_operator, power_iteration, subsample, subsample_start
 from fastflat.bench.train import median_iqr, times_ms
 from fastflat.data.models import build_model
 from fastflat.flat import FlatParams
 
-SEEDS = (0, 1, 2)  # start vectors: the iterative solvers' only randomness
+SEEDS = (0, 1, 2, 3, 4)  # start vectors: the iterative solvers' only randomness
+RANDOM, SUBSAMPLED = "lanczos, random start (fastflat)", "lanczos, subsample start (fastflat sharpness)"
+POWER, PYHESSIAN = "power iteration, PyHessian's rule", "PyHessian 0.1"
 
 
 def run_hessian(model_name: str, dataset: str, examples: int, device: torch.device, repeats: int = 5,
-                tol: float = 1e-3, checkpoint: str | None = None, data_dir: str | None = None) -> list[dict[str, Any]]:
+                tol: float = 1e-3, checkpoint: str | None = None, data_dir: str | None = None,
+                seeds: tuple[int, ...] = SEEDS) -> list[dict[str, Any]]:
     if checkpoint is not None:
         from fastflat.load import load_run
 
@@ -61,14 +67,39 @@ def run_hessian(model_name: str, dataset: str, examples: int, device: torch.devi
     base = {"model": model_name, "dataset": dataset, "examples": examples, "params": flat.numel, "weights": weights,
             "grad_ms": grad_ms, "hvp_ms": hvp_ms, "hvp_iqr_ms": hvp_iqr, "hvp_kept_ms": kept_ms,
             "hvp_kept_iqr_ms": kept_iqr, "hvp_over_grad": hvp_ms / grad_ms, "reference_eigenvalue": reference,
-            "tol": tol}
+            "tol": tol, "start_examples": sum(len(y) for _, y in subsample(chunks) or [])}
+    few = subsample(chunks)
     rows = []
-    for seed in SEEDS:
-        rows.append(_solve("lanczos (fastflat)", lambda: _lanczos(kept, flat.numel, tol, seed, device), reference, base, seed))
-        rows.append(_solve("power iteration, PyHessian's rule", lambda: _power(kept, flat.numel, tol, seed, device),
-                           reference, base, seed))
-        rows.append(_solve("PyHessian 0.1", lambda: _pyhessian(model, head, data, tol, seed), reference, base, seed))
+    for seed in seeds:
+        rows.append(_solve(RANDOM, lambda: _lanczos(kept, flat.numel, tol, seed, device), reference, base, seed))
+        if few is not None:
+            rows.append(_solve(SUBSAMPLED, lambda: _subsampled(flat, few, kept, examples, tol, seed, device), reference,
+                               base, seed))
+        rows.append(_solve(POWER, lambda: _power(kept, flat.numel, tol, seed, device), reference, base, seed))
+        rows.append(_solve(PYHESSIAN, lambda: _pyhessian(model, head, data, tol, seed), reference, base, seed))
     return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per solver that ran: mean HVPs and median relative error over the seeds, and its mean HVPs over
+    PyHessian's (or, without PyHessian, over PyHessian's rule on our operator)."""
+    import statistics
+
+    ran = {}
+    for row in rows:
+        if row["status"] == "ok":
+            ran.setdefault(row["solver"], []).append(row)
+    baseline = ran.get(PYHESSIAN) or ran.get(POWER)
+    base_hvps = statistics.mean(r["hvps"] for r in baseline) if baseline else None
+    out = []
+    for solver, runs in ran.items():
+        hvps = statistics.mean(r["hvps"] for r in runs)
+        out.append({"solver": solver, "runs": len(runs), "mean_hvps": hvps,
+                    "median_rel_error": statistics.median(r["rel_error"] for r in runs),
+                    "max_rel_error": max(r["rel_error"] for r in runs),
+                    "mean_seconds": statistics.mean(r["seconds"] for r in runs),
+                    "hvps_over_baseline": hvps / base_hvps if base_hvps else None})
+    return out
 
 
 def _solve(solver: str, run, reference: float, base: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -77,14 +108,25 @@ def _solve(solver: str, run, reference: float, base: dict[str, Any], seed: int) 
         value, hvps = run()
     except ImportError as e:
         return {**base, "solver": solver, "seed": seed, "status": "unavailable", "reason": str(e), "eigenvalue": None,
-                "hvps": None, "rel_error": None, "seconds": None}
-    return {**base, "solver": solver, "seed": seed, "status": "ok", "reason": "", "eigenvalue": value, "hvps": hvps,
-            "rel_error": abs(value - reference) / abs(reference), "seconds": time.perf_counter() - start}
+                "hvps": None, "full_hvps": None, "start_hvps": None, "rel_error": None, "seconds": None}
+    seconds = time.perf_counter() - start
+    full, start_hvps = hvps if isinstance(hvps, tuple) else (hvps, 0)
+    share = base["start_examples"] / base["examples"] if start_hvps else 0.0
+    return {**base, "solver": solver, "seed": seed, "status": "ok", "reason": "", "eigenvalue": value,
+            "hvps": full + start_hvps * share, "full_hvps": full, "start_hvps": start_hvps,
+            "rel_error": abs(value - reference) / abs(reference), "seconds": seconds}
 
 
 def _lanczos(op, n: int, tol: float, seed: int, device) -> tuple[float, int]:
     result = lanczos(op, n, k=1, tol=tol, seed=seed, device=device)
     return result["eigenvalues"][0], result["hvps"]
+
+
+def _subsampled(flat: FlatParams, few, op, examples: int, tol: float, seed: int, device) -> tuple[float, tuple[int, int]]:
+    """fastflat sharpness's way: a start vector from the subsample's Hessian, then Lanczos on all examples."""
+    start, start_hvps = subsample_start(model_operator(flat, few, keep_graphs=True), flat.numel, seed=seed, device=device)
+    result = lanczos(op, flat.numel, k=1, tol=tol, seed=seed, device=device, start=start)
+    return result["eigenvalues"][0], (result["hvps"], start_hvps)
 
 
 def _power(op, n: int, tol: float, seed: int, device) -> tuple[float, int]:

@@ -64,7 +64,8 @@ def sharpness_command(
         table.add_column(column, justify="left" if column == "checkpoint" else "right")
     for r in results:
         trace = f"{r['trace']:.4g} ± {r['trace_stderr']:.2g}" if "trace" in r else "-"
-        table.add_row(r["checkpoint"], ", ".join(f"{v:.4g}" for v in r["top_eigenvalues"]), str(r["hvps"]), trace,
+        hvps = str(r["hvps"]) + (f" + {r['start_hvps']} on {r['start_examples']}" if r["start_hvps"] else "")
+        table.add_row(r["checkpoint"], ", ".join(f"{v:.4g}" for v in r["top_eigenvalues"]), hvps, trace,
                       *(f"{v:.4g}" for _, v in sorted(r.get("sharpness", {}).items())))
     console.print(table)
     console.print(f"report: {out / 'sharpness.json'}")

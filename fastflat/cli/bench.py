@@ -150,12 +150,7 @@ def recipe(
     from fastflat.bench import report
     from fastflat.bench.recipe import TARGET_ACC, RecipeSettings, plot_time_to_accuracy, run_recipe, summarize
 
-    try:
-        seed_list = [int(s) for s in _names(seeds, None, "--seeds")]
-    except ValueError:
-        raise UserError(f"--seeds takes integers, e.g. 0,1,2; got {seeds!r}") from None
-    if not seed_list:
-        raise UserError("--seeds is empty: give at least one seed")
+    seed_list = _seed_list(seeds)
     extra = {"max_steps": max_steps} if max_steps else {}
     settings = RecipeSettings(seeds=seed_list, contenders=_names(contenders, None, "--contenders"), dataset=dataset,
                               data_dir=data_dir, extra=extra, out=out)
@@ -215,6 +210,16 @@ def es_memory(
     console.print(f"wrote {json_path} and {csv_path}")
 
 
+def _seed_list(seeds: str) -> list[int]:
+    try:
+        seed_list = [int(s) for s in _names(seeds, None, "--seeds")]
+    except ValueError:
+        raise UserError(f"--seeds takes integers, e.g. 0,1,2; got {seeds!r}") from None
+    if not seed_list:
+        raise UserError("--seeds is empty: give at least one seed")
+    return seed_list
+
+
 @bench_app.command("hessian")
 def hessian(
     model: Annotated[str, typer.Option(help="Model name (as train --model); ignored with --checkpoint.")] = "cnn",
@@ -224,6 +229,7 @@ def hessian(
     examples: Annotated[int, typer.Option(min=1, help="N training examples.")] = 1024,
     repeats: Annotated[int, typer.Option(min=1, help="Timed gradients and HVPs (median).")] = 5,
     tol: Annotated[float, typer.Option(help="Relative tolerance of both solvers (PyHessian's default: 1e-3).")] = 1e-3,
+    seeds: Annotated[str, typer.Option(help="Start-vector seeds, comma-separated: every solver runs once per seed.")] = "0,1,2,3,4",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     out: Annotated[str, typer.Option(help="Folder for the JSON and CSV results (never overwritten).")] = OUT,
 ) -> None:
@@ -231,10 +237,11 @@ def hessian(
     from rich.table import Table
 
     from fastflat.bench import report
-    from fastflat.bench.hessian import run_hessian
+    from fastflat.bench.hessian import run_hessian, summarise
 
     dev = _device(device)
-    rows = report.with_provenance(run_hessian(model, dataset, examples, dev, repeats, tol, checkpoint), dev)
+    rows = report.with_provenance(run_hessian(model, dataset, examples, dev, repeats, tol, checkpoint,
+                                              seeds=tuple(_seed_list(seeds))), dev)
     r = rows[0]
     table = Table(title=f"Hessian-vector products: {r['model']} ({r['weights']}) on {examples:,} {r['dataset']} "
                         f"examples, {r['device']}")
@@ -251,9 +258,19 @@ def hessian(
         if row["status"] != "ok":
             solvers.add_row(row["solver"], str(row["seed"]), "-", f"[dim]{row['reason']}[/dim]", "-")
             continue
-        solvers.add_row(row["solver"], str(row["seed"]), str(row["hvps"]), f"{row['rel_error']:.1e}",
-                        f"{row['seconds']:.1f}")
+        hvps = f"{row['hvps']:.2f} ({row['full_hvps']} + {row['start_hvps']} on {row['start_examples']})" \
+            if row["start_hvps"] else str(row["hvps"])
+        solvers.add_row(row["solver"], str(row["seed"]), hvps, f"{row['rel_error']:.1e}", f"{row['seconds']:.1f}")
     console.print(solvers)
+    means = Table(title=f"over {len({row['seed'] for row in rows})} seeds (a product on the subsample counts as its "
+                        "share of the examples)")
+    for column in ("solver", "mean HVPs", "of PyHessian's", "median error", "largest error", "mean seconds"):
+        means.add_column(column, justify="left" if column == "solver" else "right")
+    for m in summarise(rows):
+        ratio = f"{m['hvps_over_baseline']:.2f}x" if m["hvps_over_baseline"] is not None else "-"
+        means.add_row(m["solver"], f"{m['mean_hvps']:.2f}", ratio, f"{m['median_rel_error']:.1e}",
+                      f"{m['max_rel_error']:.1e}", f"{m['mean_seconds']:.1f}")
+    console.print(means)
     json_path, csv_path = report.write_results(out, "hessian", dev, rows, {"model": r["model"], "dataset": r["dataset"],
                                                                              "examples": examples, "repeats": repeats,
                                                                              "tol": tol, "checkpoint": checkpoint})
