@@ -140,6 +140,7 @@ def _pyhessian(model: torch.nn.Module, head: datasets.Split, data: datasets.Data
     to None, cutting them from our flat buffer."""
     import copy
     import importlib
+    import warnings
 
     try:
         ph = importlib.import_module("pyhessian.hessian")  # the module (the package's attribute is its class)
@@ -154,9 +155,11 @@ def _pyhessian(model: torch.nn.Module, head: datasets.Split, data: datasets.Data
 
     ph.hessian_vector_product = counted
     try:
-        torch.manual_seed(seed)
-        solver = ph.hessian(copy.deepcopy(model), torch.nn.CrossEntropyLoss(), data=(x, y), cuda=x.is_cuda)
-        values, _ = solver.eigenvalues(maxIter=100, tol=tol, top_n=1)
+        with warnings.catch_warnings():  # PyHessian's backward(create_graph=True): torch warns of a reference cycle
+            warnings.filterwarnings("ignore", message=r"Using backward\(\) with create_graph=True")
+            torch.manual_seed(seed)
+            solver = ph.hessian(copy.deepcopy(model), torch.nn.CrossEntropyLoss(), data=(x, y), cuda=x.is_cuda)
+            values, _ = solver.eigenvalues(maxIter=100, tol=tol, top_n=1)
     finally:
         ph.hessian_vector_product = product
     return float(values[0]), calls[0]
