@@ -48,7 +48,7 @@ def ddp_loop(out: str, flat: bool) -> None:
         cross_entropy(ddp(x), y).backward()  # at w + e: DDP averages these gradients over the ranks
         opt.second_step(zero_grad=True)
     torch.save([p.detach().clone() for p in model.parameters()], f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    leave()
 
 
 def family_loop(out: str) -> None:
@@ -74,6 +74,13 @@ def family_loop(out: str) -> None:
             cross_entropy(ddp(x), y).backward()
             opt.second_step(zero_grad=True)
         torch.save([p.detach().clone() for p in model.parameters()], f"{out}/{name}-rank{rank}.pt")
+    leave()
+
+
+def leave() -> None:
+    """Both ranks reach the end before either tears gloo down: once, rank 0 aborted in the teardown
+    ("terminate called without an active exception") while rank 1 was still leaving."""
+    dist.barrier()
     dist.destroy_process_group()
 
 
