@@ -115,16 +115,23 @@ def lanczos(op: Operator, n: int, k: int = 1, tol: float = 1e-3, max_iters: int 
         q = _unit(n, torch.Generator().manual_seed(seed), torch.device(device), dtype)
     else:
         q = start.to(device, dtype) / start.norm()
-    ritz: Tensor = torch.zeros(0, dtype=torch.float64)
-    alphas: list[float] = []
-    steps = min(max_iters, n)
-    for alphas, betas, beta, _ in _lanczos_steps(op, q, steps):
+    ritz, _, _ = _lanczos_until(op, q, k, tol, min(max_iters, n), progress)
+    return {"eigenvalues": ritz.flip(0)[:k].tolist(), "hvps": len(ritz), "tolerance": tol}
+
+
+def _lanczos_until(op: Operator, q: Tensor, k: int, tol: float, steps: int,
+                   progress: Callable[[int, int], None] | None) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Lanczos from q until each top-k Ritz value is within tol |theta| of an eigenvalue (error_bounds), at an
+    invariant subspace, or after `steps` products. Returns the Ritz values (j,) ascending, T's eigenvectors
+    (j, j) and the j Lanczos vectors (N,) they are written in; j is the number of products."""
+    ritz, vectors, basis = torch.zeros(0, dtype=torch.float64), torch.zeros(0, 0, dtype=torch.float64), [q]
+    for alphas, betas, beta, basis in _lanczos_steps(op, q, steps):
         if progress is not None:
             progress(len(alphas), steps)
         ritz, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))  # ascending
         if len(alphas) >= k and bool((error_bounds(ritz, vectors, beta, k) <= tol * ritz[-k:].abs().clamp_min(1e-30)).all()):
             break
-    return {"eigenvalues": ritz.flip(0)[:k].tolist(), "hvps": len(alphas), "tolerance": tol}
+    return ritz, vectors, basis[: len(ritz)]  # the generator may have appended the next vector
 
 
 SUBSAMPLE = 8  # subsample_start's operator sees every 8th example: each of its products costs ~1/8 of one on all
@@ -147,16 +154,10 @@ def subsample_start(op: Operator, n: int, k: int = 1, tol: float = 1e-2, max_ite
     is already (for a trained CNN on 1,024 examples, 1/8 of them gave cos^2 ~ 0.9-0.95 with H's top
     eigenvector). Its error, the subsample's noise, is what the full products then remove."""
     q = _unit(n, torch.Generator().manual_seed(seed), torch.device(device), dtype)
-    steps = min(max_iters, n)
-    for alphas, betas, beta, basis in _lanczos_steps(op, q, steps):
-        if progress is not None:
-            progress(len(alphas), steps)
-        ritz, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))  # ascending
-        if len(alphas) >= k and bool((error_bounds(ritz, vectors, beta, k) <= tol * ritz[-k:].abs().clamp_min(1e-30)).all()):
-            break
+    ritz, vectors, basis = _lanczos_until(op, q, k, tol, min(max_iters, n), progress)
     weights = vectors[:, -k:].sum(1).to(q.device, q.dtype)  # (j,): the top-k Ritz vectors' sum, in the basis
-    start = torch.stack(basis[: len(alphas)]).T @ weights
-    return start / start.norm(), len(alphas)
+    start = torch.stack(basis).T @ weights
+    return start / start.norm(), len(ritz)
 
 
 def error_bounds(ritz: Tensor, vectors: Tensor, beta: float, k: int) -> Tensor:
@@ -178,8 +179,9 @@ def error_bounds(ritz: Tensor, vectors: Tensor, beta: float, k: int) -> Tensor:
 def _lanczos_steps(op: Operator, q: Tensor, steps: int):
     """Lanczos from the unit vector q with full reorthogonalisation (twice: keeps the basis orthogonal
     in fp32). After each product it yields (alphas, betas, beta, basis): T's entries so far, the norm of
-    the next residual and the Lanczos vectors (one per alpha, and maybe the next); resuming takes the next step. Ends after `steps` products or at an invariant subspace
-    (beta ~ 0, where the Ritz values are exact). Memory holds the basis, (steps, N)."""
+    the next residual and the Lanczos vectors, one per alpha; resuming appends the next vector and takes
+    the next step. Ends after `steps` products or at an invariant subspace (beta ~ 0, where the Ritz
+    values are exact). Memory holds the basis, (steps, N)."""
     basis, alphas, betas = [q], [], []
     for j in range(steps):
         w = op(basis[j])
@@ -341,8 +343,8 @@ def measure_checkpoint(path: str, examples: int = 2048, top: int = 1, probes: in
     n = flat.numel
     stage = lambda what: lambda done, total: progress(f"{path}: {what}", done, total)  # noqa: E731
     start, start_hvps, few = None, 0, subsample(chunks)
+    few_examples = sum(len(y) for _, y in few or [])
     if few is not None:  # a start vector from every 8th example: ~1 full product saved for ~1/2 of one
-        few_examples = sum(len(y) for _, y in few)
         start, start_hvps = subsample_start(model_operator(flat, few, op.kept_graphs), n, k=top, device=dev,
                                             progress=stage(f"start vector (Lanczos on {few_examples} examples, at most)"))
     eig = lanczos(op, n, k=top, tol=tol, max_iters=max_iters, device=dev, start=start,
@@ -350,7 +352,7 @@ def measure_checkpoint(path: str, examples: int = 2048, top: int = 1, probes: in
     result = {"checkpoint": str(path), "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method,
               "examples": examples, "mode": "eval (BatchNorm running statistics)", "params": n,
               "top_eigenvalues": eig["eigenvalues"], "hvps": eig["hvps"], "lanczos_tol": tol,
-              "start_hvps": start_hvps, "start_examples": few_examples if few is not None else 0,
+              "start_hvps": start_hvps, "start_examples": few_examples,
               "kept_graphs": op.kept_graphs}
     if probes:
         op.calls = 0
