@@ -332,3 +332,17 @@ def test_recipe_bench_refuses_an_unknown_contender_in_one_line(tmp_path, capsys)
     code = main(["bench", "recipe", "--contenders", "sgd,adamw", "--dataset", "synthetic", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "--contenders: unknown 'adamw'" in err and err.count("\n") == 1
+
+
+def test_hessian_bench_reports_progress_through_every_stage():
+    """Its default ran over 3 minutes without a line: every stage now reports, and the solver stage
+    counts each run (solvers x seeds) to its end."""
+    from fastflat.bench.hessian import run_hessian
+
+    heard = []
+    rows = run_hessian("fastcnn", "synthetic", 256, torch.device("cpu"), repeats=1, seeds=(0,),
+                       progress=lambda stage, done, total: heard.append((stage, done, total)))
+    stages = list(dict.fromkeys(stage for stage, _, _ in heard))
+    assert [s.split(":")[0].split(" (")[0] for s in stages] == ["timing", "reference eigenvalue", "top eigenvalue"]
+    assert [(d, t) for s, d, t in heard if s == stages[-1]] == [(i, len(rows)) for i in range(len(rows) + 1)]
+    assert heard[0] == (stages[0], 0, 3) and (stages[0], 3, 3) in heard
