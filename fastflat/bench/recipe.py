@@ -114,14 +114,14 @@ def _fastflat_curve(overrides: dict[str, Any], out: str, epoch_done: EpochDone) 
 def _plain_curve(overrides: dict[str, Any], epoch_done: EpochDone) -> list[tuple[float, float]]:
     """The sgd recipe as anyone would write it in PyTorch: model, torch.optim.SGD, LambdaLR, a loop."""
     from fastflat.data.models import build_model
-    from fastflat.loop.assembly import channels_last
+    from fastflat.loop.assembly import channels_last, take_subsets
     from fastflat.loop.steps import epoch_generator
     from fastflat.loss.evaluation import evaluate
     from fastflat.methods.schedules import make_schedule
 
     cfg = load_config(overrides=overrides)
     data = datasets.load_dataset(cfg.dataset, cfg.data_dir, "cpu", seed=cfg.seed)
-    data = _with_subsets(data, cfg)
+    data = take_subsets(data, cfg)  # as the trainer takes them: the same examples for both loops
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.in_channels, data.num_classes, data.image_size)
     if channels_last(cfg, model):  # the layout the trainer would pick, made torch's way
@@ -152,13 +152,6 @@ def _plain_curve(overrides: dict[str, Any], epoch_done: EpochDone) -> list[tuple
         curve.append((seconds, evaluate(model, data.test, data, max(cfg.batch_size, 512))["acc"]))
         epoch_done(epoch + 1, *curve[-1])
     return curve
-
-
-def _with_subsets(data: datasets.Dataset, cfg: Any) -> datasets.Dataset:
-    from dataclasses import replace
-
-    return replace(data, train=datasets.random_subset(data.train, cfg.subset, cfg.seed),
-                   test=datasets.random_subset(data.test, cfg.test_subset, cfg.seed))
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -60,16 +60,21 @@ def build_data(cfg: TrainConfig, method: Method, device: torch.device, data: Any
         purpose, fraction = request
         kept, holdouts[purpose] = datasets.split_holdout(loaded.train, fraction, cfg.seed, method.holdout_salt or purpose)
         loaded = replace(loaded, train=kept)
+    loaded = take_subsets(loaded, cfg, " after the held-out splits" if validation is not None or holdouts else "")
+    return RunData(method.prepare_data(loaded), validation, holdouts)
+
+
+def take_subsets(loaded: datasets.Dataset, cfg: TrainConfig, held: str = "") -> datasets.Dataset:
+    """--subset and --test-subset: seeded random subsets of the training and test examples (0: all of them);
+    `held` says what was split off the training examples before, for the error."""
     if cfg.subset > len(loaded.train):
-        held = " after the held-out splits" if validation is not None or holdouts else ""
         raise UserError(f"--subset {cfg.subset} is more than the {len(loaded.train)} training examples{held}: "
                         f"use at most {len(loaded.train)}, or 0 for all of them")
     loaded = replace(loaded, train=datasets.random_subset(loaded.train, cfg.subset, cfg.seed))
     if cfg.test_subset > len(loaded.test):
         raise UserError(f"--test-subset {cfg.test_subset} is more than the {len(loaded.test)} test examples: use at most "
                         f"{len(loaded.test)}, or 0 for all of them")
-    loaded = replace(loaded, test=datasets.random_subset(loaded.test, cfg.test_subset, cfg.seed))
-    return RunData(method.prepare_data(loaded), validation, holdouts)
+    return replace(loaded, test=datasets.random_subset(loaded.test, cfg.test_subset, cfg.seed))
 
 
 def user_inputs(cfg: TrainConfig, model: Any, data: Any, device: torch.device) -> tuple[Any, datasets.Dataset | None]:
